@@ -1,0 +1,1 @@
+"""torchrec_qr: compositional embedding-bag collections for TorchRec."""
