@@ -1,1 +1,35 @@
-"""torchrec_qr: compositional embedding-bag collections for TorchRec."""
+"""torchrec_qr: compositional embedding-bag collections (Shi et al., KDD 2020) for TorchRec.
+
+Large tables are stored as k small sub-tables of complementary partitions of the id set; an id's embedding
+combines one row of each. ``CompositionalEmbeddingBagCollection`` is a drop-in EmbeddingBagCollection.
+"""
+
+from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
+from torchrec_qr.modules.embedding_configs import (
+    CompositionalEmbeddingBagConfig,
+    compress,
+    physical_table_configs,
+)
+from torchrec_qr.modules.partitions import (
+    ChineseRemainder,
+    ExplicitPartitions,
+    MixedRadix,
+    Partition,
+    QuotientRemainder,
+    balanced_radices,
+    coprime_moduli,
+)
+
+__all__ = [
+    "ChineseRemainder",
+    "CompositionalEmbeddingBagCollection",
+    "CompositionalEmbeddingBagConfig",
+    "ExplicitPartitions",
+    "MixedRadix",
+    "Partition",
+    "QuotientRemainder",
+    "balanced_radices",
+    "compress",
+    "coprime_moduli",
+    "physical_table_configs",
+]

@@ -1,0 +1,132 @@
+"""Storage for the unsharded collection: all physical tables in FBGEMM dense TBE kernels.
+
+One ``DenseTableBatchedEmbeddingBagsCodegen`` per pooling type holds every table's rows in one flat
+parameter, so a whole collection is looked up in one (or two) kernel calls instead of one
+``nn.EmbeddingBag`` per table. The state dict presents each table as ``embedding_bags.{name}.weight``,
+the keys TorchRec's ``ShardedEmbeddingBagCollection`` uses, so unsharded and sharded checkpoints match.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import DenseTableBatchedEmbeddingBagsCodegen
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+__all__ = ["BatchedEmbeddingBags", "group_by_pooling"]
+
+_POOLING_MODES = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
+
+
+def group_by_pooling(tables: list[EmbeddingBagConfig]) -> list[list[EmbeddingBagConfig]]:
+    """Tables split into runs sharing a pooling type (one TBE kernel each), in first-seen order."""
+    groups: dict[PoolingType, list[EmbeddingBagConfig]] = {}
+    for t in tables:
+        if t.pooling not in _POOLING_MODES:
+            raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported; use SUM or MEAN")
+        groups.setdefault(t.pooling, []).append(t)
+    return list(groups.values())
+
+
+class BatchedEmbeddingBags(nn.Module):
+    """Tables of one or more pooling groups, each group one dense TBE; ``forward`` takes a KJT whose keys
+    are the tables' features in group order and returns ``[stride, sum of feature dims]``.
+
+    On the ``meta`` device no kernel is built (nothing is allocated); only configs and shapes exist.
+    """
+
+    def __init__(self, tables: list[EmbeddingBagConfig], device: torch.device | None = None) -> None:
+        super().__init__()
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._groups = group_by_pooling(tables)
+        self.tables: list[EmbeddingBagConfig] = [t for g in self._groups for t in g]
+        self._emb_modules = nn.ModuleList()
+        self._features_per_group = [sum(t.num_features() for t in g) for g in self._groups]
+        if self._device.type != "meta":
+            for group in self._groups:
+                feature_table_map = [i for i, t in enumerate(group) for _ in t.feature_names]
+                self._emb_modules.append(
+                    DenseTableBatchedEmbeddingBagsCodegen(
+                        [(t.num_embeddings, t.embedding_dim) for t in group],
+                        feature_table_map=feature_table_map,
+                        pooling_mode=_POOLING_MODES[group[0].pooling],
+                        use_cpu=self._device.type == "cpu",
+                    )
+                )
+            self.reset_parameters()
+        self._register_state_dict_hook(_present_tables)
+        self._register_load_state_dict_pre_hook(_load_tables, with_module=True)
+
+    def feature_names(self) -> list[str]:
+        return [f for t in self.tables for f in t.feature_names]
+
+    def table_weights(self) -> dict[str, torch.Tensor]:
+        """Each table's ``[rows, dim]`` view of the flat kernel weights (autograd flows to the kernel)."""
+        out: dict[str, torch.Tensor] = {}
+        for group, emb in zip(self._groups, self._emb_modules):
+            offsets = emb.weights_physical_offsets
+            for i, t in enumerate(group):
+                flat = emb.weights[offsets[i] : offsets[i] + t.num_embeddings * t.embedding_dim]
+                out[t.name] = flat.view(t.num_embeddings, t.embedding_dim)
+        return out
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        weights = self.table_weights()
+        for t in self.tables:
+            weights[t.name].uniform_(t.get_weight_init_min(), t.get_weight_init_max())
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        if self._device.type == "meta":
+            raise RuntimeError("a collection on the meta device has no weights: shard it with DMP or build it on cpu/cuda")
+        per_group = features.split(self._features_per_group) if len(self._groups) > 1 else [features]
+        outs = []
+        for kjt, emb in zip(per_group, self._emb_modules):
+            weights = kjt.weights_or_none()
+            outs.append(
+                emb(
+                    indices=kjt.values().to(torch.int64),
+                    offsets=kjt.offsets().to(torch.int64),
+                    per_sample_weights=weights.float() if weights is not None else None,
+                )
+            )
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _present_tables(module: BatchedEmbeddingBags, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "_emb_modules.")]:
+        del state_dict[key]
+    for name, weight in module.table_weights().items():
+        state_dict[f"{prefix}embedding_bags.{name}.weight"] = weight.detach()
+
+
+def _load_tables(
+    module: BatchedEmbeddingBags,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    weights = module.table_weights()
+    with torch.no_grad():
+        for name, weight in weights.items():
+            key = f"{prefix}embedding_bags.{name}.weight"
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict.pop(key)
+            if tuple(value.shape) != tuple(weight.shape):
+                error_msgs.append(f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(weight.shape)} here")
+                continue
+            weight.copy_(value)
+    # The kernels' own entries (flat weights, offset buffers) are satisfied with their current values.
+    own = nn.Module.state_dict(module._emb_modules, prefix=prefix + "_emb_modules.", keep_vars=True)
+    for key, value in own.items():
+        state_dict.setdefault(key, value)

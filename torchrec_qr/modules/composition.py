@@ -1,0 +1,204 @@
+"""Expand logical ids into sub-table lookups, then compose the looked-up rows into pooled embeddings.
+
+This is the one piece of logic shared by the unsharded module and every sharded layout, so the sharded
+module computes exactly what the unsharded one does, on whichever rank owns the rows:
+
+1. ``expand``: a KJT of *logical* features becomes one KJT of *physical* features (a plain table's feature
+   as it is; ``f__pj`` carrying ``partition.indices(ids)[j]`` for each sub-table j). Sub-tables whose
+   rows are combined per id (``mult``, ``per_id``) get one bag per id, so the lookup returns each id's
+   row; the others keep the original bags and are pooled by the TBE kernel itself. All physical features
+   share one batch stride ``S = max(B, ids of the largest per-id feature)`` (shorter ones padded with
+   empty bags), so a single TBE call serves them all.
+2. ``compose``: given the lookup's ``[S, sum of widths]`` output, each logical feature's embedding:
+   per-id rows combined, then pooled (weighted ``sum_i w_i x_i``, divided by the bag length for MEAN); or
+   pooled sub-table embeddings combined (exact for add/concat).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_qr.modules.batched_embedding_bags import group_by_pooling
+from torchrec_qr.modules.embedding_configs import (
+    CompositionalEmbeddingBagConfig,
+    physical_table_configs,
+    sub_feature_name,
+)
+from torchrec_qr.modules.partitions import Partition
+
+__all__ = ["ExpandSlot", "ComposeSlot", "CompositionPlan"]
+
+
+@dataclass(frozen=True)
+class ExpandSlot:
+    """One physical feature of the lookup KJT: fed by ``feature``'s ids, mapped through ``partition``."""
+
+    feature: str
+    partition_index: int | None  # None: a plain table, ids pass through
+    per_id: bool
+
+
+@dataclass(frozen=True)
+class ComposeSlot:
+    """One logical output: combine the physical output ``blocks`` of ``feature`` with ``combine``."""
+
+    feature: str
+    combine: str  # "mult" | "add" | "concat" | "none"
+    per_id: bool
+    mean: bool
+    blocks: tuple[int, ...]
+
+
+class CompositionPlan:
+    """How a set of logical tables maps onto physical lookups and back.
+
+    Args:
+        tables: the logical table configs (plain and compositional) whose features are composed here.
+        expand_slots: the physical features of the lookup, in the order the lookup expects them.
+        block_widths: the width of each physical output block (one per expand slot, same order).
+        compose_slots: the logical outputs, in the order they are concatenated.
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        expand_slots: list[ExpandSlot],
+        block_widths: list[int],
+        compose_slots: list[ComposeSlot],
+    ) -> None:
+        self.partitions: dict[str, Partition] = {}
+        for t in tables:
+            if isinstance(t, CompositionalEmbeddingBagConfig):
+                assert t.partition is not None
+                for f in t.feature_names:
+                    self.partitions[f] = t.partition
+        self.expand_slots = expand_slots
+        self.block_widths = block_widths
+        self.compose_slots = compose_slots
+        self.has_per_id = any(s.per_id for s in expand_slots)
+
+    @staticmethod
+    def for_tables(tables: list[EmbeddingBagConfig]) -> "CompositionPlan":
+        """The plan of an unsharded collection: physical features in the storage's order (tables grouped
+        by pooling, as ``BatchedEmbeddingBags`` lays them out), outputs in logical feature order."""
+        sources: dict[str, tuple[EmbeddingBagConfig, int | None]] = {}
+        for t in tables:
+            if isinstance(t, CompositionalEmbeddingBagConfig):
+                sources.update({sub.name: (t, j) for j, sub in enumerate(t.sub_table_configs())})
+            else:
+                sources[t.name] = (t, None)
+        expand: list[ExpandSlot] = []
+        widths: list[int] = []
+        block_of: dict[tuple[str, int | None], int] = {}
+        for group in group_by_pooling(physical_table_configs(tables)):
+            for physical in group:
+                logical, j = sources[physical.name]
+                per_id = j is not None and logical.per_id
+                for f in logical.feature_names:
+                    block_of[(f, j)] = len(expand)
+                    expand.append(ExpandSlot(f, j, per_id))
+                    widths.append(physical.embedding_dim)
+        compose: list[ComposeSlot] = []
+        for t in tables:
+            for f in t.feature_names:
+                if isinstance(t, CompositionalEmbeddingBagConfig):
+                    blocks = tuple(block_of[(f, j)] for j in range(t.num_partitions))
+                    mean = t.pooling == PoolingType.MEAN
+                    compose.append(ComposeSlot(f, t.combine, t.per_id, mean, blocks))
+                else:
+                    compose.append(ComposeSlot(f, "none", False, False, (block_of[(f, None)],)))
+        return CompositionPlan(tables, expand, widths, compose)
+
+    def physical_feature_names(self) -> list[str]:
+        return [
+            s.feature if s.partition_index is None else sub_feature_name(s.feature, s.partition_index)
+            for s in self.expand_slots
+        ]
+
+    def expand(self, features: KeyedJaggedTensor, weighted: bool) -> KeyedJaggedTensor:
+        """The lookup KJT (see module docstring). ``weighted``: whether the lookup takes weights."""
+        jts = features.to_dict()
+        batch = features.stride()
+        stride = batch
+        if self.has_per_id:
+            for s in self.expand_slots:
+                if s.per_id:
+                    stride = max(stride, jts[s.feature].values().numel())
+        sub_ids: dict[str, torch.Tensor] = {}
+        values, lengths, weights = [], [], []
+        for s in self.expand_slots:
+            jt = jts[s.feature]
+            ids = jt.values()
+            if s.partition_index is not None:
+                if s.feature not in sub_ids:
+                    sub_ids[s.feature] = self.partitions[s.feature].indices(ids)
+                ids = sub_ids[s.feature][s.partition_index]
+            values.append(ids)
+            if s.per_id:
+                n = ids.numel()
+                lengths.append(_pad(torch.ones(n, dtype=jt.lengths().dtype, device=ids.device), stride))
+                if weighted:
+                    weights.append(torch.ones(n, dtype=torch.float32, device=ids.device))
+            else:
+                lengths.append(_pad(jt.lengths(), stride))
+                if weighted:
+                    w = jt.weights_or_none()
+                    weights.append(w if w is not None else torch.ones(ids.numel(), device=ids.device))
+        return KeyedJaggedTensor(
+            keys=self.physical_feature_names(),
+            values=torch.cat(values) if values else torch.empty(0, dtype=torch.int64),
+            lengths=torch.cat(lengths) if lengths else torch.empty(0, dtype=torch.int32),
+            weights=torch.cat(weights) if weighted and weights else None,
+            stride=stride,
+        )
+
+    def compose(self, features: KeyedJaggedTensor, looked_up: torch.Tensor) -> torch.Tensor:
+        """``[B, sum of output dims]``: each compose slot's pooled embedding, concatenated in slot order."""
+        batch = features.stride()
+        blocks = torch.split(looked_up, self.block_widths, dim=1)
+        jts = features.to_dict() if self.has_per_id else {}
+        outs: list[torch.Tensor] = []
+        for s in self.compose_slots:
+            if not s.per_id:
+                parts = [blocks[b][:batch] for b in s.blocks]
+                outs.append(_combine(s.combine, parts))
+                continue
+            jt = jts[s.feature]
+            n = jt.values().numel()
+            rows = _combine(s.combine, [blocks[b][:n] for b in s.blocks])
+            outs.append(_pool(rows, jt.lengths(), jt.weights_or_none(), batch, s.mean))
+        return torch.cat(outs, dim=1) if outs else looked_up.new_zeros(batch, 0)
+
+
+def _pad(lengths: torch.Tensor, stride: int) -> torch.Tensor:
+    if lengths.numel() == stride:
+        return lengths
+    return torch.cat([lengths, lengths.new_zeros(stride - lengths.numel())])
+
+
+def _combine(op: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    if op == "none":
+        return parts[0]
+    if op == "concat":
+        return torch.cat(parts, dim=1)
+    out = parts[0]
+    for p in parts[1:]:
+        out = out * p if op == "mult" else out + p
+    return out
+
+
+def _pool(
+    rows: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None, batch: int, mean: bool
+) -> torch.Tensor:
+    """Bag-pool per-id rows: ``sum_i w_i x_i`` (``/ length`` for MEAN, as the TBE kernel does)."""
+    bag = torch.repeat_interleave(torch.arange(batch, device=rows.device), lengths.to(torch.int64), output_size=rows.shape[0])
+    if weights is not None:
+        rows = rows * weights.unsqueeze(1).to(rows.dtype)
+    pooled = rows.new_zeros(batch, rows.shape[1]).index_add_(0, bag, rows)
+    if mean:
+        pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
+    return pooled

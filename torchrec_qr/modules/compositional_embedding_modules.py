@@ -1,0 +1,114 @@
+"""``CompositionalEmbeddingBagCollection``: a drop-in ``EmbeddingBagCollection`` built from sub-tables."""
+
+from __future__ import annotations
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_qr.modules.batched_embedding_bags import BatchedEmbeddingBags
+from torchrec_qr.modules.composition import CompositionPlan, _combine
+from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
+from torchrec_qr.modules.validation import check_features, check_id_ranges, check_tables
+
+__all__ = ["CompositionalEmbeddingBagCollection"]
+
+
+@torch.fx.wrap
+def _validate(
+    features: KeyedJaggedTensor, module: "CompositionalEmbeddingBagCollection"
+) -> KeyedJaggedTensor:
+    check_features(features, module._feature_names, module._is_weighted)
+    if module.validate_ids:
+        check_id_ranges(features, module._embedding_bag_configs)
+    return features
+
+
+class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """An ``EmbeddingBagCollection`` whose large tables are stored as compositional sub-tables.
+
+    Takes plain ``EmbeddingBagConfig`` s and ``CompositionalEmbeddingBagConfig`` s in any mix; ``forward``
+    maps a ``KeyedJaggedTensor`` to a ``KeyedTensor`` with the same keys, order and dims an
+    ``EmbeddingBagCollection`` over the same logical configs produces. Every sub-table (and plain table) is
+    looked up by FBGEMM table-batched kernels, one call per pooling type.
+
+    Args:
+        tables: logical table configs.
+        is_weighted: whether inputs carry per-id weights (a bag is ``sum_i w_i x_i``).
+        device: where the sub-tables live; ``meta`` builds shapes only (for sharding with DMP).
+        validate_ids: check every id is in ``[0, num_embeddings)`` (one device sync per batch); turn off
+            for speed once the input pipeline is trusted.
+
+    State dict: ``_embedding_bag_collection.embedding_bags.{table}.weight`` for plain tables and
+    ``..{table}__p{j}.weight`` for sub-table j, the same keys the sharded module uses.
+
+    Example::
+
+        tables = compress(
+            [EmbeddingBagConfig(name="t1", num_embeddings=1_000_000, embedding_dim=64, feature_names=["f1"])],
+            partition=QuotientRemainder(collisions=100), combine="mult",
+        )
+        ebc = CompositionalEmbeddingBagCollection(tables)
+        kt = ebc(KeyedJaggedTensor.from_lengths_sync(["f1"], torch.tensor([3, 999_999]), torch.tensor([1, 1])))
+        kt["f1"].shape  # torch.Size([2, 64])
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: torch.device | str | None = None,
+        validate_ids: bool = True,
+    ) -> None:
+        super().__init__()
+        check_tables(tables)
+        self._embedding_bag_configs = list(tables)
+        self._is_weighted = is_weighted
+        self.validate_ids = validate_ids
+        self._feature_names = [f for t in tables for f in t.feature_names]
+        self._embedding_dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self._embedding_bag_collection = BatchedEmbeddingBags(physical_table_configs(tables), device=device)
+        self._plan = CompositionPlan.for_tables(self._embedding_bag_configs)
+        assert self._plan.physical_feature_names() == self._embedding_bag_collection.feature_names()
+
+    @property
+    def device(self) -> torch.device:
+        return self._embedding_bag_collection._device
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def reset_parameters(self) -> None:
+        self._embedding_bag_collection.reset_parameters()
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        features = _validate(features, self)
+        lookup_input = self._plan.expand(features, weighted=self._is_weighted)
+        looked_up = self._embedding_bag_collection(lookup_input)
+        return KeyedTensor(
+            keys=self._feature_names,
+            length_per_key=self._embedding_dims,
+            values=self._plan.compose(features, looked_up),
+        )
+
+    def embedding_rows(self, table_name: str, ids: torch.Tensor) -> torch.Tensor:
+        """``[n, D]``: the composed embedding of each id of a logical table (differentiable)."""
+        table = next((t for t in self._embedding_bag_configs if t.name == table_name), None)
+        if table is None:
+            raise ValueError(
+                f"unknown table {table_name!r}; tables: {[t.name for t in self._embedding_bag_configs]}"
+            )
+        ids = torch.as_tensor(ids, dtype=torch.int64, device=self.device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.num_embeddings):
+            raise ValueError(f"ids for table {table_name!r} must be in [0, {table.num_embeddings})")
+        weights = self._embedding_bag_collection.table_weights()
+        if not isinstance(table, CompositionalEmbeddingBagConfig):
+            return weights[table.name][ids]
+        assert table.partition is not None
+        sub_ids = table.partition.indices(ids)
+        parts = [weights[sub.name][sub_ids[j]] for j, sub in enumerate(table.sub_table_configs())]
+        return _combine(table.combine, parts)

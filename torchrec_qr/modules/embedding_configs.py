@@ -1,0 +1,191 @@
+"""Configs for compositional embedding-bag tables.
+
+``CompositionalEmbeddingBagConfig`` *is an* ``EmbeddingBagConfig`` describing the logical table (name,
+num_embeddings, embedding_dim, feature_names, pooling), so every consumer of TorchRec configs keeps working;
+it adds how the table is stored: a partition scheme, a combine op and a composition mode. Each logical
+table expands into k physical *sub-tables*, plain ``EmbeddingBagConfig`` s that TorchRec stores, shards and
+optimizes like any other table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_qr.modules.partitions import Partition
+
+__all__ = [
+    "COMBINE_OPS",
+    "COMPOSITION_MODES",
+    "CompositionalEmbeddingBagConfig",
+    "compress",
+    "physical_table_configs",
+    "sub_feature_name",
+    "sub_table_name",
+]
+
+COMBINE_OPS = ("mult", "add", "concat")
+# per_id: combine each id's rows, then pool (exact). pooled: pool each sub-table, then combine (the DLRM
+# reference; identical to per_id for add/concat and for one-id bags, an approximation for multi-id mult).
+COMPOSITION_MODES = ("per_id", "pooled")
+SUB_TABLE_SEPARATOR = "__p"
+
+
+def sub_table_name(table_name: str, j: int) -> str:
+    return f"{table_name}{SUB_TABLE_SEPARATOR}{j}"
+
+
+def sub_feature_name(feature_name: str, j: int) -> str:
+    return f"{feature_name}{SUB_TABLE_SEPARATOR}{j}"
+
+
+@dataclass
+class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
+    """A logical embedding-bag table stored as k sub-tables of a complementary partition.
+
+    Args:
+        partition: the complementary partition scheme (``QuotientRemainder(collisions=4)``, ...).
+        combine: ``"mult"`` | ``"add"`` | ``"concat"``: how an id's k sub-table rows make its embedding.
+        sub_dims: for ``concat``, the width of each sub-table (default: an even split of embedding_dim).
+        composition: ``"per_id"`` (default, exact) or ``"pooled"`` (pool each sub-table, then combine;
+            only differs for ``mult`` with multi-id bags, where it is the DLRM reference's approximation).
+
+    Initialization: sub-tables are drawn ``U(-b, b)`` with ``b`` chosen so the *composed* embedding has the
+    variance of TorchRec's default ``U(-s, s)``, ``s = sqrt(1/num_embeddings)`` (or ``weight_init_max`` when
+    given): ``concat``: ``b = s``; ``add``: ``b = s / sqrt(k)``; ``mult``: ``b = sqrt(3) (s^2/3)^(1/2k)``.
+
+    Example::
+
+        table = CompositionalEmbeddingBagConfig(
+            name="t_user", num_embeddings=10_000_000, embedding_dim=64, feature_names=["user"],
+            partition=QuotientRemainder(collisions=1000), combine="mult",
+        )
+    """
+
+    partition: Partition | None = None
+    combine: str = "mult"
+    sub_dims: list[int] | None = None
+    composition: str = "per_id"
+
+    def __post_init__(self) -> None:
+        where = f"table {self.name!r}"
+        if not isinstance(self.partition, Partition):
+            raise TypeError(
+                f"{where}: partition must be a torchrec_qr Partition (e.g. QuotientRemainder(collisions=4)), "
+                f"got {type(self.partition).__name__}"
+            )
+        if self.combine not in COMBINE_OPS:
+            raise ValueError(f"{where}: combine must be one of {COMBINE_OPS}, got {self.combine!r}")
+        if self.composition not in COMPOSITION_MODES:
+            raise ValueError(
+                f"{where}: composition must be one of {COMPOSITION_MODES}, got {self.composition!r}"
+            )
+        k = self.partition.num_partitions
+        if self.combine == "concat":
+            if self.sub_dims is None:
+                if self.embedding_dim < k:
+                    raise ValueError(f"{where}: embedding_dim={self.embedding_dim} cannot be split into {k} parts")
+                base, extra = divmod(self.embedding_dim, k)
+                self.sub_dims = [base + (1 if j < extra else 0) for j in range(k)]
+            self.sub_dims = [int(d) for d in self.sub_dims]
+            if len(self.sub_dims) != k or any(d < 1 for d in self.sub_dims):
+                raise ValueError(f"{where}: sub_dims must be {k} positive ints (one per partition), got {self.sub_dims}")
+            if sum(self.sub_dims) != self.embedding_dim:
+                raise ValueError(
+                    f"{where}: concat sub_dims {self.sub_dims} sum to {sum(self.sub_dims)}, "
+                    f"not embedding_dim={self.embedding_dim}; make them add up"
+                )
+        elif self.sub_dims is not None and any(d != self.embedding_dim for d in self.sub_dims):
+            raise ValueError(
+                f"{where}: combine={self.combine!r} needs every sub-table at embedding_dim="
+                f"{self.embedding_dim}, got sub_dims={self.sub_dims}; drop sub_dims or use combine='concat'"
+            )
+        self.partition.validate(self.num_embeddings)
+
+    @property
+    def num_partitions(self) -> int:
+        assert self.partition is not None
+        return self.partition.num_partitions
+
+    def sub_table_sizes(self) -> list[int]:
+        assert self.partition is not None
+        return self.partition.sizes(self.num_embeddings)
+
+    def sub_embedding_dims(self) -> list[int]:
+        if self.combine == "concat":
+            assert self.sub_dims is not None
+            return list(self.sub_dims)
+        return [self.embedding_dim] * self.num_partitions
+
+    @property
+    def per_id(self) -> bool:
+        """Whether lookups need each id's rows (not bag sums): only ``mult`` differs between the modes."""
+        return self.combine == "mult" and self.composition == "per_id"
+
+    def sub_table_init_bound(self) -> float:
+        s = self.get_weight_init_max() if self.weight_init_max is not None else math.sqrt(1.0 / self.num_embeddings)
+        k = self.num_partitions
+        if self.combine == "add":
+            return s / math.sqrt(k)
+        if self.combine == "mult":
+            return math.sqrt(3.0) * (s * s / 3.0) ** (1.0 / (2 * k))
+        return s
+
+    def sub_table_configs(self) -> list[EmbeddingBagConfig]:
+        """The physical tables TorchRec stores for this logical table, in partition order."""
+        b = self.sub_table_init_bound()
+        return [
+            EmbeddingBagConfig(
+                num_embeddings=rows,
+                embedding_dim=dim,
+                name=sub_table_name(self.name, j),
+                data_type=self.data_type,
+                feature_names=[sub_feature_name(f, j) for f in self.feature_names],
+                weight_init_max=b,
+                weight_init_min=-b,
+                pooling=self.pooling,
+            )
+            for j, (rows, dim) in enumerate(zip(self.sub_table_sizes(), self.sub_embedding_dims()))
+        ]
+
+    def num_parameters(self) -> int:
+        """Stored parameters: ``sum_j |P_j| * D_j``."""
+        return sum(r * d for r, d in zip(self.sub_table_sizes(), self.sub_embedding_dims()))
+
+
+def compress(
+    configs: Sequence[EmbeddingBagConfig],
+    partition: Partition | Callable[[int], Partition],
+    combine: str = "mult",
+    threshold: int = 0,
+    composition: str = "per_id",
+) -> list[EmbeddingBagConfig]:
+    """Turn plain EBC configs into compositional ones; tables with ``num_embeddings <= threshold`` stay full.
+
+    ``partition`` is a scheme or a factory ``num_embeddings -> Partition`` (e.g. ``lambda n:
+    MixedRadix.balanced(n, 3)``), so each table gets a scheme fitted to its size.
+    """
+    out: list[EmbeddingBagConfig] = []
+    for c in configs:
+        if isinstance(c, CompositionalEmbeddingBagConfig) or c.num_embeddings <= threshold:
+            out.append(c)
+            continue
+        scheme = partition if isinstance(partition, Partition) else partition(c.num_embeddings)
+        fields = {f: getattr(c, f) for f in EmbeddingBagConfig.__dataclass_fields__}
+        out.append(
+            CompositionalEmbeddingBagConfig(
+                **fields, partition=scheme, combine=combine, composition=composition
+            )
+        )
+    return out
+
+
+def physical_table_configs(configs: Sequence[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:
+    """Plain tables as they are, compositional ones as their sub-tables (the tables TorchRec stores)."""
+    out: list[EmbeddingBagConfig] = []
+    for c in configs:
+        out.extend(c.sub_table_configs() if isinstance(c, CompositionalEmbeddingBagConfig) else [replace(c)])
+    return out

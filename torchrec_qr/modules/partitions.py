@@ -1,0 +1,275 @@
+"""Complementary partitions of an id set (Shi et al., KDD 2020, §3).
+
+A partition scheme maps every id in ``[0, N)`` to one class per partition; the k classes index k small
+sub-tables. The scheme is *complementary* when no two ids share all k classes, so every id gets a unique
+combination of sub-table rows. All arithmetic is exact int64 (the DLRM reference divides in float and
+collides ids above 2**24).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "Partition",
+    "QuotientRemainder",
+    "MixedRadix",
+    "ChineseRemainder",
+    "ExplicitPartitions",
+    "balanced_radices",
+    "coprime_moduli",
+]
+
+MAX_NUM_EMBEDDINGS = 2**62
+
+
+def _check_num_embeddings(num_embeddings: int) -> None:
+    if not isinstance(num_embeddings, int) or isinstance(num_embeddings, bool):
+        raise TypeError(f"num_embeddings must be an int, got {type(num_embeddings).__name__}")
+    if not 0 < num_embeddings <= MAX_NUM_EMBEDDINGS:
+        raise ValueError(f"num_embeddings must be in [1, 2**62], got {num_embeddings}")
+
+
+def _positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
+    out = tuple(values)
+    if len(out) == 0:
+        raise ValueError(f"{name} must not be empty")
+    for v in out:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be positive ints, got {list(out)}")
+    return out
+
+
+class Partition(abc.ABC):
+    """A scheme of k partitions; ``indices(ids)[j]`` is each id's class (sub-table row) in partition j."""
+
+    @abc.abstractmethod
+    def sizes(self, num_embeddings: int) -> list[int]:
+        """Number of classes (sub-table rows) of each partition for a table of ``num_embeddings`` rows."""
+
+    @abc.abstractmethod
+    def indices(self, ids: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[k, n]``: the class of each id in each partition."""
+
+    @property
+    @abc.abstractmethod
+    def num_partitions(self) -> int:
+        """k, the number of sub-tables."""
+
+    def validate(self, num_embeddings: int) -> None:
+        """Raise ``ValueError`` naming a colliding id pair if the partitions are not complementary on N."""
+        _check_num_embeddings(num_embeddings)
+        pair = self._collision(num_embeddings)
+        if pair is not None:
+            a, b = pair
+            raise ValueError(
+                f"{self!r} is not complementary for num_embeddings={num_embeddings}: ids {a} and {b} "
+                f"map to the same classes {self.indices(torch.tensor([a])).flatten().tolist()}; "
+                f"{self._fix_hint(num_embeddings)}"
+            )
+
+    def _collision(self, num_embeddings: int) -> tuple[int, int] | None:
+        """A colliding pair, found by enumeration: only for schemes with no closed-form check."""
+        ids = torch.arange(num_embeddings, dtype=torch.int64)
+        idx = self.indices(ids)
+        key = torch.zeros(num_embeddings, dtype=torch.int64)
+        for row, size in zip(idx, self.sizes(num_embeddings)):
+            key = key * size + row
+        order = torch.argsort(key, stable=True)
+        sorted_key = key[order]
+        dup = torch.nonzero(sorted_key[1:] == sorted_key[:-1]).flatten()
+        if dup.numel() == 0:
+            return None
+        i = int(dup[0])
+        return int(order[i]), int(order[i + 1])
+
+    def _fix_hint(self, num_embeddings: int) -> str:
+        return "choose partitions whose class combinations are unique"
+
+
+@dataclass(frozen=True)
+class QuotientRemainder(Partition):
+    """The paper's QR trick: ``(id // collisions, id % collisions)``; sizes ``[ceil(N/c), c]``."""
+
+    collisions: int
+
+    def __post_init__(self) -> None:
+        _positive_ints("collisions", [self.collisions])
+
+    @property
+    def num_partitions(self) -> int:
+        return 2
+
+    def sizes(self, num_embeddings: int) -> list[int]:
+        _check_num_embeddings(num_embeddings)
+        return [-(-num_embeddings // self.collisions), self.collisions]
+
+    def indices(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(torch.int64)
+        return torch.stack([torch.div(ids, self.collisions, rounding_mode="floor"), ids % self.collisions])
+
+    def _collision(self, num_embeddings: int) -> tuple[int, int] | None:
+        return None  # (q, r) determines id = q*c + r
+
+
+@dataclass(frozen=True)
+class MixedRadix(Partition):
+    """Generalized QR: the digits of id in the mixed radix ``radices`` (least significant first).
+
+    Partition j has ``radices[j]`` classes; complementary iff ``prod(radices) >= N``.
+    """
+
+    radices: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "radices", _positive_ints("radices", self.radices))
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.radices)
+
+    def sizes(self, num_embeddings: int) -> list[int]:
+        _check_num_embeddings(num_embeddings)
+        sizes, stride = [], 1
+        for r in self.radices:
+            sizes.append(min(r, -(-num_embeddings // stride)))
+            stride *= r
+        return sizes
+
+    def indices(self, ids: torch.Tensor) -> torch.Tensor:
+        rest = ids.to(torch.int64)
+        digits = []
+        for r in self.radices:
+            digits.append(rest % r)
+            rest = torch.div(rest, r, rounding_mode="floor")
+        return torch.stack(digits)
+
+    def _collision(self, num_embeddings: int) -> tuple[int, int] | None:
+        period = math.prod(self.radices)
+        return (0, period) if period < num_embeddings else None
+
+    def _fix_hint(self, num_embeddings: int) -> str:
+        return (
+            f"the product of the radices must be >= num_embeddings, e.g. "
+            f"MixedRadix.balanced({num_embeddings}, {len(self.radices)})"
+        )
+
+    @staticmethod
+    def balanced(num_embeddings: int, k: int) -> "MixedRadix":
+        """k radices near ``N ** (1/k)`` whose product covers N."""
+        return MixedRadix(tuple(balanced_radices(num_embeddings, k)))
+
+
+@dataclass(frozen=True)
+class ChineseRemainder(Partition):
+    """``id % m_j`` for pairwise coprime moduli with ``prod(m) >= N`` (unique by the CRT)."""
+
+    moduli: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "moduli", _positive_ints("moduli", self.moduli))
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.moduli)
+
+    def sizes(self, num_embeddings: int) -> list[int]:
+        _check_num_embeddings(num_embeddings)
+        return [min(m, num_embeddings) for m in self.moduli]
+
+    def indices(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(torch.int64)
+        return torch.stack([ids % m for m in self.moduli])
+
+    def _collision(self, num_embeddings: int) -> tuple[int, int] | None:
+        # Ids collide iff their difference is a multiple of lcm(moduli); the first pair is (0, lcm).
+        lcm = math.lcm(*self.moduli)
+        return (0, lcm) if lcm < num_embeddings else None
+
+    def _fix_hint(self, num_embeddings: int) -> str:
+        return (
+            "use pairwise coprime moduli whose product is >= num_embeddings, e.g. "
+            f"ChineseRemainder.balanced({num_embeddings}, {len(self.moduli)})"
+        )
+
+    @staticmethod
+    def balanced(num_embeddings: int, k: int) -> "ChineseRemainder":
+        """k pairwise coprime moduli near ``N ** (1/k)`` whose product covers N."""
+        return ChineseRemainder(tuple(coprime_moduli(num_embeddings, k)))
+
+
+@dataclass(frozen=True, eq=False)
+class ExplicitPartitions(Partition):
+    """User-given id → class maps, e.g. naturally occurring attributes (brand, category, ...).
+
+    ``class_maps[j][id]`` is the class of ``id`` in partition j; each map covers every id of the table.
+    """
+
+    class_maps: tuple[torch.Tensor, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        maps = tuple(torch.as_tensor(m, dtype=torch.int64) for m in self.class_maps)
+        if len(maps) == 0:
+            raise ValueError("ExplicitPartitions needs at least one class map")
+        n = maps[0].numel()
+        for j, m in enumerate(maps):
+            if m.dim() != 1 or m.numel() != n:
+                raise ValueError(f"class map {j} must be 1-D with {n} entries (one per id), got {tuple(m.shape)}")
+            if m.numel() and int(m.min()) < 0:
+                raise ValueError(f"class map {j} has negative classes; classes must be in [0, num_classes)")
+        object.__setattr__(self, "class_maps", maps)
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.class_maps)
+
+    def sizes(self, num_embeddings: int) -> list[int]:
+        _check_num_embeddings(num_embeddings)
+        if num_embeddings != self.class_maps[0].numel():
+            raise ValueError(
+                f"ExplicitPartitions covers {self.class_maps[0].numel()} ids but the table has "
+                f"num_embeddings={num_embeddings}; give one class per id"
+            )
+        return [int(m.max()) + 1 for m in self.class_maps]
+
+    def indices(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(torch.int64)
+        return torch.stack([m.to(ids.device)[ids] for m in self.class_maps])
+
+    def __repr__(self) -> str:
+        return f"ExplicitPartitions(num_ids={self.class_maps[0].numel()}, k={self.num_partitions})"
+
+
+def balanced_radices(num_embeddings: int, k: int) -> list[int]:
+    """k radices, each ``ceil`` or ``floor`` of ``N ** (1/k)``, whose product is >= N."""
+    _check_num_embeddings(num_embeddings)
+    _positive_ints("k", [k])
+    root = max(1, math.floor(round(num_embeddings ** (1.0 / k), 9)))
+    radices = [root] * k
+    i = 0
+    while math.prod(radices) < num_embeddings:
+        radices[i % k] += 1
+        i += 1
+    return radices
+
+
+def coprime_moduli(num_embeddings: int, k: int) -> list[int]:
+    """k pairwise coprime moduli near ``N ** (1/k)`` whose product is >= N (greedy upward search)."""
+    _check_num_embeddings(num_embeddings)
+    _positive_ints("k", [k])
+    start = max(2, math.ceil(num_embeddings ** (1.0 / k)))
+    while True:
+        moduli: list[int] = []
+        m = start
+        while len(moduli) < k:
+            if all(math.gcd(m, x) == 1 for x in moduli):
+                moduli.append(m)
+            m += 1
+        if math.prod(moduli) >= num_embeddings:
+            return moduli
+        start += 1

@@ -1,0 +1,93 @@
+"""Input checks with messages that name the table, feature and offending value, and say how to fix it."""
+
+from __future__ import annotations
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+__all__ = ["check_tables", "check_features", "check_id_ranges"]
+
+
+def check_tables(tables: list[EmbeddingBagConfig]) -> None:
+    """Unique table names, one table per feature, at least one table."""
+    if not tables:
+        raise ValueError("a collection needs at least one table config")
+    seen_tables: set[str] = set()
+    owner: dict[str, str] = {}
+    for t in tables:
+        if not isinstance(t, EmbeddingBagConfig):
+            raise TypeError(f"tables must be EmbeddingBagConfig (or a subclass), got {type(t).__name__}")
+        if not t.name:
+            raise ValueError("every table config needs a non-empty name")
+        if t.name in seen_tables:
+            raise ValueError(f"duplicate table name {t.name!r}: table names must be unique")
+        seen_tables.add(t.name)
+        if not t.feature_names:
+            t.feature_names = [t.name]
+        for f in t.feature_names:
+            if f in owner:
+                raise ValueError(
+                    f"feature {f!r} is used by tables {owner[f]!r} and {t.name!r}; give each table its own features"
+                )
+            owner[f] = t.name
+
+
+def check_features(features: KeyedJaggedTensor, feature_names: list[str], is_weighted: bool) -> None:
+    """The KJT carries every feature, weights exactly when the module is weighted, and consistent sizes."""
+    if not isinstance(features, KeyedJaggedTensor):
+        raise TypeError(f"expected a KeyedJaggedTensor, got {type(features).__name__}")
+    keys = set(features.keys())
+    missing = [f for f in feature_names if f not in keys]
+    if missing:
+        raise ValueError(
+            f"features {missing} are missing from the input KeyedJaggedTensor (keys: {features.keys()}); "
+            "every feature of the collection's tables must be present (use empty bags for none)"
+        )
+    has_weights = features.weights_or_none() is not None
+    if has_weights and not is_weighted:
+        raise ValueError("the input has per-id weights but the module is unweighted: build it with is_weighted=True")
+    if is_weighted and not has_weights:
+        raise ValueError("the module is weighted (is_weighted=True) but the input KeyedJaggedTensor has no weights")
+    lengths, values = features.lengths(), features.values()
+    total = int(lengths.sum()) if lengths.numel() else 0
+    if total != values.numel():
+        raise ValueError(
+            f"malformed KeyedJaggedTensor: lengths sum to {total} but there are {values.numel()} values"
+        )
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError("malformed KeyedJaggedTensor: negative lengths")
+    if has_weights and features.weights().numel() != values.numel():
+        raise ValueError(
+            f"malformed KeyedJaggedTensor: {features.weights().numel()} weights for {values.numel()} values"
+        )
+
+
+def check_id_ranges(features: KeyedJaggedTensor, tables: list[EmbeddingBagConfig]) -> None:
+    """Every id lies in ``[0, num_embeddings)`` of its table (one device sync for the whole batch)."""
+    feature_table = {f: t for t in tables for f in t.feature_names}
+    keys = [k for k in features.keys() if k in feature_table]
+    if not keys:
+        return
+    per_key = dict(zip(features.keys(), features.length_per_key()))
+    values = features.values()
+    bounds = torch.repeat_interleave(
+        torch.tensor([feature_table[k].num_embeddings if k in feature_table else 2**63 - 1 for k in features.keys()],
+                     dtype=torch.int64, device=values.device),
+        torch.tensor([per_key[k] for k in features.keys()], device=values.device),
+        output_size=values.numel(),
+    )
+    bad = (values < 0) | (values >= bounds)
+    if not bool(bad.any()):
+        return
+    pos = int(torch.nonzero(bad)[0])
+    start = 0
+    for k in features.keys():
+        if pos < start + per_key[k]:
+            t = feature_table[k]
+            raise ValueError(
+                f"id {int(values[pos])} of feature {k!r} is out of range for table {t.name!r} "
+                f"(num_embeddings={t.num_embeddings}): ids must be in [0, {t.num_embeddings}); remap or "
+                f"hash ids before the lookup, or enlarge the table"
+            )
+        start += per_key[k]
