@@ -250,6 +250,8 @@ def balanced_radices(num_embeddings: int, k: int) -> list[int]:
     _check_num_embeddings(num_embeddings)
     _positive_ints("k", [k])
     root = max(1, math.floor(round(num_embeddings ** (1.0 / k), 9)))
+    while root > 1 and root**k > num_embeddings:  # the float root can overshoot above 2**53
+        root -= 1
     radices = [root] * k
     i = 0
     while math.prod(radices) < num_embeddings:
