@@ -71,11 +71,16 @@ class CompositionPlan:
         compose_slots: list[ComposeSlot],
     ) -> None:
         self.partitions: dict[str, Partition] = {}
+        # Pooled mult multiplies k pooled sub-tables: per-id weights go into the first one only, else a
+        # one-id bag would come out as w**k * x instead of w * x.
+        self.pooled_mult: set[str] = set()
         for t in tables:
             if isinstance(t, CompositionalEmbeddingBagConfig):
                 assert t.partition is not None
                 for f in t.feature_names:
                     self.partitions[f] = t.partition
+                    if t.combine == "mult" and not t.per_id:
+                        self.pooled_mult.add(f)
         self.expand_slots = expand_slots
         self.block_widths = block_widths
         self.compose_slots = compose_slots
@@ -147,7 +152,9 @@ class CompositionPlan:
                 lengths.append(_pad(jt.lengths(), stride))
                 if weighted:
                     w = jt.weights_or_none()
-                    weights.append(w if w is not None else torch.ones(ids.numel(), device=ids.device))
+                    if w is None or (s.feature in self.pooled_mult and s.partition_index):
+                        w = torch.ones(ids.numel(), device=ids.device)
+                    weights.append(w)
         return KeyedJaggedTensor(
             keys=self.physical_feature_names(),
             values=torch.cat(values) if values else torch.empty(0, dtype=torch.int64),

@@ -51,7 +51,8 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
         combine: ``"mult"`` | ``"add"`` | ``"concat"``: how an id's k sub-table rows make its embedding.
         sub_dims: for ``concat``, the width of each sub-table (default: an even split of embedding_dim).
         composition: ``"per_id"`` (default, exact) or ``"pooled"`` (pool each sub-table, then combine;
-            only differs for ``mult`` with multi-id bags, where it is the DLRM reference's approximation).
+            only differs for ``mult`` with multi-id bags, where it is the DLRM reference's approximation;
+            per-id weights weight the first sub-table's pool only, so one-id bags stay exact).
 
     Initialization: sub-tables are drawn ``U(-b, b)`` with ``b`` chosen so the *composed* embedding has the
     variance of TorchRec's default ``U(-s, s)``, ``s = sqrt(1/num_embeddings)`` (or ``weight_init_max`` when
