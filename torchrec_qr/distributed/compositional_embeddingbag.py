@@ -36,7 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_qr.distributed.sub_table_plan import SUPPORTED_SHARDING_TYPES, physical_parameter_shardings
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
-from torchrec_qr.modules.composition import ComposeSlot, CompositionPlan, ExpandSlot
+from torchrec_qr.modules.composition import ComposeSlot, CompositionPlan, ExpandSlot, looks_up_per_id, pools_first
 from torchrec_qr.modules.embedding_configs import (
     SUB_TABLE_SEPARATOR,
     CompositionalEmbeddingBagConfig,
@@ -80,7 +80,7 @@ class CompositionalLookup(nn.Module):
         self.__dict__["_physical_lookup"] = physical_lookup
         self._is_weighted = is_weighted
         inner = physical_lookup.module if hasattr(physical_lookup, "module") else physical_lookup
-        self.plan = _lookup_plan(tables, logical_grouped, inner.grouped_configs, mean_after_output_dist)
+        self.plan = _lookup_plan(tables, logical_grouped, inner.grouped_configs, is_weighted, mean_after_output_dist)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         looked_up = self._physical_lookup(self.plan.expand(features, weighted=self._is_weighted))
@@ -93,6 +93,7 @@ def _lookup_plan(
     tables: list[EmbeddingBagConfig],
     logical_grouped: list[GroupedEmbeddingConfig],
     physical_grouped: list[GroupedEmbeddingConfig],
+    is_weighted: bool,
     mean_after_output_dist: bool,
 ) -> CompositionPlan:
     by_name = {t.name: t for t in tables}
@@ -108,7 +109,7 @@ def _lookup_plan(
     block_of: dict[tuple[str, int | None, int], int] = {}  # (logical feature, partition, col offset)
     for shard in _local_tables(physical_grouped):
         logical, j = source[shard.name]
-        per_id = j is not None and logical.per_id
+        per_id = looks_up_per_id(logical, is_weighted)
         for phys_feature in shard.feature_names:
             feature = phys_feature if j is None else phys_feature.rsplit(SUB_TABLE_SEPARATOR, 1)[0]
             block_of[(feature, j, _col_offset(shard))] = len(expand)
@@ -119,9 +120,11 @@ def _lookup_plan(
     for shard in _local_tables(logical_grouped):
         t = by_name[shard.name]
         start, width = _col_offset(shard), shard.local_cols
+        per_id = looks_up_per_id(t, is_weighted)
+        mean = t.pooling == PoolingType.MEAN and not mean_after_output_dist
         for f in shard.feature_names:
             if not isinstance(t, CompositionalEmbeddingBagConfig):
-                compose.append(ComposeSlot(f, "none", False, False, (block_of[(f, None, start)],)))
+                compose.append(ComposeSlot(f, "none", per_id, mean, (block_of[(f, None, start)],)))
                 continue
             if t.combine == "concat":
                 blocks, sub_start = [], 0
@@ -132,8 +135,7 @@ def _lookup_plan(
                     sub_start += d
             else:
                 blocks = [block_of[(f, j, start)] for j in range(t.num_partitions)]
-            mean = t.pooling == PoolingType.MEAN and not mean_after_output_dist
-            compose.append(ComposeSlot(f, t.combine, t.per_id, mean, tuple(blocks)))
+            compose.append(ComposeSlot(f, t.combine, per_id, mean, tuple(blocks), pools_first(t)))
     return CompositionPlan(tables, expand, widths, compose)
 
 

@@ -46,9 +46,6 @@ class BatchedEmbeddingBags(nn.Module):
         self.tables: list[EmbeddingBagConfig] = [t for g in self._groups for t in g]
         self._emb_modules = nn.ModuleList()
         self._features_per_group = [sum(t.num_features() for t in g) for g in self._groups]
-        # MEAN groups run as weighted SUM with w_i / L: FBGEMM 1.8's CPU backward for weighted MEAN does not
-        # divide by the bag length (gradients L times too large); the forward is the same either way.
-        self._mean_groups = [g[0].pooling == PoolingType.MEAN for g in self._groups]
         if self._device.type != "meta":
             for group in self._groups:
                 feature_table_map = [i for i, t in enumerate(group) for _ in t.feature_names]
@@ -56,7 +53,7 @@ class BatchedEmbeddingBags(nn.Module):
                     DenseTableBatchedEmbeddingBagsCodegen(
                         [(t.num_embeddings, t.embedding_dim) for t in group],
                         feature_table_map=feature_table_map,
-                        pooling_mode=PoolingMode.SUM,
+                        pooling_mode=_POOLING_MODES[group[0].pooling],
                         use_cpu=self._device.type == "cpu",
                     )
                 )
@@ -88,13 +85,8 @@ class BatchedEmbeddingBags(nn.Module):
             raise RuntimeError("a collection on the meta device has no weights: shard it with DMP or build it on cpu/cuda")
         per_group = features.split(self._features_per_group) if len(self._groups) > 1 else [features]
         outs = []
-        for kjt, emb, mean in zip(per_group, self._emb_modules, self._mean_groups):
+        for kjt, emb in zip(per_group, self._emb_modules):
             weights = kjt.weights_or_none()
-            if mean:
-                lengths = kjt.lengths()
-                inv = 1.0 / lengths.clamp(min=1).to(torch.float32)
-                inv = torch.repeat_interleave(inv, lengths.to(torch.int64), output_size=kjt.values().numel())
-                weights = inv if weights is None else weights.float() * inv
             outs.append(
                 emb(
                     indices=kjt.values().to(torch.int64),

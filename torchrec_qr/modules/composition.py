@@ -30,7 +30,24 @@ from torchrec_qr.modules.embedding_configs import (
 )
 from torchrec_qr.modules.partitions import Partition
 
-__all__ = ["ExpandSlot", "ComposeSlot", "CompositionPlan"]
+__all__ = ["ExpandSlot", "ComposeSlot", "CompositionPlan", "looks_up_per_id", "pools_first"]
+
+
+def looks_up_per_id(table: EmbeddingBagConfig, is_weighted: bool) -> bool:
+    """Whether a table's lookups return each id's row (bags of one id) instead of kernel-pooled bags.
+
+    Per-id ``mult`` needs it for exactness. Weighted MEAN bags need it too: FBGEMM 1.8's CPU backward for
+    weighted MEAN pooling does not divide by the bag length (the forward does), so kernel-pooled weighted
+    MEAN bags of L ids get L times the gradient; with one-id bags we pool ``sum_i w_i x_i / L`` ourselves.
+    """
+    if is_weighted and table.pooling == PoolingType.MEAN:
+        return True
+    return isinstance(table, CompositionalEmbeddingBagConfig) and table.per_id
+
+
+def pools_first(table: EmbeddingBagConfig) -> bool:
+    """Pooled-mode ``mult`` (the DLRM reference's approximation): pool each sub-table, then multiply."""
+    return isinstance(table, CompositionalEmbeddingBagConfig) and table.combine == "mult" and not table.per_id
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,7 @@ class ComposeSlot:
     per_id: bool
     mean: bool
     blocks: tuple[int, ...]
+    pool_first: bool = False  # pooled-mode mult: pool each sub-table's rows, then combine
 
 
 class CompositionPlan:
@@ -79,7 +97,7 @@ class CompositionPlan:
                 assert t.partition is not None
                 for f in t.feature_names:
                     self.partitions[f] = t.partition
-                    if t.combine == "mult" and not t.per_id:
+                    if pools_first(t):
                         self.pooled_mult.add(f)
         self.expand_slots = expand_slots
         self.block_widths = block_widths
@@ -87,7 +105,7 @@ class CompositionPlan:
         self.has_per_id = any(s.per_id for s in expand_slots)
 
     @staticmethod
-    def for_tables(tables: list[EmbeddingBagConfig]) -> "CompositionPlan":
+    def for_tables(tables: list[EmbeddingBagConfig], is_weighted: bool) -> "CompositionPlan":
         """The plan of an unsharded collection: physical features in the storage's order (tables grouped
         by pooling, as ``BatchedEmbeddingBags`` lays them out), outputs in logical feature order."""
         sources: dict[str, tuple[EmbeddingBagConfig, int | None]] = {}
@@ -102,20 +120,20 @@ class CompositionPlan:
         for group in group_by_pooling(physical_table_configs(tables)):
             for physical in group:
                 logical, j = sources[physical.name]
-                per_id = j is not None and logical.per_id
+                per_id = looks_up_per_id(logical, is_weighted)
                 for f in logical.feature_names:
                     block_of[(f, j)] = len(expand)
                     expand.append(ExpandSlot(f, j, per_id))
                     widths.append(physical.embedding_dim)
         compose: list[ComposeSlot] = []
         for t in tables:
+            per_id, mean = looks_up_per_id(t, is_weighted), t.pooling == PoolingType.MEAN
             for f in t.feature_names:
                 if isinstance(t, CompositionalEmbeddingBagConfig):
                     blocks = tuple(block_of[(f, j)] for j in range(t.num_partitions))
-                    mean = t.pooling == PoolingType.MEAN
-                    compose.append(ComposeSlot(f, t.combine, t.per_id, mean, blocks))
+                    compose.append(ComposeSlot(f, t.combine, per_id, mean, blocks, pools_first(t)))
                 else:
-                    compose.append(ComposeSlot(f, "none", False, False, (block_of[(f, None)],)))
+                    compose.append(ComposeSlot(f, "none", per_id, mean, (block_of[(f, None)],)))
         return CompositionPlan(tables, expand, widths, compose)
 
     def physical_feature_names(self) -> list[str]:
@@ -175,9 +193,14 @@ class CompositionPlan:
                 outs.append(_combine(s.combine, parts))
                 continue
             jt = jts[s.feature]
-            n = jt.values().numel()
+            n, lengths, weights = jt.values().numel(), jt.lengths(), jt.weights_or_none()
+            if s.pool_first:  # per-id weights enter the first factor only, as on the kernel-pooled path
+                parts = [_pool(blocks[b][:n], lengths, weights if i == 0 else None, batch, s.mean)
+                         for i, b in enumerate(s.blocks)]
+                outs.append(_combine(s.combine, parts))
+                continue
             rows = _combine(s.combine, [blocks[b][:n] for b in s.blocks])
-            outs.append(_pool(rows, jt.lengths(), jt.weights_or_none(), batch, s.mean))
+            outs.append(_pool(rows, lengths, weights, batch, s.mean))
         return torch.cat(outs, dim=1) if outs else looked_up.new_zeros(batch, 0)
 
 

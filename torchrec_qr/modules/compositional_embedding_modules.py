@@ -69,7 +69,7 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._feature_names = [f for t in tables for f in t.feature_names]
         self._embedding_dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._embedding_bag_collection = BatchedEmbeddingBags(physical_table_configs(tables), device=device)
-        self._plan = CompositionPlan.for_tables(self._embedding_bag_configs)
+        self._plan = CompositionPlan.for_tables(self._embedding_bag_configs, is_weighted)
         assert self._plan.physical_feature_names() == self._embedding_bag_collection.feature_names()
 
     @property

@@ -1,0 +1,136 @@
+"""Sharded compositional collections equal the unsharded module: forward, optimizer steps, bytes sent.
+
+World size 2, gloo on 127.0.0.1. Each rank feeds its own batch; the reference sees every rank's batch and
+averages the loss over ranks (TorchRec divides model-parallel gradients by the world size, as DDP does).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from dist_harness import run_ranks
+from sharding_cases import Wrapper, batch, max_weight_diff, reference, shard, tables
+from torchrec_qr import CompositionalEmbeddingBagCollection
+from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
+
+LR = 0.1
+STEPS = 2
+
+
+def _optimizers(kind: str, dense_params: list, ref_params: list):
+    if kind == "sgd":
+        fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
+        make = lambda ps: torch.optim.SGD(ps, lr=LR)  # noqa: E731
+    else:
+        fused = {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": LR, "eps": 1e-8}
+        make = lambda ps: torch.optim.Adagrad(ps, lr=LR, eps=1e-8)  # noqa: E731
+    return fused, make
+
+
+def _coef(step: int, rank: int, width: int) -> torch.Tensor:
+    return torch.randn(4, width, generator=torch.Generator().manual_seed(7 + 31 * step + rank))
+
+
+def _equal_to_unsharded(rank: int, world_size: int, sharding: str, optimizer: str) -> list[dict]:
+    report = []
+    for weighted in (False, True):
+        ref = reference(weighted)
+        fused, make_opt = _optimizers(optimizer, [], [])
+        sharder = CompositionalEmbeddingBagCollectionSharder(fused_params=fused)
+        dmp = shard(CompositionalEmbeddingBagCollection(tables(), is_weighted=weighted, device="meta"),
+                    sharder, sharding, world_size)
+        dmp.load_state_dict({"ebc." + k: v.clone() for k, v in ref.state_dict().items()})
+        dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
+        dense_opt = make_opt(dense) if dense else None
+        ref_opt = make_opt(list(ref.parameters()))
+        ref_model = Wrapper(ref)
+        errors = {"weighted": weighted}
+        for step in range(STEPS):
+            kjts = [batch(1000 * step + r, weighted) for r in range(world_size)]
+            out = dmp(kjts[rank])
+            errors[f"forward_{step}"] = (out - ref_model(kjts[rank])).abs().max().item()
+            (out * _coef(step, rank, out.shape[1])).sum().backward()
+            if dense_opt:
+                dense_opt.step()
+                dense_opt.zero_grad()
+            ref_opt.zero_grad()
+            ref_loss = sum((ref_model(k) * _coef(step, r, out.shape[1])).sum() for r, k in enumerate(kjts))
+            (ref_loss / world_size).backward()
+            ref_opt.step()
+            errors[f"weights_{step}"] = max_weight_diff(dmp, ref.state_dict())
+        report.append(errors)
+    return report
+
+
+@pytest.mark.parametrize(
+    "sharding,optimizer",
+    [("tw", "sgd"), ("cw", "sgd"), ("dp", "sgd"), ("mixed", "sgd"), ("mixed", "adagrad")],
+)
+def test_sharded_equals_unsharded(sharding: str, optimizer: str) -> None:
+    for rank_report in run_ranks(_equal_to_unsharded, 2, sharding, optimizer):
+        for case in rank_report:
+            for name, err in case.items():
+                if name != "weighted":
+                    assert err < 1e-6, f"{sharding}/{optimizer} weighted={case['weighted']}: {name} differs by {err}"
+
+
+_INPUT_KWARG = {"all_to_all_single": "input", "all_to_all": "input_tensor_list", "reduce_scatter": "input_list",
+                "reduce_scatter_tensor": "input", "all_gather": "tensor", "all_gather_into_tensor": "input_tensor",
+                "all_reduce": "tensor"}
+
+
+def _payload_bytes(name: str, args: tuple, kwargs: dict) -> int:
+    """Bytes of the tensor(s) a collective sends: its input argument (the 1st for all_reduce, else the 2nd)."""
+    position = 0 if name == "all_reduce" else 1
+    data = kwargs.get(_INPUT_KWARG[name], args[position] if len(args) > position else None)
+    tensors = data if isinstance(data, list) else [data]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _count_bytes(rank: int, world_size: int, sharding: str) -> dict[str, int]:
+    """Bytes handed to collectives during one forward+backward, for a plain EBC and the compositional one."""
+    sent = {"n": 0}
+    originals = {name: getattr(dist, name) for name in _INPUT_KWARG}
+
+    def counting(name: str):
+        def call(*args, **kwargs):
+            sent["n"] += _payload_bytes(name, args, kwargs)
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in _INPUT_KWARG:
+        setattr(dist, name, counting(name))
+    try:
+        plain_tables = [EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
+                                           feature_names=list(t.feature_names), pooling=t.pooling) for t in tables()]
+        fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
+        result = {}
+        for label, module, sharder in [
+            ("plain", EmbeddingBagCollection(plain_tables, device=torch.device("meta")),
+             EmbeddingBagCollectionSharder(fused_params=fused)),
+            ("compositional", CompositionalEmbeddingBagCollection(tables(), device="meta"),
+             CompositionalEmbeddingBagCollectionSharder(fused_params=fused)),
+        ]:
+            dmp = shard(module, sharder, sharding, world_size)
+            dmp(batch(5, False)).sum().backward()  # first call sets up the dists
+            sent["n"] = 0
+            dmp(batch(6 + rank, False)).sum().backward()
+            result[label] = sent["n"]
+        return result
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+@pytest.mark.parametrize("sharding", ["tw", "cw"])
+def test_bytes_sent_equal_plain_ebc(sharding: str) -> None:
+    for rank, counts in enumerate(run_ranks(_count_bytes, 2, sharding)):
+        assert counts["plain"] > 0, "no collective traffic was counted: the counter is not wired"
+        assert counts["compositional"] == counts["plain"], f"rank {rank} {sharding}: {counts}"
