@@ -11,6 +11,7 @@ from torchrec.distributed.sharding_plan import (
     column_wise,
     construct_module_sharding_plan,
     data_parallel,
+    row_wise,
     table_wise,
 )
 from torchrec.distributed.types import ShardedTensor, ShardingEnv, ShardingPlan
@@ -25,6 +26,7 @@ from torchrec_qr import (
     QuotientRemainder,
 )
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
+from torchrec_qr.modules.composition import pools_first
 
 BATCH = 4
 
@@ -70,22 +72,33 @@ class Wrapper(nn.Module):
         return torch.cat([kt[k] for k in sorted(kt.keys())], dim=1)
 
 
-def plan_generators(sharding: str, world_size: int, names: list[str]) -> dict:
-    """Per-table generators: one sharding type for all tables, or 'mixed' (tw / cw / dp in turn)."""
-    def one(kind: str, i: int):
-        if kind == "tw":
+def row_wise_capable(t: EmbeddingBagConfig) -> bool:
+    if not isinstance(t, CompositionalEmbeddingBagConfig):
+        return True
+    return t.partition.row_split() is not None and not pools_first(t)
+
+
+def plan_generators(sharding: str, world_size: int, tabs: list[EmbeddingBagConfig]) -> dict:
+    """Per-table generators: one sharding type for all tables, or a cycle ('mixed': tw / cw / dp / rw).
+
+    Tables that cannot be row-wise sharded (no row split, pooled-mode mult) fall back to table-wise.
+    """
+    def one(kind: str, i: int, t: EmbeddingBagConfig):
+        if kind == "rw" and row_wise_capable(t):
+            return row_wise(compute_kernel="fused")
+        if kind in ("tw", "rw"):
             return table_wise(rank=i % world_size, compute_kernel="fused")
         if kind == "cw":
             return column_wise(ranks=list(range(world_size)), compute_kernel="fused")
         return data_parallel()
-    kinds = ["tw", "cw", "dp"] if sharding == "mixed" else sharding.split("+")
-    return {name: one(kinds[i % len(kinds)], i) for i, name in enumerate(names)}
+    kinds = ["tw", "cw", "dp", "rw"] if sharding == "mixed" else sharding.split("+")
+    return {t.name: one(kinds[i % len(kinds)], i, t) for i, t in enumerate(tabs)}
 
 
 def shard(module: nn.Module, sharder: EmbeddingBagCollectionSharder, sharding: str, world_size: int
           ) -> DistributedModelParallel:
-    names = [t.name for t in module.embedding_bag_configs()]
-    plan = construct_module_sharding_plan(module, per_param_sharding=plan_generators(sharding, world_size, names),
+    tabs = module.embedding_bag_configs()
+    plan = construct_module_sharding_plan(module, per_param_sharding=plan_generators(sharding, world_size, tabs),
                                           sharder=sharder, local_size=world_size, world_size=world_size,
                                           device_type="cpu")
     return DistributedModelParallel(Wrapper(module), env=ShardingEnv.from_process_group(dist.group.WORLD),

@@ -16,7 +16,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from dist_harness import run_ranks
-from sharding_cases import Wrapper, batch, max_weight_diff, reference, shard, tables
+from sharding_cases import Wrapper, batch, max_weight_diff, reference, row_wise_capable, shard, tables
 from torchrec_qr import CompositionalEmbeddingBagCollection
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
 
@@ -71,7 +71,7 @@ def _equal_to_unsharded(rank: int, world_size: int, sharding: str, optimizer: st
 
 @pytest.mark.parametrize(
     "sharding,optimizer",
-    [("tw", "sgd"), ("cw", "sgd"), ("dp", "sgd"), ("mixed", "sgd"), ("mixed", "adagrad")],
+    [("tw", "sgd"), ("cw", "sgd"), ("dp", "sgd"), ("rw", "sgd"), ("mixed", "sgd"), ("mixed", "adagrad")],
 )
 def test_sharded_equals_unsharded(sharding: str, optimizer: str) -> None:
     for rank_report in run_ranks(_equal_to_unsharded, 2, sharding, optimizer):
@@ -108,20 +108,22 @@ def _count_bytes(rank: int, world_size: int, sharding: str) -> dict[str, int]:
     for name in _INPUT_KWARG:
         setattr(dist, name, counting(name))
     try:
+        # Row-wise: only tables both collections can shard row-wise, so the two plans are the same.
+        tabs = [t for t in tables() if sharding != "rw" or row_wise_capable(t)]
         plain_tables = [EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
-                                           feature_names=list(t.feature_names), pooling=t.pooling) for t in tables()]
+                                           feature_names=list(t.feature_names), pooling=t.pooling) for t in tabs]
         fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
         result = {}
         for label, module, sharder in [
             ("plain", EmbeddingBagCollection(plain_tables, device=torch.device("meta")),
              EmbeddingBagCollectionSharder(fused_params=fused)),
-            ("compositional", CompositionalEmbeddingBagCollection(tables(), device="meta"),
+            ("compositional", CompositionalEmbeddingBagCollection(tabs, device="meta"),
              CompositionalEmbeddingBagCollectionSharder(fused_params=fused)),
         ]:
             dmp = shard(module, sharder, sharding, world_size)
-            dmp(batch(5, False)).sum().backward()  # first call sets up the dists
+            dmp(batch(5, False, tabs)).sum().backward()  # first call sets up the dists
             sent["n"] = 0
-            dmp(batch(6 + rank, False)).sum().backward()
+            dmp(batch(6 + rank, False, tabs)).sum().backward()
             result[label] = sent["n"]
         return result
     finally:
@@ -129,7 +131,7 @@ def _count_bytes(rank: int, world_size: int, sharding: str) -> dict[str, int]:
             setattr(dist, name, fn)
 
 
-@pytest.mark.parametrize("sharding", ["tw", "cw"])
+@pytest.mark.parametrize("sharding", ["tw", "cw", "rw"])
 def test_bytes_sent_equal_plain_ebc(sharding: str) -> None:
     for rank, counts in enumerate(run_ranks(_count_bytes, 2, sharding)):
         assert counts["plain"] > 0, "no collective traffic was counted: the counter is not wired"

@@ -17,24 +17,33 @@ and composes (per id, then pools) into the layout the logical output dist expect
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator, Type
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchrec.distributed.comm_ops import get_gradient_division
 from torchrec.distributed.embedding_types import GroupedEmbeddingConfig, KJTList
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionContext,
     EmbeddingBagCollectionSharder,
     ShardedEmbeddingBagCollection,
 )
-from torchrec.distributed.types import Awaitable, ParameterSharding, QuantizedCommCodecs, ShardingEnv
+from torchrec.distributed.types import Awaitable, ParameterSharding, QuantizedCommCodecs, ShardingEnv, ShardingType
 from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_qr.distributed.sub_table_plan import SUPPORTED_SHARDING_TYPES, physical_parameter_shardings
+from torchrec_qr.distributed.sub_table_plan import (
+    SUPPORTED_SHARDING_TYPES,
+    logical_row_wise_sharding,
+    physical_parameter_shardings,
+    row_block_size,
+)
+from torchrec_qr.modules.batched_embedding_bags import BatchedEmbeddingBags
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
 from torchrec_qr.modules.composition import ComposeSlot, CompositionPlan, ExpandSlot, looks_up_per_id, pools_first
 from torchrec_qr.modules.embedding_configs import (
@@ -51,75 +60,100 @@ __all__ = [
 ]
 
 
-def _local_tables(grouped: list[GroupedEmbeddingConfig]) -> Iterator[Any]:
-    for group in grouped:
-        yield from group.embedding_tables
-
-
 def _col_offset(table: Any) -> int:
     meta = table.local_metadata
     return meta.shard_offsets[1] if meta is not None and len(meta.shard_offsets) > 1 else 0
 
 
-class CompositionalLookup(nn.Module):
-    """The lookup of one logical sharding: expand → physical TBE lookup → compose.
+@dataclass(frozen=True)
+class _LocalTable:
+    """A table (or column shard) some lookup serves on this rank."""
 
-    The physical lookup is held outside the module tree (it belongs to ``_embedding_bag_collection``, which
-    registers its parameters and fused optimizer exactly once).
+    name: str
+    feature_names: list[str]
+    col_offset: int
+    width: int
+
+
+def _sharded_tables(grouped: list[GroupedEmbeddingConfig]) -> list[_LocalTable]:
+    return [
+        _LocalTable(t.name, t.feature_names, _col_offset(t), t.local_cols)
+        for group in grouped
+        for t in group.embedding_tables
+    ]
+
+
+class CompositionalLookup(nn.Module):
+    """The lookup of one logical sharding: expand → physical lookups → compose.
+
+    The physical lookups are held outside the module tree: they belong to ``_embedding_bag_collection``
+    (TorchRec's TBE lookups, registering parameters and fused optimizers once) and, for row-wise tables, to
+    ``_replicated_embedding_bags`` (the replicated small sub-tables).
     """
 
     def __init__(
         self,
         tables: list[EmbeddingBagConfig],
         logical_grouped: list[GroupedEmbeddingConfig],
-        physical_lookup: nn.Module,
+        sources: list[tuple[nn.Module, list[_LocalTable]]],
         is_weighted: bool,
         mean_after_output_dist: bool = False,
+        replicated_grad_scale: int = 1,
     ) -> None:
         super().__init__()
-        self.__dict__["_physical_lookup"] = physical_lookup
+        self.__dict__["_sources"] = [module for module, _ in sources]
         self._is_weighted = is_weighted
-        inner = physical_lookup.module if hasattr(physical_lookup, "module") else physical_lookup
-        self.plan = _lookup_plan(tables, logical_grouped, inner.grouped_configs, is_weighted, mean_after_output_dist)
+        # Replicated sub-tables (row-wise, source 1) see only this rank's id block, and their gradient arrives
+        # divided by the world size (TorchRec's gradient division); DDP then averages over ranks. The blocks
+        # are disjoint, so the right total is the sum: undo one division.
+        self.replicated_grad_scale = replicated_grad_scale
+        self.plan = _lookup_plan(
+            tables, logical_grouped, [local for _, local in sources], is_weighted, mean_after_output_dist
+        )
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        looked_up = self._physical_lookup(self.plan.expand(features, weighted=self._is_weighted))
+        inputs = self.plan.expand(features, weighted=self._is_weighted)
+        outputs = [lookup(kjt) for lookup, kjt in zip(self._sources, inputs)]
+        if len(outputs) > 1 and self.replicated_grad_scale != 1:
+            outputs[1] = _scale_grad(outputs[1], self.replicated_grad_scale)
         if not self.plan.compose_slots:
-            return looked_up  # an empty rank: the physical lookup's placeholder
+            return outputs[0]  # an empty rank: the physical lookup's placeholder
+        looked_up = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return self.plan.compose(features, looked_up)
 
 
 def _lookup_plan(
     tables: list[EmbeddingBagConfig],
     logical_grouped: list[GroupedEmbeddingConfig],
-    physical_grouped: list[GroupedEmbeddingConfig],
+    sources: list[list[_LocalTable]],
     is_weighted: bool,
     mean_after_output_dist: bool,
 ) -> CompositionPlan:
     by_name = {t.name: t for t in tables}
-    source: dict[str, tuple[EmbeddingBagConfig, int | None]] = {}
+    origin: dict[str, tuple[EmbeddingBagConfig, int | None]] = {}
     for t in tables:
         if isinstance(t, CompositionalEmbeddingBagConfig):
-            source.update({sub.name: (t, j) for j, sub in enumerate(t.sub_table_configs())})
+            origin.update({sub.name: (t, j) for j, sub in enumerate(t.sub_table_configs())})
         else:
-            source[t.name] = (t, None)
+            origin[t.name] = (t, None)
 
     expand: list[ExpandSlot] = []
     widths: list[int] = []
     block_of: dict[tuple[str, int | None, int], int] = {}  # (logical feature, partition, col offset)
-    for shard in _local_tables(physical_grouped):
-        logical, j = source[shard.name]
-        per_id = looks_up_per_id(logical, is_weighted)
-        for phys_feature in shard.feature_names:
-            feature = phys_feature if j is None else phys_feature.rsplit(SUB_TABLE_SEPARATOR, 1)[0]
-            block_of[(feature, j, _col_offset(shard))] = len(expand)
-            expand.append(ExpandSlot(feature, j, per_id))
-            widths.append(shard.local_cols)
+    for source, local_tables in enumerate(sources):
+        for shard in local_tables:
+            logical, j = origin[shard.name]
+            per_id = looks_up_per_id(logical, is_weighted)
+            for phys_feature in shard.feature_names:
+                feature = phys_feature if j is None else phys_feature.rsplit(SUB_TABLE_SEPARATOR, 1)[0]
+                block_of[(feature, j, shard.col_offset)] = len(expand)
+                expand.append(ExpandSlot(feature, j, per_id, source))
+                widths.append(shard.width)
 
     compose: list[ComposeSlot] = []
-    for shard in _local_tables(logical_grouped):
+    for shard in _sharded_tables(logical_grouped):
         t = by_name[shard.name]
-        start, width = _col_offset(shard), shard.local_cols
+        start, width = shard.col_offset, shard.width
         per_id = looks_up_per_id(t, is_weighted)
         mean = t.pooling == PoolingType.MEAN and not mean_after_output_dist
         for f in shard.feature_names:
@@ -139,11 +173,18 @@ def _lookup_plan(
     return CompositionPlan(tables, expand, widths, compose)
 
 
+_ROW_TYPES = (ShardingType.ROW_WISE.value,)
+_REPLICATED = "_replicated_embedding_bags"
+_PHYSICAL = "_embedding_bag_collection"
+
+
 class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     """A ``ShardedEmbeddingBagCollection`` over logical tables whose lookups compose sub-tables locally.
 
     Output keys, state-dict keys (``_embedding_bag_collection.embedding_bags.{sub-table}.weight``) and
-    fused-optimizer keys match the unsharded ``CompositionalEmbeddingBagCollection``.
+    fused-optimizer keys match the unsharded ``CompositionalEmbeddingBagCollection``. Row-wise tables'
+    replicated sub-tables (see ``sub_table_plan``) are dense parameters kept in sync by DMP's data-parallel
+    wrapper; give them the dense optimizer, as for TorchRec's data_parallel tables.
     """
 
     def __init__(
@@ -156,19 +197,41 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         module_fqn: str | None = None,
     ) -> None:
         tables = module.embedding_bag_configs()
-        logical_plan = {t.name: table_name_to_parameter_sharding[t.name] for t in tables}
+        logical_plan, dist_tables = {}, []
+        for t in tables:
+            ps = table_name_to_parameter_sharding[t.name]
+            rows = t.num_embeddings
+            if isinstance(t, CompositionalEmbeddingBagConfig) and ps.sharding_type in _ROW_TYPES:
+                ps = logical_row_wise_sharding(t, ps, env.world_size)
+                rows = row_block_size(t, env.world_size) * env.world_size
+            logical_plan[t.name] = ps
+            # The dists only need names, sizes and pooling: plain configs, row-wise ones padded to aligned blocks.
+            dist_tables.append(EmbeddingBagConfig(num_embeddings=rows, embedding_dim=t.embedding_dim, name=t.name,
+                                                  data_type=t.data_type, feature_names=list(t.feature_names),
+                                                  pooling=t.pooling))
+        physical_plan, replicated = physical_parameter_shardings(tables, logical_plan)
         physical = ebc_sharder.shard(
-            EmbeddingBagCollection(physical_table_configs(tables), is_weighted=module.is_weighted(), device=torch.device("meta")),
-            physical_parameter_shardings(tables, logical_plan),
+            EmbeddingBagCollection(
+                [c for c in physical_table_configs(tables) if c.name in physical_plan],
+                is_weighted=module.is_weighted(),
+                device=torch.device("meta"),
+            ),
+            physical_plan,
             env=env,
             device=device,
-            module_fqn=append_prefix(module_fqn or "", "_embedding_bag_collection"),
+            module_fqn=append_prefix(module_fqn or "", _PHYSICAL),
         )
         # The base constructor builds lookups (see _create_lookups) before this module can hold children.
         self.__dict__["_pending_physical"] = physical
+        self.__dict__["_pending_replicated"] = BatchedEmbeddingBags(replicated, device=device) if replicated else None
+        self.__dict__["_logical_tables"] = tables
         self.__dict__["_validate_ids"] = module.validate_ids
+        self.__dict__["_row_wise_mean_features"] = {
+            f for t in tables if t.pooling == PoolingType.MEAN and logical_plan[t.name].sharding_type in _ROW_TYPES
+            for f in t.feature_names
+        }
         super().__init__(
-            EmbeddingBagCollection(tables, is_weighted=module.is_weighted(), device=torch.device("meta")),
+            EmbeddingBagCollection(dist_tables, is_weighted=module.is_weighted(), device=torch.device("meta")),
             logical_plan,
             env=env,
             fused_params=ebc_sharder.fused_params,
@@ -176,22 +239,42 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry,
             module_fqn=module_fqn,
         )
-        del self.__dict__["_pending_physical"]
-        self._embedding_bag_collection: ShardedEmbeddingBagCollection = physical
-        self._optim = CombinedOptimizer([("_embedding_bag_collection", physical.fused_optimizer)])
+        self._embedding_bag_collection: ShardedEmbeddingBagCollection = self.__dict__.pop("_pending_physical")
+        replicated_bags = self.__dict__.pop("_pending_replicated")
+        if replicated_bags is not None:
+            self._replicated_embedding_bags = replicated_bags
+            self._register_state_dict_hook(_replicated_as_physical_keys)
+            self._register_load_state_dict_pre_hook(_physical_keys_to_replicated, with_module=True)
+        self._optim = CombinedOptimizer([(_PHYSICAL, self._embedding_bag_collection.fused_optimizer)])
 
     def _create_lookups(self) -> None:
         physical: ShardedEmbeddingBagCollection = self.__dict__["_pending_physical"]
+        replicated: BatchedEmbeddingBags | None = self.__dict__["_pending_replicated"]
         by_type = dict(zip(physical._sharding_types, physical._lookups))
         for sharding_type, sharding in zip(self._sharding_types, self._embedding_shardings):
+            lookup = by_type[sharding_type]
+            inner = lookup.module if isinstance(lookup, DistributedDataParallel) else lookup
+            sources = [(lookup, _sharded_tables(inner.grouped_configs))]
+            row_wise = sharding_type in _ROW_TYPES
+            if row_wise and replicated is not None:
+                sources.append((replicated, [_LocalTable(t.name, t.feature_names, 0, t.embedding_dim)
+                                             for t in replicated.tables]))
             self._lookups.append(
                 CompositionalLookup(
-                    self._embedding_bag_configs,
+                    self.__dict__["_logical_tables"],
                     sharding._grouped_embedding_configs,
-                    by_type[sharding_type],
+                    sources,
                     self._is_weighted,
+                    mean_after_output_dist=row_wise,
+                    replicated_grad_scale=self._env.world_size if get_gradient_division() else 1,
                 )
             )
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        """Everything but the replicated sub-tables, which DMP's data-parallel wrapper must keep in sync."""
+        for name, _ in self.named_parameters(prefix):
+            if f"{_REPLICATED}." not in name:
+                yield name
 
     def init_data_parallel(self) -> None:
         """Data-parallel sub-tables are already DDP-wrapped by ``_embedding_bag_collection``."""
@@ -210,12 +293,65 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
         if self._validate_ids:
-            check_id_ranges(features, self._embedding_bag_configs)
-        return super().input_dist(ctx, features)
+            check_id_ranges(features, self._logical_tables)
+        awaitable = super().input_dist(ctx, features)
+        if self._has_mean_pooling_callback:
+            # TorchRec's divisor also divides other sharding types' features and uses sum(w) for weighted
+            # bags; row-wise MEAN here divides the reduce-scattered sums by each bag's length, as the kernel does.
+            ctx.divisor = _row_wise_mean_divisor(
+                features, self._row_wise_mean_features, self._embedding_names, self._embedding_dims
+            )
+        return awaitable
 
     @property
     def unsharded_module_type(self) -> Type[CompositionalEmbeddingBagCollection]:
         return CompositionalEmbeddingBagCollection
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward; gradient times ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: int) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def _scale_grad(x: torch.Tensor, scale: int) -> torch.Tensor:
+    return _GradScale.apply(x, scale)
+
+
+def _row_wise_mean_divisor(
+    features: KeyedJaggedTensor, mean_features: set[str], names: list[str], dims: list[int]
+) -> torch.Tensor:
+    """``[B, sum(dims)]``: each row-wise MEAN feature's bag lengths (at least 1) under its columns, else 1."""
+    batch = features.stride()
+    lengths = features.lengths().view(-1, batch)
+    row_of = {k: i for i, k in enumerate(features.keys())}
+    ones = torch.ones(batch, device=lengths.device)
+    columns = [lengths[row_of[n]].clamp(min=1).float() if n in mean_features else ones for n in names]
+    repeats = torch.tensor(dims, device=lengths.device)
+    return torch.repeat_interleave(torch.stack(columns, dim=1), repeats, dim=1, output_size=sum(dims))
+
+
+def _replicated_as_physical_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
+    """Present replicated sub-tables under the keys the unsharded module uses."""
+    old = f"{prefix}{_REPLICATED}."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[f"{prefix}{_PHYSICAL}.{key[len(old):]}"] = state_dict.pop(key)
+
+
+def _physical_keys_to_replicated(
+    module: "ShardedCompositionalEmbeddingBagCollection", state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    for t in module._replicated_embedding_bags.tables:
+        key = f"{prefix}{_PHYSICAL}.embedding_bags.{t.name}.weight"
+        if key in state_dict:
+            state_dict[f"{prefix}{_REPLICATED}.embedding_bags.{t.name}.weight"] = state_dict.pop(key)
 
 
 class CompositionalEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):

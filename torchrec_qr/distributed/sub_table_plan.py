@@ -8,32 +8,96 @@ logical rows or columns it owns from rows it holds itself:
 - column_wise / table_column_wise: for ``mult``/``add`` every sub-table is cut at the table's column
   boundaries (composition is element-wise); for ``concat`` each logical shard's column range is
   intersected with each sub-table's slice of the concatenated width.
+- row_wise: for tables larger than one rank. The id space is cut into blocks of ``B`` ids, ``B`` a
+  multiple of the scheme's row-split stride ``s`` (QR: ``c``; mixed radix: the product of the lower
+  radices), so rank r's ids ``[rB, (r+1)B)`` use exactly rows ``[rB/s, (r+1)B/s)`` of the large
+  sub-table (``id // s``), which is row-wise sharded along those boundaries, and every other class
+  depends only on ``id % s``: those small sub-tables are *replicated* on every rank, held outside TorchRec's
+  tables and kept in sync by DMP's data-parallel wrapper (like TorchRec's data_parallel tables, they are
+  dense parameters for the dense optimizer). A rank receives block-local ids ``id - rB``; since ``B`` is a
+  multiple of ``s``, ``partition.indices(local id)`` is already the local row of every sub-table.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import ParameterSharding, ShardingType
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
+from torchrec_qr.modules.composition import pools_first
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
 
-__all__ = ["SUPPORTED_SHARDING_TYPES", "physical_parameter_shardings"]
+__all__ = [
+    "SUPPORTED_SHARDING_TYPES",
+    "logical_row_wise_sharding",
+    "physical_parameter_shardings",
+    "row_block_size",
+]
 
 SUPPORTED_SHARDING_TYPES = (
     ShardingType.TABLE_WISE.value,
     ShardingType.COLUMN_WISE.value,
     ShardingType.TABLE_COLUMN_WISE.value,
+    ShardingType.ROW_WISE.value,
     ShardingType.DATA_PARALLEL.value,
 )
 _COLUMN_TYPES = (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value)
 
 
+def row_split_stride(table: CompositionalEmbeddingBagConfig) -> tuple[int, int]:
+    """The row-split partition and stride of a table to be sharded row-wise, or a clear error."""
+    assert table.partition is not None
+    split = table.partition.row_split()
+    if split is None:
+        raise ValueError(
+            f"table {table.name!r}: row_wise needs a partition whose largest class is id // stride "
+            f"(QuotientRemainder or MixedRadix); {table.partition!r} has none: shard it table_wise or column_wise"
+        )
+    if pools_first(table):
+        raise ValueError(
+            f"table {table.name!r}: composition='pooled' mult multiplies whole-bag sums, which row-wise "
+            "partial sums cannot reproduce; use composition='per_id' or table_wise/column_wise"
+        )
+    return split
+
+
+def row_block_size(table: CompositionalEmbeddingBagConfig, world_size: int) -> int:
+    """Ids per rank, ``ceil(N / (W s)) * s``: blocks start on multiples of the row-split stride s."""
+    _, stride = row_split_stride(table)
+    return -(-table.num_embeddings // (world_size * stride)) * stride
+
+
+def logical_row_wise_sharding(
+    table: CompositionalEmbeddingBagConfig, ps: ParameterSharding, world_size: int
+) -> ParameterSharding:
+    """The table's row_wise sharding over ``W`` aligned blocks (what TorchRec's input dist bucketizes by)."""
+    if ps.ranks is not None and list(ps.ranks) != list(range(world_size)):
+        raise ValueError(f"table {table.name!r}: row_wise shards must be on ranks 0..{world_size - 1} in order")
+    block = row_block_size(table, world_size)
+    placements = [m.placement for m in ps.sharding_spec.shards] if isinstance(ps.sharding_spec, EnumerableShardingSpec) else []
+    if len(placements) != world_size:
+        raise ValueError(f"table {table.name!r}: row_wise needs one shard per rank ({world_size}), got {len(placements)}")
+    shards = [
+        ShardMetadata(shard_offsets=[r * block, 0], shard_sizes=[block, table.embedding_dim], placement=placements[r])
+        for r in range(world_size)
+    ]
+    return ParameterSharding(
+        sharding_type=ps.sharding_type,
+        compute_kernel=ps.compute_kernel,
+        ranks=list(range(world_size)),
+        sharding_spec=EnumerableShardingSpec(shards),
+    )
+
+
 def physical_parameter_shardings(
     tables: list[EmbeddingBagConfig], logical: dict[str, ParameterSharding]
-) -> dict[str, ParameterSharding]:
-    """Physical table name → ParameterSharding, for a logical plan over ``tables``."""
+) -> tuple[dict[str, ParameterSharding], list[EmbeddingBagConfig]]:
+    """Physical table name → ParameterSharding for a logical plan over ``tables`` (row_wise tables already
+    in aligned blocks, see ``logical_row_wise_sharding``), and the sub-tables to replicate instead."""
     out: dict[str, ParameterSharding] = {}
+    replicated: list[EmbeddingBagConfig] = []
     for t in tables:
         ps = logical[t.name]
         if not isinstance(t, CompositionalEmbeddingBagConfig):
@@ -44,12 +108,47 @@ def physical_parameter_shardings(
                 f"table {t.name!r}: sharding type {ps.sharding_type!r} is not supported for compositional "
                 f"tables; use one of {SUPPORTED_SHARDING_TYPES}"
             )
+        if ps.sharding_type == ShardingType.ROW_WISE.value:
+            split_index, _ = row_split_stride(t)
+            for j, sub in enumerate(t.sub_table_configs()):
+                if j == split_index:
+                    out[sub.name] = _row_split_sharding(t, ps, sub)
+                else:  # partial sums, like TorchRec's row-wise kernels: MEAN is applied after the output dist
+                    replicated.append(replace(sub, pooling=PoolingType.SUM))
+            continue
         offset = 0
         for sub in t.sub_table_configs():
             out[sub.name] = _sub_table_sharding(t, ps, sub, offset)
             if t.combine == "concat":
                 offset += sub.embedding_dim
-    return out
+    return out, replicated
+
+
+def _row_split_sharding(
+    table: CompositionalEmbeddingBagConfig, ps: ParameterSharding, sub: EmbeddingBagConfig
+) -> ParameterSharding:
+    """Rows ``[r B/s, (r+1) B/s)`` of the row-split sub-table on rank r (B: the aligned block)."""
+    assert isinstance(ps.sharding_spec, EnumerableShardingSpec)
+    _, stride = row_split_stride(table)
+    shards = []
+    for r, logical_shard in enumerate(ps.sharding_spec.shards):
+        rows_per_rank = logical_shard.shard_sizes[0] // stride
+        start = r * rows_per_rank
+        size = min(rows_per_rank, sub.num_embeddings - start)
+        if size <= 0:
+            raise ValueError(
+                f"table {table.name!r} is too small to shard row_wise over {len(ps.sharding_spec.shards)} ranks "
+                f"(rank {r} would own no rows of {sub.name!r}); shard it table_wise"
+            )
+        shards.append(
+            ShardMetadata(shard_offsets=[start, 0], shard_sizes=[size, sub.embedding_dim], placement=logical_shard.placement)
+        )
+    return ParameterSharding(
+        sharding_type=ps.sharding_type,
+        compute_kernel=ps.compute_kernel,
+        ranks=list(ps.ranks or range(len(shards))),
+        sharding_spec=EnumerableShardingSpec(shards),
+    )
 
 
 def _sub_table_sharding(

@@ -57,6 +57,7 @@ class ExpandSlot:
     feature: str
     partition_index: int | None  # None: a plain table, ids pass through
     per_id: bool
+    source: int = 0  # which lookup serves it (a sharded rank may compose from several)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,10 @@ class CompositionPlan:
         self.block_widths = block_widths
         self.compose_slots = compose_slots
         self.has_per_id = any(s.per_id for s in expand_slots)
+        sources = [s.source for s in expand_slots]
+        if sources != sorted(sources):
+            raise ValueError("expand slots must be ordered by source: block indices follow the lookups' order")
+        self.num_sources = max(sources, default=0) + 1
 
     @staticmethod
     def for_tables(tables: list[EmbeddingBagConfig], is_weighted: bool) -> "CompositionPlan":
@@ -136,24 +141,25 @@ class CompositionPlan:
                     compose.append(ComposeSlot(f, "none", per_id, mean, (block_of[(f, None)],)))
         return CompositionPlan(tables, expand, widths, compose)
 
-    def physical_feature_names(self) -> list[str]:
+    def physical_feature_names(self, source: int = 0) -> list[str]:
         return [
             s.feature if s.partition_index is None else sub_feature_name(s.feature, s.partition_index)
             for s in self.expand_slots
+            if s.source == source
         ]
 
-    def expand(self, features: KeyedJaggedTensor, weighted: bool) -> KeyedJaggedTensor:
-        """The lookup KJT (see module docstring). ``weighted``: whether the lookup takes weights."""
+    def expand(self, features: KeyedJaggedTensor, weighted: bool) -> list[KeyedJaggedTensor]:
+        """One lookup KJT per source (see module docstring). ``weighted``: whether lookups take weights."""
         jts = features.to_dict()
-        batch = features.stride()
-        stride = batch
+        stride = features.stride()
         if self.has_per_id:
             for s in self.expand_slots:
                 if s.per_id:
                     stride = max(stride, jts[s.feature].values().numel())
         sub_ids: dict[str, torch.Tensor] = {}
-        values, lengths, weights = [], [], []
+        parts: list[tuple[list, list, list]] = [([], [], []) for _ in range(self.num_sources)]
         for s in self.expand_slots:
+            values, lengths, weights = parts[s.source]
             jt = jts[s.feature]
             ids = jt.values()
             if s.partition_index is not None:
@@ -173,13 +179,16 @@ class CompositionPlan:
                     if w is None or (s.feature in self.pooled_mult and s.partition_index):
                         w = torch.ones(ids.numel(), device=ids.device)
                     weights.append(w)
-        return KeyedJaggedTensor(
-            keys=self.physical_feature_names(),
-            values=torch.cat(values) if values else torch.empty(0, dtype=torch.int64),
-            lengths=torch.cat(lengths) if lengths else torch.empty(0, dtype=torch.int32),
-            weights=torch.cat(weights) if weighted and weights else None,
-            stride=stride,
-        )
+        return [
+            KeyedJaggedTensor(
+                keys=self.physical_feature_names(source),
+                values=torch.cat(values) if values else torch.empty(0, dtype=torch.int64),
+                lengths=torch.cat(lengths) if lengths else torch.empty(0, dtype=torch.int32),
+                weights=torch.cat(weights) if weighted and weights else None,
+                stride=stride,
+            )
+            for source, (values, lengths, weights) in enumerate(parts)
+        ]
 
     def compose(self, features: KeyedJaggedTensor, looked_up: torch.Tensor) -> torch.Tensor:
         """``[B, sum of output dims]``: each compose slot's pooled embedding, concatenated in slot order."""

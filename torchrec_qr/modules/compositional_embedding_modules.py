@@ -87,7 +87,7 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         features = _validate(features, self)
-        lookup_input = self._plan.expand(features, weighted=self._is_weighted)
+        (lookup_input,) = self._plan.expand(features, weighted=self._is_weighted)
         looked_up = self._embedding_bag_collection(lookup_input)
         return KeyedTensor(
             keys=self._feature_names,

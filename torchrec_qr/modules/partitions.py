@@ -61,6 +61,14 @@ class Partition(abc.ABC):
     def num_partitions(self) -> int:
         """k, the number of sub-tables."""
 
+    def row_split(self) -> tuple[int, int] | None:
+        """``(j, stride)`` when partition j's class is ``id // stride`` (rows of j follow id blocks).
+
+        Row-wise sharding needs it: a block of ``stride``-aligned ids then owns a contiguous, disjoint range
+        of sub-table j, and every other class depends only on ``id % stride``. None: no such partition.
+        """
+        return None
+
     def validate(self, num_embeddings: int) -> None:
         """Raise ``ValueError`` naming a colliding id pair if the partitions are not complementary on N."""
         _check_num_embeddings(num_embeddings)
@@ -116,6 +124,9 @@ class QuotientRemainder(Partition):
     def _collision(self, num_embeddings: int) -> tuple[int, int] | None:
         return None  # (q, r) determines id = q*c + r
 
+    def row_split(self) -> tuple[int, int] | None:
+        return (0, self.collisions)
+
 
 @dataclass(frozen=True)
 class MixedRadix(Partition):
@@ -148,6 +159,10 @@ class MixedRadix(Partition):
             digits.append(rest % r)
             rest = torch.div(rest, r, rounding_mode="floor")
         return torch.stack(digits)
+
+    def row_split(self) -> tuple[int, int] | None:
+        """The top digit: ``id // prod(radices[:-1])`` (exact below the scheme's period, as validated)."""
+        return (len(self.radices) - 1, math.prod(self.radices[:-1]))
 
     def _collision(self, num_embeddings: int) -> tuple[int, int] | None:
         period = math.prod(self.radices)
