@@ -12,6 +12,7 @@ from torchrec.distributed.sharding_plan import (
     construct_module_sharding_plan,
     data_parallel,
     row_wise,
+    table_row_wise,
     table_wise,
 )
 from torchrec.distributed.types import ShardedTensor, ShardingEnv, ShardingPlan
@@ -86,7 +87,9 @@ def plan_generators(sharding: str, world_size: int, tabs: list[EmbeddingBagConfi
     def one(kind: str, i: int, t: EmbeddingBagConfig):
         if kind == "rw" and row_wise_capable(t):
             return row_wise(compute_kernel="fused")
-        if kind in ("tw", "rw"):
+        if kind == "twrw" and row_wise_capable(t):
+            return table_row_wise(host_index=0)
+        if kind in ("tw", "rw", "twrw"):
             return table_wise(rank=i % world_size, compute_kernel="fused")
         if kind == "cw":
             return column_wise(ranks=list(range(world_size)), compute_kernel="fused")

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Type
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torchrec.distributed.comm import get_local_size
 from torchrec.distributed.comm_ops import get_gradient_division
 from torchrec.distributed.embedding_types import GroupedEmbeddingConfig, KJTList
 from torchrec.distributed.embeddingbag import (
@@ -30,7 +31,7 @@ from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionSharder,
     ShardedEmbeddingBagCollection,
 )
-from torchrec.distributed.types import Awaitable, ParameterSharding, QuantizedCommCodecs, ShardingEnv, ShardingType
+from torchrec.distributed.types import Awaitable, ParameterSharding, QuantizedCommCodecs, ShardingEnv
 from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -38,6 +39,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_qr.distributed.sub_table_plan import (
+    ROW_TYPES,
     SUPPORTED_SHARDING_TYPES,
     logical_row_wise_sharding,
     physical_parameter_shardings,
@@ -81,6 +83,12 @@ def _sharded_tables(grouped: list[GroupedEmbeddingConfig]) -> list[_LocalTable]:
         for group in grouped
         for t in group.embedding_tables
     ]
+
+
+def _local_grouped_configs(sharding: Any, rank: int) -> list[GroupedEmbeddingConfig]:
+    """This rank's grouped configs (table_row_wise keeps only a per-rank list)."""
+    local = getattr(sharding, "_grouped_embedding_configs", None)
+    return local if local is not None else sharding._grouped_embedding_configs_per_rank[rank]
 
 
 class CompositionalLookup(nn.Module):
@@ -173,7 +181,6 @@ def _lookup_plan(
     return CompositionPlan(tables, expand, widths, compose)
 
 
-_ROW_TYPES = (ShardingType.ROW_WISE.value,)
 _REPLICATED = "_replicated_embedding_bags"
 _PHYSICAL = "_embedding_bag_collection"
 
@@ -201,8 +208,8 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         for t in tables:
             ps = table_name_to_parameter_sharding[t.name]
             rows = t.num_embeddings
-            if isinstance(t, CompositionalEmbeddingBagConfig) and ps.sharding_type in _ROW_TYPES:
-                ps = logical_row_wise_sharding(t, ps, env.world_size)
+            if isinstance(t, CompositionalEmbeddingBagConfig) and ps.sharding_type in ROW_TYPES:
+                ps = logical_row_wise_sharding(t, ps, env.world_size, get_local_size(env.world_size))
                 rows = row_block_size(t, env.world_size) * env.world_size
             logical_plan[t.name] = ps
             # The dists only need names, sizes and pooling: plain configs, row-wise ones padded to aligned blocks.
@@ -227,7 +234,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         self.__dict__["_logical_tables"] = tables
         self.__dict__["_validate_ids"] = module.validate_ids
         self.__dict__["_row_wise_mean_features"] = {
-            f for t in tables if t.pooling == PoolingType.MEAN and logical_plan[t.name].sharding_type in _ROW_TYPES
+            f for t in tables if t.pooling == PoolingType.MEAN and logical_plan[t.name].sharding_type in ROW_TYPES
             for f in t.feature_names
         }
         super().__init__(
@@ -255,14 +262,14 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             lookup = by_type[sharding_type]
             inner = lookup.module if isinstance(lookup, DistributedDataParallel) else lookup
             sources = [(lookup, _sharded_tables(inner.grouped_configs))]
-            row_wise = sharding_type in _ROW_TYPES
+            row_wise = sharding_type in ROW_TYPES
             if row_wise and replicated is not None:
                 sources.append((replicated, [_LocalTable(t.name, t.feature_names, 0, t.embedding_dim)
                                              for t in replicated.tables]))
             self._lookups.append(
                 CompositionalLookup(
                     self.__dict__["_logical_tables"],
-                    sharding._grouped_embedding_configs,
+                    _local_grouped_configs(sharding, self._env.rank),
                     sources,
                     self._is_weighted,
                     mean_after_output_dist=row_wise,

@@ -30,6 +30,7 @@ from torchrec_qr.modules.composition import pools_first
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
 
 __all__ = [
+    "ROW_TYPES",
     "SUPPORTED_SHARDING_TYPES",
     "logical_row_wise_sharding",
     "physical_parameter_shardings",
@@ -41,8 +42,10 @@ SUPPORTED_SHARDING_TYPES = (
     ShardingType.COLUMN_WISE.value,
     ShardingType.TABLE_COLUMN_WISE.value,
     ShardingType.ROW_WISE.value,
+    ShardingType.TABLE_ROW_WISE.value,
     ShardingType.DATA_PARALLEL.value,
 )
+ROW_TYPES = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
 _COLUMN_TYPES = (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value)
 
 
@@ -70,9 +73,18 @@ def row_block_size(table: CompositionalEmbeddingBagConfig, world_size: int) -> i
 
 
 def logical_row_wise_sharding(
-    table: CompositionalEmbeddingBagConfig, ps: ParameterSharding, world_size: int
+    table: CompositionalEmbeddingBagConfig, ps: ParameterSharding, world_size: int, local_size: int
 ) -> ParameterSharding:
-    """The table's row_wise sharding over ``W`` aligned blocks (what TorchRec's input dist bucketizes by)."""
+    """The table's row_wise sharding over ``W`` aligned blocks (what TorchRec's input dist bucketizes by).
+
+    table_row_wise is accepted on a single node, where it is the same layout; across nodes the replicated
+    sub-tables would be idle on other nodes' ranks, which DDP cannot synchronize.
+    """
+    if ps.sharding_type == ShardingType.TABLE_ROW_WISE.value and local_size != world_size:
+        raise ValueError(
+            f"table {table.name!r}: table_row_wise across nodes is not supported for compositional tables "
+            f"(world size {world_size}, {local_size} ranks per node); use row_wise or table_wise"
+        )
     if ps.ranks is not None and list(ps.ranks) != list(range(world_size)):
         raise ValueError(f"table {table.name!r}: row_wise shards must be on ranks 0..{world_size - 1} in order")
     block = row_block_size(table, world_size)
@@ -108,7 +120,7 @@ def physical_parameter_shardings(
                 f"table {t.name!r}: sharding type {ps.sharding_type!r} is not supported for compositional "
                 f"tables; use one of {SUPPORTED_SHARDING_TYPES}"
             )
-        if ps.sharding_type == ShardingType.ROW_WISE.value:
+        if ps.sharding_type in ROW_TYPES:
             split_index, _ = row_split_stride(t)
             for j, sub in enumerate(t.sub_table_configs()):
                 if j == split_index:
