@@ -1,0 +1,168 @@
+"""Training-step time and parameter memory: CompositionalEmbeddingBagCollection vs TorchRec's plain EBC.
+
+Single process, CPU. For each table layout (tables x rows) every variant runs forward + backward + an SGD
+step on the same batches, side by side, with warmup; the median ms/step is reported.
+
+Variants:
+  plain  torchrec EmbeddingBagCollection (nn.EmbeddingBag), torch.optim.SGD on its parameters
+  fused  torchrec FusedEmbeddingBagCollection (FBGEMM TBE, SGD fused into the backward: sparse update)
+  qr     CompositionalEmbeddingBagCollection, QuotientRemainder(collisions), combine=mult, per_id,
+         torch.optim.SGD on its parameters
+
+A variant whose parameters plus dense gradients would exceed --mem-limit-gb is skipped and reported so.
+
+Example::
+
+    python benchmarks/bench_module.py                       # 26x100k, 26x1M, 2x10M; batch 4096; 1 id/feature
+    python benchmarks/bench_module.py --multi-hot 8 --layouts 26x100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+
+from torchrec_qr import CompositionalEmbeddingBagCollection, QuotientRemainder, compress
+
+VARIANTS = ("plain", "fused", "qr")
+
+
+def parse_layouts(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        tables, rows = item.lower().split("x")
+        out.append((int(tables), int(float(rows))))
+    return out
+
+
+def make_batches(num_tables: int, rows: int, batch: int, multi_hot: int, count: int, seed: int) -> list[KeyedJaggedTensor]:
+    g = torch.Generator().manual_seed(seed)
+    keys = [f"f{i}" for i in range(num_tables)]
+    n = num_tables * batch * multi_hot
+    return [
+        KeyedJaggedTensor.from_lengths_sync(
+            keys=keys,
+            values=torch.randint(0, rows, (n,), generator=g),
+            lengths=torch.full((num_tables * batch,), multi_hot, dtype=torch.int32),
+        )
+        for _ in range(count)
+    ]
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    # state_dict: FusedEmbeddingBagCollection's weights are not all nn.Parameters.
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def build(variant: str, configs: list[EmbeddingBagConfig], collisions: int, lr: float):
+    if variant == "plain":
+        module = EmbeddingBagCollection(configs)
+        return module, torch.optim.SGD(module.parameters(), lr=lr)
+    if variant == "fused":
+        module = FusedEmbeddingBagCollection(
+            configs, optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": lr}, device=torch.device("cpu")
+        )
+        return module, None
+    module = CompositionalEmbeddingBagCollection(compress(configs, QuotientRemainder(collisions), combine="mult"))
+    return module, torch.optim.SGD(module.parameters(), lr=lr)
+
+
+def estimated_gb(variant: str, num_tables: int, rows: int, dim: int, collisions: int) -> float:
+    """Parameters plus dense gradients (none for fused, whose update is sparse), in GB."""
+    if variant == "qr":
+        per_table = (-(-rows // collisions) + collisions) * dim * 4
+        return 2 * num_tables * per_table / 1e9
+    full = num_tables * rows * dim * 4
+    return (1 if variant == "fused" else 2) * full / 1e9
+
+
+def time_steps(module, opt, batches, warmup: int, iters: int, target: torch.Tensor) -> list[float]:
+    times = []
+    for i in range(warmup + iters):
+        kjt = batches[i % len(batches)]
+        start = time.perf_counter()
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        out = module(kjt).values()
+        (out * target).sum().backward()
+        if opt is not None:
+            opt.step()
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            times.append(elapsed * 1e3)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layouts", default="26x100000,26x1000000,2x10000000",
+                        help="comma-separated TABLESxROWS table layouts (default: %(default)s)")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--multi-hot", type=int, default=1, metavar="L", help="ids per feature per sample")
+    parser.add_argument("--collisions", type=int, default=4, help="QR collisions c (quotient table N/c rows)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--mem-limit-gb", type=float, default=14.0,
+                        help="skip a variant whose parameters + dense gradients exceed this")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    print(
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, dim={args.dim}, "
+        f"ids/feature={args.multi_hot}, QR collisions={args.collisions} (mult, per_id), SGD lr={args.lr}, "
+        f"warmup={args.warmup}, median of {args.iters} steps, load average {os.getloadavg()[0]:.1f}"
+    )
+    header = f"{'layout':>13} | {'variant':<7} | {'ms/step':>9} | {'min..max':>17} | {'vs plain':>8} | {'param MB':>9} | {'compression':>11}"
+    print(header)
+    print("-" * len(header))
+    for num_tables, rows in parse_layouts(args.layouts):
+        configs = [
+            EmbeddingBagConfig(name=f"t{i}", num_embeddings=rows, embedding_dim=args.dim, feature_names=[f"f{i}"])
+            for i in range(num_tables)
+        ]
+        batches = make_batches(num_tables, rows, args.batch, args.multi_hot, 3, args.seed)
+        target = torch.randn(args.batch, num_tables * args.dim)
+        full_bytes = num_tables * rows * args.dim * 4
+        layout = f"{num_tables}x{rows:,}".replace(",", "_")
+        plain_ms = None
+        for variant in variants:
+            need = estimated_gb(variant, num_tables, rows, args.dim, args.collisions)
+            if need > args.mem_limit_gb:
+                print(f"{layout:>13} | {variant:<7} | skipped: needs ~{need:.1f} GB > --mem-limit-gb {args.mem_limit_gb:g}")
+                continue
+            module, opt = build(variant, configs, args.collisions, args.lr)
+            times = time_steps(module, opt, batches, args.warmup, args.iters, target)
+            ms = statistics.median(times)
+            if variant == "plain":
+                plain_ms = ms
+            nbytes = param_bytes(module)
+            ratio = "n/a" if not plain_ms else f"{ms / plain_ms:.2f}x" if ms >= 0.1 * plain_ms else f"{ms / plain_ms:.3f}x"
+            print(
+                f"{layout:>13} | {variant:<7} | {ms:9.1f} | {min(times):7.1f}..{max(times):8.1f} | {ratio:>8} | "
+                f"{nbytes / 2**20:9.1f} | {full_bytes / nbytes:10.1f}x",
+                flush=True,
+            )
+            del module, opt
+            gc.collect()
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
+
+
+if __name__ == "__main__":
+    main()
