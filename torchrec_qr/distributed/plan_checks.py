@@ -175,8 +175,12 @@ def _check_cover(where: str, shards: list[ShardMetadata], kind: str, rows: int, 
             raise ValueError(f"{where}: row shard {i} must span all {cols} columns, got columns [{c0}, {c0 + w})")
     area = sum(s.shard_sizes[0] * s.shard_sizes[1] for s in shards)
     if area != rows * cols:
+        hint = ""
+        if isinstance(config, CompositionalEmbeddingBagConfig) and kind in ROW_TYPES:
+            hint = (" (TorchRec's planner splits the stored rows instead: plan with "
+                    "torchrec_qr.distributed.planner.plan_model, whose callback splits the ids)")
         raise ValueError(f"{where}: shards cover {area} of the {rows * cols} cells of {described}; "
-                         "they must cover it exactly")
+                         f"they must cover it exactly{hint}")
 
 
 def _check_widths(where: str, shards: list[ShardMetadata], config: Any) -> None:
