@@ -1,0 +1,449 @@
+"""Training configuration: a tree of dataclasses loaded from YAML plus ``key=value`` overrides.
+
+Everything is checked before any process group starts, so a typo fails in a second with the key path
+(``embeddings.combine: must be one of mult/add/concat, got 'mul'``) instead of after data loading and
+sharding on every rank. Types come from the annotations; cross-field rules live in ``validate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from torchrec_qr.data.synthetic import SyntheticCriteoConfig
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EmbeddingsConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "ShardingConfig",
+    "SparseOptimizerConfig",
+    "DenseOptimizerConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "config_to_dict",
+    "load_config",
+    "num_steps",
+    "parse_overrides",
+    "validate",
+]
+
+CRITEO_NUM_SPARSE = 26
+CRITEO_NUM_DENSE = 13
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or inconsistent; the message starts with its key path."""
+
+
+@dataclass
+class DataConfig:
+    """Where rows come from and how they are batched.
+
+    ``global_batch_size`` is split evenly over ranks, so a run resumed at another world size keeps
+    the same global batches (and learning dynamics).
+    """
+
+    source: Literal["synthetic", "criteo"] = "synthetic"
+    cache_dir: str = "data/synthetic"
+    synthetic: SyntheticCriteoConfig = field(default_factory=SyntheticCriteoConfig)
+    criteo_path: str | None = None
+    num_embeddings_per_feature: list[int] | None = None
+    max_ind_range: int | None = None
+    skip_malformed: bool = False
+    global_batch_size: int = 2048
+    eval_batch_size: int = 8192
+    shuffle: bool = True
+    limit_train_rows: int | None = None
+    limit_eval_rows: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """TorchRec's DLRM (dot interaction) or DLRM_DCN (low-rank cross net); the over arch ends in 1 logit."""
+
+    arch: Literal["dlrm", "dcn"] = "dlrm"
+    embedding_dim: int = 16
+    dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 64, 16])
+    over_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 1])
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 16
+
+
+@dataclass
+class EmbeddingsConfig:
+    """How each table is stored; tables with at most ``threshold`` rows always stay full.
+
+    ``hash``: the hashing trick, ``ceil(N / collisions)`` rows, id mod rows. ``compositional``:
+    ``scheme`` qr (``collisions``), mixed_radix or chinese_remainder (``num_partitions`` balanced parts).
+    """
+
+    kind: Literal["full", "hash", "compositional"] = "full"
+    scheme: Literal["qr", "mixed_radix", "chinese_remainder"] = "qr"
+    collisions: int = 4
+    num_partitions: int = 2
+    combine: Literal["mult", "add", "concat"] = "mult"
+    composition: Literal["per_id", "pooled"] = "per_id"
+    threshold: int = 0
+
+
+@dataclass
+class SparseOptimizerConfig:
+    """The fused (FBGEMM, in-backward) optimizer of sharded embedding tables."""
+
+    type: Literal["sgd", "adagrad", "rowwise_adagrad", "adam"] = "rowwise_adagrad"
+    lr: float = 0.01
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+
+@dataclass
+class DenseOptimizerConfig:
+    """The torch optimizer of MLPs and data-parallel tables."""
+
+    type: Literal["sgd", "adagrad", "adam", "amsgrad"] = "adagrad"
+    lr: float = 0.01
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    momentum: float = 0.0
+
+
+@dataclass
+class OptimizerConfig:
+    sparse: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
+    dense: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
+
+
+@dataclass
+class ShardingConfig:
+    """Automatic planning (TorchRec's planner) unless ``plan_file`` names a YAML plan.
+
+    Sharded tables use fused FBGEMM kernels (their optimizer runs in the backward); tables the planner
+    makes data-parallel are dense parameters trained by the dense optimizer, as in TorchRec.
+    """
+
+    plan_file: str | None = None
+    sharding_types: list[Literal["table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise", "table_row_wise"]] | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Length of training and evaluation cadence (``max_steps`` caps ``epochs``; 0 = never)."""
+
+    epochs: int = 1
+    max_steps: int | None = None
+    eval_every_steps: int = 0
+    eval_max_batches: int | None = 20
+    log_every_steps: int = 20
+
+
+@dataclass
+class CheckpointConfig:
+    """DCP checkpoints in ``<run dir>/checkpoints`` (or ``dir``) every N steps (0 = only at the end)."""
+
+    every_steps: int = 0
+    at_end: bool = True
+    resume: bool = False
+    dir: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """Run identity and outputs: ``<output_dir>/<name>`` holds config, plan, metrics, checkpoints.
+
+    ``fail_at_step`` is a fault-injection hook for tests: rank 1 (or 0 at world size 1) SIGKILLs itself
+    once after that step, guarded by a marker file in the run directory.
+    """
+
+    name: str | None = None
+    output_dir: str = "runs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    overwrite: bool = False
+    progress_bar: bool = True
+    tensorboard: bool = True
+    fail_at_step: int | None = None
+
+
+@dataclass
+class TrainingConfig:
+    """The whole configuration of ``python -m torchrec_qr.train``."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """``value`` checked against annotation ``tp`` (YAML already produced Python scalars and lists)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: must be one of {'/'.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, _join(path, i)) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of {cls.__name__} keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {_join(path, close[0])!r}? " if close else ""
+            raise ConfigError(f"{_join(path, str(key))}: unknown key; {hint}known keys: {', '.join(names)}")
+    kwargs = {k: _coerce(hints[k], v, _join(path, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path or 'config'}: {e}") from e
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[1, 2]"]`` → nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. embeddings.kind=hash")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from e
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part!r} was already given a value")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainingConfig:
+    """Read ``path`` (YAML; None = defaults), apply overrides, check types (not cross-field rules)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (run, data, model, ...)")
+    cfg = _build(TrainingConfig, _merge(data, parse_overrides(list(overrides))), "")
+    if cfg.run.name is None:
+        cfg.run.name = Path(path).stem if path is not None else "default"
+    return cfg
+
+
+def config_to_dict(cfg: TrainingConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# --- cross-field rules ---------------------------------------------------------------------------
+
+
+def _positive(errors: list[str], path: str, value: int | float | None, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        errors.append(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None:
+    """Raise ``ConfigError`` listing every inconsistent setting (each message starts with its key path)."""
+    errors: list[str] = []
+    d, m, e, o, s, t = cfg.data, cfg.model, cfg.embeddings, cfg.optimizer, cfg.sharding, cfg.train
+
+    if cfg.run.device == "cuda" and not cuda_available:
+        errors.append("run.device: 'cuda' requested but no GPU is visible; use auto or cpu")
+    on_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and cuda_available)
+    _positive(errors, "run.fail_at_step", cfg.run.fail_at_step)
+
+    if d.global_batch_size < 1 or d.global_batch_size % world_size:
+        errors.append(
+            f"data.global_batch_size: must be a positive multiple of the world size {world_size}, "
+            f"got {d.global_batch_size}"
+        )
+    if d.eval_batch_size < 1:
+        errors.append(f"data.eval_batch_size: must be > 0, got {d.eval_batch_size}")
+    _positive(errors, "data.limit_train_rows", d.limit_train_rows)
+    _positive(errors, "data.limit_eval_rows", d.limit_eval_rows)
+    _positive(errors, "data.max_ind_range", d.max_ind_range)
+    if d.num_embeddings_per_feature is not None:
+        if len(d.num_embeddings_per_feature) != CRITEO_NUM_SPARSE or min(d.num_embeddings_per_feature) < 1:
+            errors.append(
+                f"data.num_embeddings_per_feature: needs {CRITEO_NUM_SPARSE} positive table sizes (one per "
+                f"categorical feature), got {len(d.num_embeddings_per_feature)} values"
+            )
+    if d.source == "criteo":
+        if d.criteo_path is None:
+            errors.append("data.criteo_path: required when data.source=criteo (a directory of day_<n> files or train.txt)")
+        elif not Path(d.criteo_path).exists():
+            errors.append(f"data.criteo_path: {d.criteo_path} does not exist")
+        if d.num_embeddings_per_feature is None and d.max_ind_range is None:
+            errors.append(
+                "data.num_embeddings_per_feature: Criteo ids are 32-bit hashes; give table sizes "
+                "(ids are taken modulo them) or data.max_ind_range"
+            )
+    elif d.criteo_path is not None or d.num_embeddings_per_feature is not None:
+        errors.append("data.source: criteo_path/num_embeddings_per_feature are set but source is 'synthetic'")
+
+    if m.dense_arch_layer_sizes and m.dense_arch_layer_sizes[-1] != m.embedding_dim:
+        errors.append(
+            f"model.dense_arch_layer_sizes: the last size ({m.dense_arch_layer_sizes[-1]}) must equal "
+            f"model.embedding_dim ({m.embedding_dim}): the dense output interacts with the embeddings"
+        )
+    if not m.dense_arch_layer_sizes:
+        errors.append("model.dense_arch_layer_sizes: must not be empty")
+    if not m.over_arch_layer_sizes or m.over_arch_layer_sizes[-1] != 1:
+        errors.append(f"model.over_arch_layer_sizes: must end with 1 (one logit), got {m.over_arch_layer_sizes}")
+    for name in ("embedding_dim", "dcn_num_layers", "dcn_low_rank_dim"):
+        _positive(errors, f"model.{name}", getattr(m, name))
+    for name in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+        if any(v < 1 for v in getattr(m, name)):
+            errors.append(f"model.{name}: sizes must be positive, got {getattr(m, name)}")
+    if m.embedding_dim % 4:
+        errors.append(f"model.embedding_dim: fused TBE kernels need a multiple of 4, got {m.embedding_dim}")
+
+    _positive(errors, "embeddings.collisions", e.collisions)
+    _positive(errors, "embeddings.threshold", e.threshold, allow_zero=True)
+    if e.num_partitions < 2:
+        errors.append(f"embeddings.num_partitions: must be >= 2, got {e.num_partitions}")
+    if e.kind == "compositional":
+        if e.scheme == "qr" and e.num_partitions != 2:
+            errors.append(
+                f"embeddings.num_partitions: scheme qr has exactly 2 partitions, got {e.num_partitions}; "
+                "use scheme mixed_radix or chinese_remainder for more"
+            )
+        if e.scheme == "qr" and e.collisions < 2:
+            errors.append("embeddings.collisions: qr needs collisions >= 2 (1 would be a full table)")
+        if e.combine == "concat":
+            k = e.num_partitions
+            if m.embedding_dim % k:
+                errors.append(
+                    f"embeddings.combine: concat splits model.embedding_dim={m.embedding_dim} into "
+                    f"{k} parts, which must be equal; pick a dimension divisible by {k}"
+                )
+            elif (m.embedding_dim // k) % 4:
+                errors.append(
+                    f"embeddings.combine: concat sub-tables of width {m.embedding_dim // k} are not a multiple "
+                    "of 4, which fused TBE kernels need; raise model.embedding_dim or use mult/add"
+                )
+
+    if o.sparse.type == "adam" and not on_gpu:
+        errors.append(
+            "optimizer.sparse.type: fused 'adam' needs a GPU in fbgemm 1.8; on CPU use sgd, adagrad or "
+            "rowwise_adagrad"
+        )
+    for section in ("sparse", "dense"):
+        opt = getattr(o, section)
+        _positive(errors, f"optimizer.{section}.lr", opt.lr)
+        _positive(errors, f"optimizer.{section}.eps", opt.eps)
+        _positive(errors, f"optimizer.{section}.weight_decay", opt.weight_decay, allow_zero=True)
+        for beta in ("beta1", "beta2"):
+            if not 0.0 <= getattr(opt, beta) < 1.0:
+                errors.append(f"optimizer.{section}.{beta}: must be in [0, 1), got {getattr(opt, beta)}")
+
+    if s.plan_file is not None:
+        if not Path(s.plan_file).is_file():
+            errors.append(f"sharding.plan_file: {s.plan_file} is not a file")
+        if s.sharding_types is not None:
+            errors.append("sharding.sharding_types: constrains the planner; it cannot be combined with plan_file")
+
+    _positive(errors, "train.epochs", t.epochs)
+    _positive(errors, "train.max_steps", t.max_steps)
+    _positive(errors, "train.eval_every_steps", t.eval_every_steps, allow_zero=True)
+    _positive(errors, "train.eval_max_batches", t.eval_max_batches)
+    _positive(errors, "train.log_every_steps", t.log_every_steps)
+    _positive(errors, "checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
+
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors) if len(errors) > 1 else errors[0])
+
+
+def num_steps(cfg: TrainingConfig, train_rows: int) -> tuple[int, int]:
+    """``(steps per epoch, total steps)``: whole global batches only, capped by ``train.max_steps``."""
+    per_epoch = train_rows // cfg.data.global_batch_size
+    total = per_epoch * cfg.train.epochs
+    return per_epoch, total if cfg.train.max_steps is None else min(total, cfg.train.max_steps)
