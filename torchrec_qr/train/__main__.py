@@ -19,7 +19,8 @@ from torch.distributed.rendezvous import rendezvous
 
 from torchrec_qr.train.config import ConfigError, load_config, validate
 from torchrec_qr.train.memory import format_bytes
-from torchrec_qr.train.trainer import DistEnv, check_plan_file, check_run_dir, train
+from torchrec_qr.train.sharding import check_plan_file
+from torchrec_qr.train.trainer import DistEnv, check_run_dir, train
 
 EXIT_CONFIG_ERROR = 2
 
@@ -89,6 +90,10 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  {split:<5} log loss {m['log_loss']:.5f}  NE {m['ne']:.5f}  AUC {m['auc']:.5f}  "
             f"accuracy {m['accuracy']:.5f}  ({m['samples']:,} samples)"
         )
+    if s["reference"]:
+        r = s["reference"]
+        lines.append(f"  synthetic data: Bayes-optimal log loss {r['bayes_log_loss']:.5f}, constant predictor "
+                     f"{r['constant_log_loss']:.5f} (on the generated evaluation day)")
     mem = s["memory"]
     lines.append(
         f"  embedding tables: {format_bytes(mem['param_bytes'])} parameters + {format_bytes(mem['optimizer_bytes'])} "

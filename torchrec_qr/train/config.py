@@ -56,7 +56,7 @@ class DataConfig:
     """
 
     source: Literal["synthetic", "criteo"] = "synthetic"
-    cache_dir: str = "data/synthetic"
+    cache_dir: str = "~/.cache/torchrec_qr"
     synthetic: SyntheticCriteoConfig = field(default_factory=SyntheticCriteoConfig)
     criteo_path: str | None = None
     num_embeddings_per_feature: list[int] | None = None

@@ -23,27 +23,24 @@ import torch
 import torch.distributed as dist
 import yaml
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import ShardingPlan
 from tqdm import tqdm
 
-from torchrec_qr.distributed import ShardedCompositionalEmbeddingBagCollection
+from torchrec_qr.data.criteo import CriteoArrays
+from torchrec_qr.data.synthetic import bayes_log_loss
 from torchrec_qr.distributed.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from torchrec_qr.distributed.plan_io import load_plan_yaml, save_plan_yaml
-from torchrec_qr.distributed.planner import default_sharders, plan_model
+from torchrec_qr.distributed.planner import default_sharders
 from torchrec_qr.train.config import ConfigError, TrainingConfig, config_to_dict, num_steps
 from torchrec_qr.train.data import GlobalBatchIterator, HashIds, eval_batches, prepare_splits
 from torchrec_qr.train.memory import memory_report, totals
 from torchrec_qr.train.metrics import EvalMetrics, MetricsLog
 from torchrec_qr.train.model import build_model, logical_tables, table_configs
 from torchrec_qr.train.optim import build_optimizer, fused_params
+from torchrec_qr.train.sharding import SHARDING_TYPES_FILE, allow_pipelining, make_plan, sharding_types, write_plan
 
-__all__ = ["DistEnv", "check_plan_file", "check_run_dir", "checkpoint_root", "run_dir", "train"]
+__all__ = ["DistEnv", "Trainer", "check_run_dir", "checkpoint_root", "run_dir", "train"]
 
 logger = logging.getLogger(__name__)
-
-SHARDING_TYPES_FILE = "sharding_types.json"
 
 
 @dataclass(frozen=True)
@@ -84,222 +81,192 @@ def check_run_dir(cfg: TrainingConfig) -> None:
         )
 
 
-def check_plan_file(cfg: TrainingConfig, world_size: int, local_world_size: int, device_type: str) -> None:
-    """Check ``sharding.plan_file`` against the model (built on meta from the config), before any process group."""
-    if cfg.sharding.plan_file is None:
-        return
-    from torchrec_qr.plan import num_embeddings
-
-    model = build_model(cfg, table_configs(cfg, num_embeddings(cfg)), torch.device("meta"))
-    try:
-        load_plan_yaml(cfg.sharding.plan_file, model, world_size, device_type, local_world_size=local_world_size)
-    except ValueError as e:
-        raise ConfigError(f"sharding.plan_file: {e}") from e
-
-
-def _plan(cfg: TrainingConfig, model: torch.nn.Module, sharders: list, env: DistEnv,
-          pinned: dict[str, str] | None) -> ShardingPlan:
-    """The plan file's plan, else the planner's; ``pinned`` fixes each table's sharding type (on resume:
-    a table keeps its optimizer, fused or dense, so its optimizer state loads at any world size)."""
-    if cfg.sharding.plan_file is not None:
-        return load_plan_yaml(cfg.sharding.plan_file, model, env.world_size, env.device.type,
-                              local_world_size=env.local_world_size, sharders=sharders)
-    names = [t.name for t in model.model.sparse_arch.embedding_bag_collection.embedding_bag_configs()]
-    allowed = {n: list(cfg.sharding.sharding_types) for n in names} if cfg.sharding.sharding_types else {}
-    allowed.update({n: [pinned[n]] for n in names if pinned and n in pinned})
-    return plan_model(
-        model, env.world_size,
-        constraints={n: ParameterConstraints(sharding_types=types) for n, types in allowed.items()} or None,
-        batch_size=cfg.data.global_batch_size // env.world_size, sharders=sharders,
-        compute_device=env.device.type, local_world_size=env.local_world_size, pg=dist.GroupMember.WORLD,
-    )
-
-
-def _write_plan(plan: ShardingPlan, directory: Path, world_size: int) -> None:
-    (directory / "plan.txt").write_text(str(plan) + "\n")
-    save_plan_yaml(plan, directory / "plan.yaml", world_size)
-    (directory / SHARDING_TYPES_FILE).write_text(json.dumps(_sharding_types(plan), indent=1) + "\n")
-
-
-def _sharding_types(plan: ShardingPlan) -> dict[str, str]:
-    return {table: ps.sharding_type for module in plan.plan.values() for table, ps in module.items()}
-
-
-def _allow_pipelining(model: torch.nn.Module) -> None:
-    """Let TrainPipelineSparseDist accept sharded compositional collections.
-
-    Their physical sub-table collection is a ShardedEmbeddingBagCollection whose lookups are called
-    locally; its own input dist never runs, and the pipeline asserts every sharded child's did.
-    """
-    for m in model.modules():
-        if isinstance(m, ShardedCompositionalEmbeddingBagCollection):
-            m._embedding_bag_collection._has_uninitialized_input_dist = False
-
-
 def _mean_over_ranks(total: float, count: int) -> float:
     t = torch.tensor([total, float(count)], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t[0] / t[1])
 
 
-def _evaluate(pipeline, model, arrays, cfg: TrainingConfig, env: DistEnv, max_batches, transform) -> dict[str, float]:
-    per_rank = -(-cfg.data.eval_batch_size // env.world_size)
-    batches = eval_batches(arrays, cfg.data.eval_batch_size, env.rank, env.world_size, max_batches, transform)
-    max_samples = len(arrays) // env.world_size
-    metrics = EvalMetrics(env.world_size, env.rank, per_rank, max_samples)
-    model.eval()
-    with torch.no_grad():
-        while True:
-            try:
-                _, logits, labels = pipeline.progress(batches)
-            except StopIteration:
-                break
-            metrics.update(logits, labels)
-    model.train()
-    return {**metrics.compute(), "samples": metrics.num_samples * env.world_size}
+class Trainer:
+    """One run on this rank: built (and resumed) by the constructor, trained by ``fit``.
 
+    Every rank constructs one with the same config; collectives (planning, checkpoints, metrics) keep
+    them in step.
+    """
 
-def _maybe_fail(cfg: TrainingConfig, step: int, env: DistEnv) -> None:
-    """Test hook: one rank SIGKILLs itself once at ``run.fail_at_step`` (a marker file makes it once)."""
-    if cfg.run.fail_at_step != step or env.rank != min(1, env.world_size - 1):
-        return
-    marker = run_dir(cfg) / f".failed_at_step_{step}"
-    if marker.exists():
-        return
-    marker.touch()
-    logger.warning("run.fail_at_step=%d: rank %d kills itself (SIGKILL)", step, env.rank)
-    logging.shutdown()
-    os.kill(os.getpid(), signal.SIGKILL)
+    def __init__(self, cfg: TrainingConfig, env: DistEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.out, self.ckpt_root = run_dir(cfg), checkpoint_root(cfg)
+        self.resume_from = latest_checkpoint(self.ckpt_root) if cfg.checkpoint.resume or is_restart() else None
+        if env.rank == 0:
+            if self.resume_from is None and cfg.run.overwrite and not is_restart():
+                shutil.rmtree(self.out, ignore_errors=True)
+                shutil.rmtree(self.ckpt_root, ignore_errors=True)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        dist.barrier()
+
+        torch.manual_seed(cfg.run.seed)
+        self.splits = prepare_splits(cfg, env.rank, env.local_rank, dist.barrier)
+        self.steps_per_epoch, self.total_steps = num_steps(cfg, len(self.splits.train))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} exceeds the "
+                             f"{len(self.splits.train)} training rows")
+        self.logical = logical_tables(self.splits.num_embeddings, cfg.model.embedding_dim)
+        self.tables = table_configs(cfg, self.splits.num_embeddings)
+        self.transform = None
+        if cfg.embeddings.kind == "hash":
+            self.transform = HashIds({t.feature_names[0]: t.num_embeddings for t in self.tables})
+
+        model = build_model(cfg, self.tables, env.device)
+        sharders = default_sharders(fused_params(cfg.optimizer.sparse))
+        pinned_file = self.out / SHARDING_TYPES_FILE
+        pinned = json.loads(pinned_file.read_text()) if self.resume_from and pinned_file.exists() else None
+        self.plan = make_plan(cfg, model, sharders, env.world_size, env.local_world_size, env.device.type, pinned)
+        if env.rank == 0:
+            write_plan(self.plan, self.out, env.world_size)
+        self.model = DistributedModelParallel(model, device=env.device, sharders=sharders, plan=self.plan)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer.dense)
+
+        self.step = 0
+        if self.resume_from is not None:
+            self.step = int(load_checkpoint(self.resume_from, self.model, self.optimizer)["step"])
+            logger.info("resumed from %s at step %d", self.resume_from, self.step)
+        self.last_saved = self.step if self.resume_from is not None else None
+        self.log = MetricsLog(self.out, env.rank == 0, cfg.run.tensorboard,
+                              self.step if self.resume_from is not None else None)
+        allow_pipelining(self.model)
+        self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, env.device, execute_all_batches=True)
+        self.steps_run, self.train_seconds = 0, 0.0
+
+    def fit(self) -> None:
+        """Train from the current step to the last one, evaluating and checkpointing on the way."""
+        cfg, t, ck = self.cfg, self.cfg.train, self.cfg.checkpoint
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=self.env.rank != 0 or not cfg.run.progress_bar)
+        loss_sum, loss_count = 0.0, 0
+        while self.step < self.total_steps:
+            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+            batches = iter(GlobalBatchIterator(
+                self.splits.train, cfg.data.global_batch_size, self.env.rank, self.env.world_size,
+                cfg.data.shuffle, cfg.run.seed, epoch, in_epoch, self.transform,
+            ))
+            epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
+            while self.step < epoch_end:
+                segment = itertools.islice(batches, self._next_boundary(epoch_end) - self.step)
+                start = time.perf_counter()
+                while True:
+                    try:
+                        loss, _, _ = self.pipeline.progress(segment)
+                    except StopIteration:
+                        break
+                    self.step += 1
+                    self.steps_run += 1
+                    loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
+                    bar.update(1)
+                    if self.step % t.log_every_steps == 0:
+                        mean = _mean_over_ranks(loss_sum, loss_count)
+                        rate = self._samples_per_s(self.train_seconds + time.perf_counter() - start)
+                        bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:,.0f}")
+                        self.log.write("train", self.step, loss=mean, samples_per_s=rate, epoch=epoch)
+                        loss_sum, loss_count = 0.0, 0
+                self.train_seconds += time.perf_counter() - start
+                if ck.every_steps and self.step % ck.every_steps == 0:
+                    self.save()
+                self._maybe_fail()
+                if t.eval_every_steps and self.step % t.eval_every_steps == 0 and self.step < self.total_steps:
+                    val = self.evaluate(self.splits.val, t.eval_max_batches)
+                    self.log.write("eval", self.step, split="val", **val)
+                    logger.info("step %d val: %s", self.step, val)
+        bar.close()
+        if ck.at_end and self.last_saved != self.step:
+            self.save()
+
+    def _next_boundary(self, epoch_end: int) -> int:
+        every = (self.cfg.train.eval_every_steps, self.cfg.checkpoint.every_steps)
+        stops = [epoch_end] + [(self.step // n + 1) * n for n in every if n]
+        fail = self.cfg.run.fail_at_step
+        return min(stops + ([fail] if fail is not None and fail > self.step else []))
+
+    def _samples_per_s(self, seconds: float) -> float:
+        return self.steps_run * self.cfg.data.global_batch_size / seconds if seconds > 0 else 0.0
+
+    def _maybe_fail(self) -> None:
+        """Test hook: one rank SIGKILLs itself once at ``run.fail_at_step`` (a marker file makes it once)."""
+        if self.cfg.run.fail_at_step != self.step or self.env.rank != min(1, self.env.world_size - 1):
+            return
+        marker = self.out / f".failed_at_step_{self.step}"
+        if marker.exists():
+            return
+        marker.touch()
+        logger.warning("run.fail_at_step=%d: rank %d kills itself (SIGKILL)", self.step, self.env.rank)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def save(self) -> Path:
+        self.last_saved = self.step
+        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
+                               extra={"step": self.step}, overwrite=True)
+
+    def evaluate(self, arrays: CriteoArrays, max_batches: int | None = None) -> dict[str, float]:
+        """Metrics of the current model over ``arrays`` (all ranks' shards), through the same pipeline."""
+        cfg, env = self.cfg, self.env
+        batches = eval_batches(arrays, cfg.data.eval_batch_size, env.rank, env.world_size, max_batches, self.transform)
+        metrics = EvalMetrics(env.world_size, env.rank, -(-cfg.data.eval_batch_size // env.world_size),
+                              max_samples=len(arrays) // env.world_size)
+        self.model.eval()
+        with torch.no_grad():
+            while True:
+                try:
+                    _, logits, labels = self.pipeline.progress(batches)
+                except StopIteration:
+                    break
+                metrics.update(logits, labels)
+        self.model.train()
+        return {**metrics.compute(), "samples": metrics.num_samples * env.world_size}
+
+    def summary(self) -> dict[str, Any]:
+        """Final val/test metrics, throughput and memory; written to ``summary.json`` and the metric log."""
+        cfg = self.cfg
+        final = {split: self.evaluate(getattr(self.splits, split)) for split in ("val", "test")}
+        for split, values in final.items():
+            self.log.write("final", self.step, split=split, **values)
+        reference = None
+        if cfg.data.source == "synthetic":  # what no model can beat, and what knowing nothing gives
+            bayes = bayes_log_loss(cfg.data.synthetic)
+            reference = {"bayes_log_loss": bayes.bayes_log_loss, "constant_log_loss": bayes.constant_log_loss}
+        report = memory_report(self.logical, self.tables, sharding_types(self.plan),
+                               cfg.optimizer.sparse.type, cfg.optimizer.dense.type)
+        summary = {
+            "run_dir": str(self.out),
+            "world_size": self.env.world_size,
+            "steps": self.step,
+            "steps_this_run": self.steps_run,
+            "resumed_from": str(self.resume_from) if self.resume_from else None,
+            "global_batch_size": cfg.data.global_batch_size,
+            "local_batch_size": cfg.data.global_batch_size // self.env.world_size,
+            "train_seconds": self.train_seconds,
+            "samples_per_s": self._samples_per_s(self.train_seconds),
+            "metrics": final,
+            "reference": reference,
+            "memory": totals(report),
+            "tables": [r.as_dict() for r in report],
+            "malformed_lines_skipped": self.splits.num_malformed,
+            "checkpoint": str(self.ckpt_root / f"step_{self.last_saved:06d}") if self.last_saved is not None else None,
+            "outputs": {"metrics": str(self.log.path), "tensorboard": str(self.out / "tensorboard"),
+                        "config": str(self.out / "config.yaml"), "plan": str(self.out / "plan.yaml"),
+                        "summary": str(self.out / "summary.json")},
+        }
+        self.log.write("summary", self.step, samples_per_s=summary["samples_per_s"], train_seconds=self.train_seconds,
+                       param_bytes=summary["memory"]["param_bytes"], compression=summary["memory"]["compression"])
+        self.log.close()
+        if self.env.rank == 0:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
 
 
 def train(cfg: TrainingConfig, env: DistEnv) -> dict[str, Any]:
-    """Run training to the end; returns the run summary (same on every rank)."""
-    out = run_dir(cfg)
-    ckpt_root = checkpoint_root(cfg)
-    resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume or is_restart() else None
-    if env.rank == 0:
-        if resume_from is None and cfg.run.overwrite and not is_restart():
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    dist.barrier()
-
-    torch.manual_seed(cfg.run.seed)
-    splits = prepare_splits(cfg, env.rank, env.local_rank, dist.barrier)
-    per_epoch, total = num_steps(cfg, len(splits.train))
-    if per_epoch == 0:
-        raise ValueError(
-            f"data.global_batch_size={cfg.data.global_batch_size} exceeds the {len(splits.train)} training rows"
-        )
-    logical = logical_tables(splits.num_embeddings, cfg.model.embedding_dim)
-    tables = table_configs(cfg, splits.num_embeddings)
-    transform = None
-    if cfg.embeddings.kind == "hash":
-        transform = HashIds({t.feature_names[0]: t.num_embeddings for t in tables})
-
-    model = build_model(cfg, tables, env.device)
-    fp = fused_params(cfg.optimizer.sparse)
-    sharders = default_sharders(fp)
-    pinned_file = out / SHARDING_TYPES_FILE
-    pinned = json.loads(pinned_file.read_text()) if resume_from is not None and pinned_file.exists() else None
-    plan = _plan(cfg, model, sharders, env, pinned)
-    if env.rank == 0:
-        _write_plan(plan, out, env.world_size)
-    dmp = DistributedModelParallel(model, device=env.device, sharders=sharders, plan=plan)
-    optimizer = build_optimizer(dmp, cfg.optimizer.dense)
-
-    step = 0
-    if resume_from is not None:
-        extra = load_checkpoint(resume_from, dmp, optimizer)
-        step = int(extra["step"])
-        logger.info("resumed from %s at step %d", resume_from, step)
-    log = MetricsLog(out, env.rank == 0, cfg.run.tensorboard, step if resume_from is not None else None)
-    last_saved = step if resume_from is not None else None
-
-    def save() -> Path:
-        nonlocal last_saved
-        last_saved = step
-        return save_checkpoint(ckpt_root, step, dmp, optimizer, extra={"step": step}, overwrite=True)
-
-    t, ck, fail = cfg.train, cfg.checkpoint, cfg.run.fail_at_step
-    _allow_pipelining(dmp)
-    pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
-    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
-               disable=env.rank != 0 or not cfg.run.progress_bar)
-    local_batch = cfg.data.global_batch_size // env.world_size
-    loss_sum, loss_count, train_time, steps_run = 0.0, 0, 0.0, 0
-    while step < total:
-        epoch, in_epoch = divmod(step, per_epoch)
-        batches = iter(GlobalBatchIterator(splits.train, cfg.data.global_batch_size, env.rank, env.world_size,
-                                           cfg.data.shuffle, cfg.run.seed, epoch, in_epoch, transform))
-        epoch_end = min((epoch + 1) * per_epoch, total)
-        while step < epoch_end:
-            stops = [epoch_end] + [(step // n + 1) * n for n in (t.eval_every_steps, ck.every_steps) if n]
-            if fail is not None and fail > step:
-                stops.append(fail)
-            segment = itertools.islice(batches, min(stops) - step)
-            start = time.perf_counter()
-            while True:
-                try:
-                    loss, _, _ = pipeline.progress(segment)
-                except StopIteration:
-                    break
-                step += 1
-                steps_run += 1
-                loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
-                bar.update(1)
-                if step % t.log_every_steps == 0:
-                    mean = _mean_over_ranks(loss_sum, loss_count)
-                    rate = steps_run * cfg.data.global_batch_size / (train_time + time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:,.0f}")
-                    log.write("train", step, loss=mean, samples_per_s=rate, epoch=epoch)
-                    loss_sum, loss_count = 0.0, 0
-            train_time += time.perf_counter() - start
-            if ck.every_steps and step % ck.every_steps == 0:
-                save()
-            _maybe_fail(cfg, step, env)
-            if t.eval_every_steps and step % t.eval_every_steps == 0 and step < total:
-                val = _evaluate(pipeline, dmp, splits.val, cfg, env, t.eval_max_batches, transform)
-                log.write("eval", step, split="val", **val)
-                logger.info("step %d val: %s", step, val)
-    bar.close()
-
-    checkpoint = None
-    if ck.at_end and last_saved != step:
-        checkpoint = save()
-    elif last_saved is not None:
-        checkpoint = ckpt_root / f"step_{last_saved:06d}"
-    final = {split: _evaluate(pipeline, dmp, getattr(splits, split), cfg, env, None, transform)
-             for split in ("val", "test")}
-    for split, values in final.items():
-        log.write("final", step, split=split, **values)
-
-    sharding_types = _sharding_types(plan)
-    report = memory_report(logical, tables, sharding_types, cfg.optimizer.sparse.type, cfg.optimizer.dense.type)
-    samples_per_s = steps_run * cfg.data.global_batch_size / train_time if train_time > 0 else 0.0
-    summary = {
-        "run_dir": str(out),
-        "world_size": env.world_size,
-        "steps": step,
-        "steps_this_run": steps_run,
-        "resumed_from": str(resume_from) if resume_from else None,
-        "global_batch_size": cfg.data.global_batch_size,
-        "local_batch_size": local_batch,
-        "train_seconds": train_time,
-        "samples_per_s": samples_per_s,
-        "metrics": final,
-        "memory": totals(report),
-        "tables": [r.as_dict() for r in report],
-        "malformed_lines_skipped": splits.num_malformed,
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "outputs": {"metrics": str(log.path), "tensorboard": str(out / "tensorboard"),
-                    "config": str(out / "config.yaml"), "plan": str(out / "plan.yaml"),
-                    "summary": str(out / "summary.json")},
-    }
-    log.write("summary", step, samples_per_s=samples_per_s, train_seconds=train_time,
-              param_bytes=summary["memory"]["param_bytes"], compression=summary["memory"]["compression"])
-    log.close()
-    if env.rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    """Run training to the end; returns the run summary (the same on every rank)."""
+    trainer = Trainer(cfg, env)
+    trainer.fit()
+    return trainer.summary()
