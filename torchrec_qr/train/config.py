@@ -154,10 +154,12 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    """DCP checkpoints in ``<run dir>/checkpoints`` (or ``dir``) every N steps (0 = only at the end)."""
+    """DCP checkpoints in ``<run dir>/checkpoints`` (or ``dir``) every N steps (0 = only at the end); the
+    newest ``keep_last`` are kept (null = all)."""
 
     every_steps: int = 0
     at_end: bool = True
+    keep_last: int | None = 3
     resume: bool = False
     dir: str | None = None
 
@@ -437,6 +439,7 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
     _positive(errors, "train.eval_max_batches", t.eval_max_batches)
     _positive(errors, "train.log_every_steps", t.log_every_steps)
     _positive(errors, "checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
+    _positive(errors, "checkpoint.keep_last", cfg.checkpoint.keep_last)
 
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors) if len(errors) > 1 else errors[0])

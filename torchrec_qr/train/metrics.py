@@ -34,9 +34,11 @@ class EvalMetrics:
         world_size, rank: the process group's.
         batch_size: this rank's batch size (TorchRec sizes its buffers with it).
         max_samples: an upper bound on samples per rank; AUC keeps every prediction up to it.
+        device: where predictions arrive and states live (the process group's device: NCCL needs GPU).
     """
 
-    def __init__(self, world_size: int, rank: int, batch_size: int, max_samples: int) -> None:
+    def __init__(self, world_size: int, rank: int, batch_size: int, max_samples: int,
+                 device: torch.device = torch.device("cpu")) -> None:
         kw = dict(world_size=world_size, my_rank=rank, batch_size=batch_size, tasks=[_TASK],
                   compute_on_all_ranks=True)
         window = max(max_samples, batch_size) * world_size  # per rank: RecMetric divides by world_size
@@ -45,6 +47,8 @@ class EvalMetrics:
             AUCMetric(**kw, window_size=window),
             AccuracyMetric(**kw, window_size=window),
         ]
+        for m in self._metrics:
+            m.to(device)
         self.num_samples = 0
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:

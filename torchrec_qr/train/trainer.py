@@ -81,8 +81,8 @@ def check_run_dir(cfg: TrainingConfig) -> None:
         )
 
 
-def _mean_over_ranks(total: float, count: int) -> float:
-    t = torch.tensor([total, float(count)], dtype=torch.float64)
+def _mean_over_ranks(total: float, count: int, device: torch.device) -> float:
+    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
     dist.all_reduce(t)
     return float(t[0] / t[1])
 
@@ -165,7 +165,7 @@ class Trainer:
                     loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
                     bar.update(1)
                     if self.step % t.log_every_steps == 0:
-                        mean = _mean_over_ranks(loss_sum, loss_count)
+                        mean = _mean_over_ranks(loss_sum, loss_count, self.env.device)
                         rate = self._samples_per_s(self.train_seconds + time.perf_counter() - start)
                         bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:,.0f}")
                         self.log.write("train", self.step, loss=mean, samples_per_s=rate, epoch=epoch)
@@ -205,15 +205,15 @@ class Trainer:
 
     def save(self) -> Path:
         self.last_saved = self.step
-        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
-                               extra={"step": self.step}, overwrite=True)
+        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, extra={"step": self.step},
+                               keep_last=self.cfg.checkpoint.keep_last, overwrite=True)
 
     def evaluate(self, arrays: CriteoArrays, max_batches: int | None = None) -> dict[str, float]:
         """Metrics of the current model over ``arrays`` (all ranks' shards), through the same pipeline."""
         cfg, env = self.cfg, self.env
         batches = eval_batches(arrays, cfg.data.eval_batch_size, env.rank, env.world_size, max_batches, self.transform)
         metrics = EvalMetrics(env.world_size, env.rank, -(-cfg.data.eval_batch_size // env.world_size),
-                              max_samples=len(arrays) // env.world_size)
+                              max_samples=len(arrays) // env.world_size, device=env.device)
         self.model.eval()
         with torch.no_grad():
             while True:
