@@ -1,7 +1,8 @@
 """torchrec_qr: compositional embedding-bag collections (Shi et al., KDD 2020) for TorchRec.
 
 Large tables are stored as k small sub-tables of complementary partitions of the id set; an id's embedding
-combines one row of each. ``CompositionalEmbeddingBagCollection`` is a drop-in EmbeddingBagCollection.
+combines one row of each, or (path-based) passes one row through per-class functions of the others.
+``CompositionalEmbeddingBagCollection`` is a drop-in EmbeddingBagCollection.
 """
 
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
@@ -10,6 +11,7 @@ from torchrec_qr.modules.embedding_configs import (
     compress,
     physical_table_configs,
 )
+from torchrec_qr.modules.path_functions import PathFunction
 from torchrec_qr.modules.partitions import (
     ChineseRemainder,
     ExplicitPartitions,
@@ -27,6 +29,7 @@ __all__ = [
     "ExplicitPartitions",
     "MixedRadix",
     "Partition",
+    "PathFunction",
     "QuotientRemainder",
     "balanced_radices",
     "compress",

@@ -53,6 +53,7 @@ from torchrec_qr.modules.embedding_configs import (
     CompositionalEmbeddingBagConfig,
     physical_table_configs,
 )
+from torchrec_qr.modules.path_functions import scale_grad
 from torchrec_qr.modules.validation import check_id_ranges
 
 __all__ = [
@@ -123,7 +124,7 @@ class CompositionalLookup(nn.Module):
         inputs = self.plan.expand(features, weighted=self._is_weighted)
         outputs = [lookup(kjt) for lookup, kjt in zip(self._sources, inputs)]
         if len(outputs) > 1 and self.replicated_grad_scale != 1:
-            outputs[1] = _scale_grad(outputs[1], self.replicated_grad_scale)
+            outputs[1] = scale_grad(outputs[1], self.replicated_grad_scale)
         if not self.plan.compose_slots:
             return outputs[0]  # an empty rank: the physical lookup's placeholder
         looked_up = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
@@ -313,23 +314,6 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     @property
     def unsharded_module_type(self) -> Type[CompositionalEmbeddingBagCollection]:
         return CompositionalEmbeddingBagCollection
-
-
-class _GradScale(torch.autograd.Function):
-    """Identity forward; gradient times ``scale``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: int) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.scale, None
-
-
-def _scale_grad(x: torch.Tensor, scale: int) -> torch.Tensor:
-    return _GradScale.apply(x, scale)
 
 
 def _row_wise_mean_divisor(

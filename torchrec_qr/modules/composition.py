@@ -10,13 +10,15 @@ module computes exactly what the unsharded one does, on whichever rank owns the 
    share one batch stride ``S = max(B, ids of the largest per-id feature)`` (shorter ones padded with
    empty bags), so a single TBE call serves them all.
 2. ``compose``: given the lookup's ``[S, sum of widths]`` output, each logical feature's embedding:
-   per-id rows combined, then pooled (weighted ``sum_i w_i x_i``, divided by the bag length for MEAN); or
-   pooled sub-table embeddings combined (exact for add/concat).
+   per-id rows combined (or, for ``path``, partition 1's rows passed through the classes' functions), then
+   pooled (weighted ``sum_i w_i x_i``, divided by the bag length for MEAN); or pooled sub-table embeddings
+   combined (exact for add/concat).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -29,6 +31,7 @@ from torchrec_qr.modules.embedding_configs import (
     sub_feature_name,
 )
 from torchrec_qr.modules.partitions import Partition
+from torchrec_qr.modules.path_functions import PathFunctions
 
 __all__ = ["ExpandSlot", "ComposeSlot", "CompositionPlan", "looks_up_per_id", "pools_first"]
 
@@ -65,7 +68,7 @@ class ComposeSlot:
     """One logical output: combine the physical output ``blocks`` of ``feature`` with ``combine``."""
 
     feature: str
-    combine: str  # "mult" | "add" | "concat" | "none"
+    combine: str  # "mult" | "add" | "concat" | "path" | "none"
     per_id: bool
     mean: bool
     blocks: tuple[int, ...]
@@ -80,6 +83,8 @@ class CompositionPlan:
         expand_slots: the physical features of the lookup, in the order the lookup expects them.
         block_widths: the width of each physical output block (one per expand slot, same order).
         compose_slots: the logical outputs, in the order they are concatenated.
+        path_functions: table name -> its ``PathFunctions``, for every ``path`` table among ``tables``.
+        path_grad_scale: multiplies the path functions' gradients (see ``scale_grad``).
     """
 
     def __init__(
@@ -88,8 +93,12 @@ class CompositionPlan:
         expand_slots: list[ExpandSlot],
         block_widths: list[int],
         compose_slots: list[ComposeSlot],
+        path_functions: Mapping[str, PathFunctions] | None = None,
+        path_grad_scale: float = 1.0,
     ) -> None:
         self.partitions: dict[str, Partition] = {}
+        self.paths: dict[str, PathFunctions] = {}
+        self.path_grad_scale = path_grad_scale
         # Pooled mult multiplies k pooled sub-tables: per-id weights go into the first one only, else a
         # one-id bag would come out as w**k * x instead of w * x.
         self.pooled_mult: set[str] = set()
@@ -100,6 +109,10 @@ class CompositionPlan:
                     self.partitions[f] = t.partition
                     if pools_first(t):
                         self.pooled_mult.add(f)
+                    if t.combine == "path":
+                        if path_functions is None or t.name not in path_functions:
+                            raise ValueError(f"table {t.name!r} has combine='path' but no path functions were given")
+                        self.paths[f] = path_functions[t.name]
         self.expand_slots = expand_slots
         self.block_widths = block_widths
         self.compose_slots = compose_slots
@@ -110,7 +123,11 @@ class CompositionPlan:
         self.num_sources = max(sources, default=0) + 1
 
     @staticmethod
-    def for_tables(tables: list[EmbeddingBagConfig], is_weighted: bool) -> "CompositionPlan":
+    def for_tables(
+        tables: list[EmbeddingBagConfig],
+        is_weighted: bool,
+        path_functions: Mapping[str, PathFunctions] | None = None,
+    ) -> "CompositionPlan":
         """The plan of an unsharded collection: physical features in the storage's order (tables grouped
         by pooling, as ``BatchedEmbeddingBags`` lays them out), outputs in logical feature order."""
         sources: dict[str, tuple[EmbeddingBagConfig, int | None]] = {}
@@ -135,11 +152,11 @@ class CompositionPlan:
             per_id, mean = looks_up_per_id(t, is_weighted), t.pooling == PoolingType.MEAN
             for f in t.feature_names:
                 if isinstance(t, CompositionalEmbeddingBagConfig):
-                    blocks = tuple(block_of[(f, j)] for j in range(t.num_partitions))
+                    blocks = tuple(block_of[(f, j)] for j in range(t.num_sub_tables))
                     compose.append(ComposeSlot(f, t.combine, per_id, mean, blocks, pools_first(t)))
                 else:
                     compose.append(ComposeSlot(f, "none", per_id, mean, (block_of[(f, None)],)))
-        return CompositionPlan(tables, expand, widths, compose)
+        return CompositionPlan(tables, expand, widths, compose, path_functions)
 
     def physical_feature_names(self, source: int = 0) -> list[str]:
         return [
@@ -208,7 +225,11 @@ class CompositionPlan:
                          for i, b in enumerate(s.blocks)]
                 outs.append(_combine(s.combine, parts))
                 continue
-            rows = _combine(s.combine, [blocks[b][:n] for b in s.blocks])
+            if s.combine == "path":
+                classes = self.partitions[s.feature].indices(jt.values())
+                rows = self.paths[s.feature](blocks[s.blocks[0]][:n], classes, self.path_grad_scale)
+            else:
+                rows = _combine(s.combine, [blocks[b][:n] for b in s.blocks])
             outs.append(_pool(rows, lengths, weights, batch, s.mean))
         return torch.cat(outs, dim=1) if outs else looked_up.new_zeros(batch, 0)
 

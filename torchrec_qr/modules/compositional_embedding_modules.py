@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -10,9 +11,19 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_qr.modules.batched_embedding_bags import BatchedEmbeddingBags
 from torchrec_qr.modules.composition import CompositionPlan, _combine
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
+from torchrec_qr.modules.path_functions import PathFunctions
 from torchrec_qr.modules.validation import check_features, check_id_ranges, check_tables
 
-__all__ = ["CompositionalEmbeddingBagCollection"]
+__all__ = ["CompositionalEmbeddingBagCollection", "path_functions_for"]
+
+
+def path_functions_for(tables: list[EmbeddingBagConfig], device: torch.device | str | None) -> nn.ModuleDict:
+    """Table name -> freshly initialized ``PathFunctions`` for each ``path`` table."""
+    return nn.ModuleDict({
+        t.name: PathFunctions(t.path, t.embedding_dim, t.sub_table_sizes()[1:], device)
+        for t in tables
+        if isinstance(t, CompositionalEmbeddingBagConfig) and t.path is not None
+    })
 
 
 @torch.fx.wrap
@@ -41,7 +52,10 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             for speed once the input pipeline is trusted.
 
     State dict: ``_embedding_bag_collection.embedding_bags.{table}.weight`` for plain tables and
-    ``..{table}__p{j}.weight`` for sub-table j, the same keys the sharded module uses.
+    ``..{table}__p{j}.weight`` for sub-table j; ``_path_functions.{table}.p{j}.weights.{l}`` (and
+    ``.biases.{l}``) for layer l of a path table's partition-j functions, ``[classes, fan_in, fan_out]``.
+    The sharded module uses the same keys. Path functions are dense parameters: under DMP they are
+    replicated and synced by its data-parallel wrapper, so they need the dense optimizer.
 
     Example::
 
@@ -69,7 +83,8 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._feature_names = [f for t in tables for f in t.feature_names]
         self._embedding_dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._embedding_bag_collection = BatchedEmbeddingBags(physical_table_configs(tables), device=device)
-        self._plan = CompositionPlan.for_tables(self._embedding_bag_configs, is_weighted)
+        self._path_functions = path_functions_for(tables, device)
+        self._plan = CompositionPlan.for_tables(self._embedding_bag_configs, is_weighted, self._path_functions)
         assert self._plan.physical_feature_names() == self._embedding_bag_collection.feature_names()
 
     @property
@@ -84,6 +99,8 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def reset_parameters(self) -> None:
         self._embedding_bag_collection.reset_parameters()
+        for functions in self._path_functions.values():
+            functions.reset_parameters()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         features = _validate(features, self)
@@ -111,4 +128,6 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         assert table.partition is not None
         sub_ids = table.partition.indices(ids)
         parts = [weights[sub.name][sub_ids[j]] for j, sub in enumerate(table.sub_table_configs())]
+        if table.combine == "path":
+            return self._path_functions[table.name](parts[0], sub_ids)
         return _combine(table.combine, parts)

@@ -4,7 +4,8 @@
 num_embeddings, embedding_dim, feature_names, pooling), so every consumer of TorchRec configs keeps working;
 it adds how the table is stored: a partition scheme, a combine op and a composition mode. Each logical
 table expands into k physical *sub-tables*, plain ``EmbeddingBagConfig`` s that TorchRec stores, shards and
-optimizes like any other table.
+optimizes like any other table; a path table (``combine="path"``) stores only partition 1's sub-table and
+per-class functions for the others (``path_functions``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable, Sequence
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_qr.modules.partitions import Partition
+from torchrec_qr.modules.path_functions import PathFunction
 
 __all__ = [
     "COMBINE_OPS",
@@ -27,7 +29,7 @@ __all__ = [
     "sub_table_name",
 ]
 
-COMBINE_OPS = ("mult", "add", "concat")
+COMBINE_OPS = ("mult", "add", "concat", "path")
 # per_id: combine each id's rows, then pool (exact). pooled: pool each sub-table, then combine (the DLRM
 # reference; identical to per_id for add/concat and for one-id bags, an approximation for multi-id mult).
 COMPOSITION_MODES = ("per_id", "pooled")
@@ -48,15 +50,20 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
 
     Args:
         partition: the complementary partition scheme (``QuotientRemainder(collisions=4)``, ...).
-        combine: ``"mult"`` | ``"add"`` | ``"concat"``: how an id's k sub-table rows make its embedding.
+        combine: ``"mult"`` | ``"add"`` | ``"concat"``: how an id's k sub-table rows make its embedding;
+            ``"path"``: partition 1's row passed through the function each further partition's class
+            selects, ``x = M_{k,p_k(x)} ∘ … ∘ M_{2,p_2(x)} (W[p_1(x)])`` (k >= 2).
         sub_dims: for ``concat``, the width of each sub-table (default: an even split of embedding_dim).
         composition: ``"per_id"`` (default, exact) or ``"pooled"`` (pool each sub-table, then combine;
             only differs for ``mult`` with multi-id bags, where it is the DLRM reference's approximation;
             per-id weights weight the first sub-table's pool only, so one-id bags stay exact).
+        path: for ``path``, the function family (default ``PathFunction.linear()``: a D x D matrix per class).
 
     Initialization: sub-tables are drawn ``U(-b, b)`` with ``b`` chosen so the *composed* embedding has the
     variance of TorchRec's default ``U(-s, s)``, ``s = sqrt(1/num_embeddings)`` (or ``weight_init_max`` when
-    given): ``concat``: ``b = s``; ``add``: ``b = s / sqrt(k)``; ``mult``: ``b = sqrt(3) (s^2/3)^(1/2k)``.
+    given): ``concat``: ``b = s``; ``add``: ``b = s / sqrt(k)``; ``mult``: ``b = sqrt(3) (s^2/3)^(1/2k)``;
+    ``path``: ``b = s`` and every function preserves the second moment (layer weights ``U(-a, a)``,
+    ``a = sqrt(3 g / fan_in)``, ``g = 2`` after a ReLU else 1, biases 0; see ``PathFunction.init_bounds``).
 
     Example::
 
@@ -70,6 +77,7 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
     combine: str = "mult"
     sub_dims: list[int] | None = None
     composition: str = "per_id"
+    path: PathFunction | None = None
 
     def __post_init__(self) -> None:
         where = f"table {self.name!r}"
@@ -85,6 +93,10 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
                 f"{where}: composition must be one of {COMPOSITION_MODES}, got {self.composition!r}"
             )
         k = self.partition.num_partitions
+        if self.combine == "path":
+            self._check_path(where, k)
+        elif self.path is not None:
+            raise ValueError(f"{where}: path={self.path} only applies to combine='path', got combine={self.combine!r}")
         if self.combine == "concat":
             if self.sub_dims is None:
                 if self.embedding_dim < k:
@@ -106,6 +118,18 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
             )
         self.partition.validate(self.num_embeddings)
 
+    def _check_path(self, where: str, k: int) -> None:
+        if k < 2:
+            raise ValueError(f"{where}: combine='path' needs k >= 2 partitions (one table, then functions), got {k}")
+        if self.composition != "per_id":
+            raise ValueError(f"{where}: combine='path' composes each id (composition='per_id'), got {self.composition!r}")
+        if self.sub_dims is not None:
+            raise ValueError(f"{where}: combine='path' stores one sub-table of embedding_dim; drop sub_dims={self.sub_dims}")
+        if self.path is None:
+            self.path = PathFunction()
+        if not isinstance(self.path, PathFunction):
+            raise TypeError(f"{where}: path must be a PathFunction (e.g. PathFunction.mlp((64,))), got {type(self.path).__name__}")
+
     @property
     def num_partitions(self) -> int:
         assert self.partition is not None
@@ -115,16 +139,22 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
         assert self.partition is not None
         return self.partition.sizes(self.num_embeddings)
 
+    @property
+    def num_sub_tables(self) -> int:
+        """Stored sub-tables: one per partition, or only partition 1's for ``path``."""
+        return 1 if self.combine == "path" else self.num_partitions
+
     def sub_embedding_dims(self) -> list[int]:
+        """The width of each stored sub-table."""
         if self.combine == "concat":
             assert self.sub_dims is not None
             return list(self.sub_dims)
-        return [self.embedding_dim] * self.num_partitions
+        return [self.embedding_dim] * self.num_sub_tables
 
     @property
     def per_id(self) -> bool:
-        """Whether lookups need each id's rows (not bag sums): only ``mult`` differs between the modes."""
-        return self.combine == "mult" and self.composition == "per_id"
+        """Whether lookups need each id's rows (not bag sums): ``path`` always, ``mult`` in per_id mode."""
+        return self.combine == "path" or (self.combine == "mult" and self.composition == "per_id")
 
     def sub_table_init_bound(self) -> float:
         s = self.get_weight_init_max() if self.weight_init_max is not None else math.sqrt(1.0 / self.num_embeddings)
@@ -136,7 +166,7 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
         return s
 
     def sub_table_configs(self) -> list[EmbeddingBagConfig]:
-        """The physical tables TorchRec stores for this logical table, in partition order."""
+        """The physical tables TorchRec stores for this logical table, in partition order (``path``: the first)."""
         b = self.sub_table_init_bound()
         return [
             EmbeddingBagConfig(
@@ -152,9 +182,16 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
             for j, (rows, dim) in enumerate(zip(self.sub_table_sizes(), self.sub_embedding_dims()))
         ]
 
+    def path_parameters(self) -> int:
+        """Parameters of the path functions: ``sum_{j>=2} |P_j| * (parameters of one function)``; 0 if none."""
+        if self.path is None:
+            return 0
+        return sum(self.sub_table_sizes()[1:]) * self.path.num_parameters(self.embedding_dim)
+
     def num_parameters(self) -> int:
-        """Stored parameters: ``sum_j |P_j| * D_j``."""
-        return sum(r * d for r, d in zip(self.sub_table_sizes(), self.sub_embedding_dims()))
+        """Stored parameters as the paper counts them: ``sum_j |P_j| * D_j`` over the stored sub-tables,
+        plus the path functions."""
+        return sum(r * d for r, d in zip(self.sub_table_sizes(), self.sub_embedding_dims())) + self.path_parameters()
 
 
 def compress(
@@ -163,11 +200,13 @@ def compress(
     combine: str = "mult",
     threshold: int = 0,
     composition: str = "per_id",
+    path: PathFunction | None = None,
 ) -> list[EmbeddingBagConfig]:
     """Turn plain EBC configs into compositional ones; tables with ``num_embeddings <= threshold`` stay full.
 
     ``partition`` is a scheme or a factory ``num_embeddings -> Partition`` (e.g. ``lambda n:
-    MixedRadix.balanced(n, 3)``), so each table gets a scheme fitted to its size.
+    MixedRadix.balanced(n, 3)``), so each table gets a scheme fitted to its size. ``path``: the function
+    family for ``combine="path"`` (default linear).
     """
     out: list[EmbeddingBagConfig] = []
     for c in configs:
@@ -178,7 +217,7 @@ def compress(
         fields = {f: getattr(c, f) for f in EmbeddingBagConfig.__dataclass_fields__}
         out.append(
             CompositionalEmbeddingBagConfig(
-                **fields, partition=scheme, combine=combine, composition=composition
+                **fields, partition=scheme, combine=combine, composition=composition, path=path
             )
         )
     return out
