@@ -13,12 +13,19 @@ Design (two levels, both TorchRec's own machinery):
 
 ``CompositionalLookup`` expands the ids a rank received into sub-table indices, runs the physical lookup
 and composes (per id, then pools) into the layout the logical output dist expects.
+
+Path tables' functions (``_path_functions``) are dense and replicated on every rank, as TorchRec's
+``ShardedFeatureProcessedEmbeddingBagCollection`` does with its feature processors: they are left out of
+``sharded_parameter_names`` so DMP's data-parallel wrapper syncs them, and every rank's output takes a
+zero-valued term of all of them so that wrapper sees them used on ranks that own no path table. Only the
+rank composing an id uses its function; see ``CompositionalLookup`` for the gradient scale.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Type
+from functools import partial
+from typing import Any, Iterator, Mapping, Type
 
 import torch
 from torch import nn
@@ -31,12 +38,19 @@ from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionSharder,
     ShardedEmbeddingBagCollection,
 )
-from torchrec.distributed.types import Awaitable, ParameterSharding, QuantizedCommCodecs, ShardingEnv
+from torchrec.distributed.types import (
+    Awaitable,
+    LazyAwaitable,
+    ParameterSharding,
+    QuantizedCommCodecs,
+    ShardingEnv,
+    ShardingType,
+)
 from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_qr.distributed.sub_table_plan import (
     ROW_TYPES,
@@ -46,14 +60,17 @@ from torchrec_qr.distributed.sub_table_plan import (
     row_block_size,
 )
 from torchrec_qr.modules.batched_embedding_bags import BatchedEmbeddingBags
-from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
+from torchrec_qr.modules.compositional_embedding_modules import (
+    CompositionalEmbeddingBagCollection,
+    path_functions_for,
+)
 from torchrec_qr.modules.composition import ComposeSlot, CompositionPlan, ExpandSlot, looks_up_per_id, pools_first
 from torchrec_qr.modules.embedding_configs import (
     SUB_TABLE_SEPARATOR,
     CompositionalEmbeddingBagConfig,
     physical_table_configs,
 )
-from torchrec_qr.modules.path_functions import scale_grad
+from torchrec_qr.modules.path_functions import PathFunctions, scale_grad
 from torchrec_qr.modules.validation import check_id_ranges
 
 __all__ = [
@@ -97,7 +114,13 @@ class CompositionalLookup(nn.Module):
 
     The physical lookups are held outside the module tree: they belong to ``_embedding_bag_collection``
     (TorchRec's TBE lookups, registering parameters and fused optimizers once) and, for row-wise tables, to
-    ``_replicated_embedding_bags`` (the replicated small sub-tables).
+    ``_replicated_embedding_bags`` (the replicated small sub-tables); so are the path functions.
+
+    Gradient scales: replicated sub-tables (row-wise, source 1) and, in model-parallel shardings, path
+    functions are used on the rank composing an id, where their gradient arrives divided by the world size
+    (TorchRec's gradient division); DDP then averages over ranks, dividing again. The ranks' contributions
+    are disjoint, so the right total is their sum: ``replicated_grad_scale`` undoes one division. In
+    data_parallel, each rank composes its own batch with no division: there DDP's average is already right.
     """
 
     def __init__(
@@ -108,16 +131,16 @@ class CompositionalLookup(nn.Module):
         is_weighted: bool,
         mean_after_output_dist: bool = False,
         replicated_grad_scale: int = 1,
+        path_functions: Mapping[str, PathFunctions] | None = None,
+        data_parallel: bool = False,
     ) -> None:
         super().__init__()
         self.__dict__["_sources"] = [module for module, _ in sources]
         self._is_weighted = is_weighted
-        # Replicated sub-tables (row-wise, source 1) see only this rank's id block, and their gradient arrives
-        # divided by the world size (TorchRec's gradient division); DDP then averages over ranks. The blocks
-        # are disjoint, so the right total is the sum: undo one division.
         self.replicated_grad_scale = replicated_grad_scale
         self.plan = _lookup_plan(
-            tables, logical_grouped, [local for _, local in sources], is_weighted, mean_after_output_dist
+            tables, logical_grouped, [local for _, local in sources], is_weighted, mean_after_output_dist,
+            path_functions, 1 if data_parallel else replicated_grad_scale,
         )
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
@@ -137,6 +160,8 @@ def _lookup_plan(
     sources: list[list[_LocalTable]],
     is_weighted: bool,
     mean_after_output_dist: bool,
+    path_functions: Mapping[str, PathFunctions] | None,
+    path_grad_scale: float,
 ) -> CompositionPlan:
     by_name = {t.name: t for t in tables}
     origin: dict[str, tuple[EmbeddingBagConfig, int | None]] = {}
@@ -177,13 +202,14 @@ def _lookup_plan(
                         blocks.append(block_of[(f, j, lo - sub_start)])
                     sub_start += d
             else:
-                blocks = [block_of[(f, j, start)] for j in range(t.num_partitions)]
+                blocks = [block_of[(f, j, start)] for j in range(t.num_sub_tables)]
             compose.append(ComposeSlot(f, t.combine, per_id, mean, tuple(blocks), pools_first(t)))
-    return CompositionPlan(tables, expand, widths, compose)
+    return CompositionPlan(tables, expand, widths, compose, path_functions, path_grad_scale)
 
 
 _REPLICATED = "_replicated_embedding_bags"
 _PHYSICAL = "_embedding_bag_collection"
+_PATHS = "_path_functions"
 
 
 class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
@@ -191,8 +217,12 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     Output keys, state-dict keys (``_embedding_bag_collection.embedding_bags.{sub-table}.weight``) and
     fused-optimizer keys match the unsharded ``CompositionalEmbeddingBagCollection``. Row-wise tables'
-    replicated sub-tables (see ``sub_table_plan``) are dense parameters kept in sync by DMP's data-parallel
-    wrapper; give them the dense optimizer, as for TorchRec's data_parallel tables.
+    replicated sub-tables (see ``sub_table_plan``) and path functions are dense parameters kept in sync by
+    DMP's data-parallel wrapper; give them the dense optimizer, as for TorchRec's data_parallel tables::
+
+        dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                      lambda params: torch.optim.Adagrad(params, lr=0.01))
+        optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
     """
 
     def __init__(
@@ -232,6 +262,8 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         # The base constructor builds lookups (see _create_lookups) before this module can hold children.
         self.__dict__["_pending_physical"] = physical
         self.__dict__["_pending_replicated"] = BatchedEmbeddingBags(replicated, device=device) if replicated else None
+        # Fresh on every rank; DMP's data-parallel wrapper broadcasts rank 0's values.
+        self.__dict__["_pending_paths"] = path_functions_for(tables, device)
         self.__dict__["_logical_tables"] = tables
         self.__dict__["_validate_ids"] = module.validate_ids
         self.__dict__["_row_wise_mean_features"] = {
@@ -253,6 +285,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             self._replicated_embedding_bags = replicated_bags
             self._register_state_dict_hook(_replicated_as_physical_keys)
             self._register_load_state_dict_pre_hook(_physical_keys_to_replicated, with_module=True)
+        self._path_functions: nn.ModuleDict = self.__dict__.pop("_pending_paths")
         self._optim = CombinedOptimizer([(_PHYSICAL, self._embedding_bag_collection.fused_optimizer)])
 
     def _create_lookups(self) -> None:
@@ -275,13 +308,15 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                     self._is_weighted,
                     mean_after_output_dist=row_wise,
                     replicated_grad_scale=self._env.world_size if get_gradient_division() else 1,
+                    path_functions=self.__dict__["_pending_paths"],
+                    data_parallel=sharding_type == ShardingType.DATA_PARALLEL.value,
                 )
             )
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
-        """Everything but the replicated sub-tables, which DMP's data-parallel wrapper must keep in sync."""
+        """Everything but replicated sub-tables and path functions, which DMP's data-parallel wrapper syncs."""
         for name, _ in self.named_parameters(prefix):
-            if f"{_REPLICATED}." not in name:
+            if f"{_REPLICATED}." not in name and f"{_PATHS}." not in name:
                 yield name
 
     def init_data_parallel(self) -> None:
@@ -292,6 +327,8 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     def reset_parameters(self) -> None:
         self._embedding_bag_collection.reset_parameters()
+        for functions in self._path_functions.values():
+            functions.reset_parameters()
 
     @property
     def fused_optimizer(self) -> KeyedOptimizer:
@@ -311,9 +348,33 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             )
         return awaitable
 
+    def output_dist(
+        self, ctx: EmbeddingBagCollectionContext, output: list[torch.Tensor]
+    ) -> LazyAwaitable[KeyedTensor]:
+        return self._touch_path_functions(super().output_dist(ctx, output))
+
+    def compute_and_output_dist(
+        self, ctx: EmbeddingBagCollectionContext, input: KJTList
+    ) -> LazyAwaitable[KeyedTensor]:
+        return self._touch_path_functions(super().compute_and_output_dist(ctx, input))
+
+    def _touch_path_functions(self, awaitable: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
+        """Add ``0 * sum(path parameters)`` to the output, so every rank's graph uses every path function: a
+        DDP without a static graph or ``find_unused_parameters`` waits forever for unused ones."""
+        params = list(self._path_functions.parameters())
+        if params:
+            zero = torch.stack([p.sum() for p in params]).sum() * 0.0
+            awaitable.callbacks.append(partial(_add_to_values, term=zero))
+        return awaitable
+
     @property
     def unsharded_module_type(self) -> Type[CompositionalEmbeddingBagCollection]:
         return CompositionalEmbeddingBagCollection
+
+
+def _add_to_values(kt: KeyedTensor, term: torch.Tensor) -> KeyedTensor:
+    kt._values.add_(term)
+    return kt
 
 
 def _row_wise_mean_divisor(

@@ -16,6 +16,11 @@ logical rows or columns it owns from rows it holds itself:
   tables and kept in sync by DMP's data-parallel wrapper (like TorchRec's data_parallel tables, they are
   dense parameters for the dense optimizer). A rank receives block-local ids ``id - rB``; since ``B`` is a
   multiple of ``s``, ``partition.indices(local id)`` is already the local row of every sub-table.
+
+Path tables (``combine="path"``) store one sub-table, partition 1's, which goes where the table goes
+(table_wise, data_parallel), or is row-split when partition 1 is the row-split one (QuotientRemainder);
+their functions are replicated by the sharded module. Column-wise shards cannot compose them: a function
+mixes all columns of a row.
 """
 
 from __future__ import annotations
@@ -57,6 +62,12 @@ def row_split_stride(table: CompositionalEmbeddingBagConfig) -> tuple[int, int]:
         raise ValueError(
             f"table {table.name!r}: row_wise needs a partition whose largest class is id // stride "
             f"(QuotientRemainder or MixedRadix); {table.partition!r} has none: shard it table_wise or column_wise"
+        )
+    if table.combine == "path" and split[0] != 0:
+        raise ValueError(
+            f"table {table.name!r}: row_wise for combine='path' needs the row-split partition (id // stride) to "
+            f"be partition 1, the one with the embedding sub-table; {table.partition!r} splits partition "
+            f"{split[0] + 1}: use QuotientRemainder, or shard it table_wise or data_parallel"
         )
     if pools_first(table):
         raise ValueError(
@@ -119,6 +130,11 @@ def physical_parameter_shardings(
             raise ValueError(
                 f"table {t.name!r}: sharding type {ps.sharding_type!r} is not supported for compositional "
                 f"tables; use one of {SUPPORTED_SHARDING_TYPES}"
+            )
+        if t.combine == "path" and ps.sharding_type in _COLUMN_TYPES:
+            raise ValueError(
+                f"table {t.name!r}: {ps.sharding_type} cannot compose combine='path' (its functions mix all "
+                "columns of a row); shard it table_wise, row_wise or data_parallel"
             )
         if ps.sharding_type in ROW_TYPES:
             split_index, _ = row_split_stride(t)
