@@ -160,6 +160,7 @@ def test_resume_continues_exactly_and_at_another_world_size(reference, dirs, tmp
     summary = _summary(out / "resumed", _torchrun(["--resume", *_tiny(out, cache, "resumed")]))
     assert summary["resumed_from"].endswith("step_000012") and summary["steps_this_run"] == STEPS - 12
     _assert_same_run(reference[1], summary)
+    assert [(r["step"], r["split"]) for r in _records(out / "resumed", "final")] == [(STEPS, "val"), (STEPS, "test")]
     a = _weights(reference[0] / "checkpoints" / "step_000023", tmp_path)
     b = _weights(out / "resumed" / "checkpoints" / "step_000023", tmp_path)
     for key in a:

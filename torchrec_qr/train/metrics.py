@@ -23,6 +23,7 @@ __all__ = ["EvalMetrics", "MetricsLog"]
 logger = logging.getLogger(__name__)
 
 _TASK = RecTaskInfo(name="ctr")
+_END_OF_RUN_EVENTS = ("final", "summary")
 _NAMES = {"ne": "ne-ctr|lifetime_ne", "log_loss": "ne-ctr|lifetime_logloss",
           "auc": "auc-ctr|window_auc", "accuracy": "accuracy-ctr|lifetime_accuracy"}
 
@@ -71,7 +72,8 @@ class EvalMetrics:
 class MetricsLog:
     """``metrics.jsonl`` (one JSON record per event) and TensorBoard scalars; written by rank 0 only.
 
-    On resume, records after the resumed step are dropped so the log reads as one uninterrupted run.
+    On resume, records after the resumed step (and end-of-run records) are dropped, so the log reads as
+    one uninterrupted run.
     """
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None) -> None:
@@ -83,8 +85,9 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [json.dumps(r) for r in records
+                    if r["step"] <= resume_step and r["event"] not in _END_OF_RUN_EVENTS]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
