@@ -24,7 +24,7 @@ def _validated(*overrides: str, world_size: int = 2, cuda: bool = False):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("embeddings.combine=mul", "embeddings.combine: must be one of mult/add/concat, got 'mul'"),
+        ("embeddings.combine=mul", "embeddings.combine: must be one of mult/add/concat/path, got 'mul'"),
         ("embeddings.combin=mult", "embeddings.combin: unknown key; did you mean 'embeddings.combine'?"),
         ("embeddings.kind=qr", "embeddings.kind: must be one of full/hash/compositional, got 'qr'"),
         ("data.global_batch_size=abc", "data.global_batch_size: expected an integer, got 'abc'"),
@@ -37,6 +37,8 @@ def _validated(*overrides: str, world_size: int = 2, cuda: bool = False):
         ("data.synthetic.cardinalities=[5,6]", "data.synthetic: cardinalities must be 26 ints >= 2"),
         ("dat.source=criteo", "dat: unknown key; did you mean 'data'?"),
         ("novalue", "override 'novalue': expected key=value"),
+        ("embeddings.path.kind=conv", "embeddings.path: path function kind must be one of ('linear', 'mlp')"),
+        ("embeddings.path.hidden=[0]", "embeddings.path: path function hidden sizes must be positive ints"),
     ],
 )
 def test_type_errors_name_the_key(override: str, message: str) -> None:
@@ -63,6 +65,8 @@ def test_type_errors_name_the_key(override: str, message: str) -> None:
         (["sharding.plan_file=/nonexistent.yaml"], "sharding.plan_file: /nonexistent.yaml is not a file"),
         (["model.embedding_dim=18", "model.dense_arch_layer_sizes=[18]"], "model.embedding_dim: fused TBE kernels need a multiple of 4"),
         (["train.max_steps=0"], "train.max_steps: must be > 0, got 0"),
+        (["embeddings.kind=compositional", "embeddings.combine=path", "embeddings.composition=pooled"],
+         "embeddings.composition: combine=path composes each id; use per_id"),
     ],
 )
 def test_impossible_combinations_are_rejected(overrides: list[str], message: str) -> None:
@@ -127,6 +131,6 @@ def test_cli_rejects_bad_config_before_starting_processes() -> None:
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert proc.returncode == 2, proc.stderr
-    assert "error: embeddings.combine: must be one of mult/add/concat, got 'mul'" in proc.stderr
+    assert "error: embeddings.combine: must be one of mult/add/concat/path, got 'mul'" in proc.stderr
     assert "process group" not in proc.stderr.lower()
     assert time.monotonic() - start < 60

@@ -8,11 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_qr import ChineseRemainder, CompositionalEmbeddingBagConfig, MixedRadix, QuotientRemainder
 from torchrec_qr.data.criteo import CriteoArrays
+from torchrec_qr.modules.path_functions import PathFunction
 from torchrec_qr.train.config import load_config
 from torchrec_qr.train.data import GlobalBatchIterator, HashIds
 from torchrec_qr.train.memory import memory_report, totals
@@ -67,6 +69,10 @@ def test_compositional_kinds_follow_the_scheme() -> None:
     assert isinstance(mr[6].partition, MixedRadix) and math.prod(mr[6].partition.radices) >= 4097
     crt = table_configs(load_config(None, base + ["embeddings.scheme=chinese_remainder"]), SIZES)
     assert isinstance(crt[6].partition, ChineseRemainder) and math.prod(crt[6].partition.moduli) >= 4097
+    path = table_configs(load_config(None, base + ["embeddings.combine=path", "embeddings.path.kind=mlp",
+                                                   "embeddings.path.hidden=[8]"]), SIZES)
+    assert path[6].path == PathFunction(kind="mlp", hidden=(8,)) and path[6].num_sub_tables == 1
+    assert type(path[2]) is EmbeddingBagConfig  # below the threshold: a full table
 
 
 def test_memory_report_counts_sub_tables_and_optimizer_state() -> None:
@@ -80,6 +86,12 @@ def test_memory_report_counts_sub_tables_and_optimizer_state() -> None:
     assert big.full_param_bytes == 4097 * 16 * 4 and big.compression == pytest.approx(4097 / 1029)
     small = report[0]  # data parallel: one replica, dense Adagrad state (one float per weight)
     assert (small.stored_as, small.optimizer_bytes, small.compression) == ("full", 3 * 16 * 4, 1.0)
+    path_tables = table_configs(load_config(None, ["embeddings.kind=compositional", "embeddings.combine=path",
+                                                   "embeddings.threshold=200"]), SIZES)
+    path = memory_report(logical_tables(SIZES, 16), path_tables, types, "rowwise_adagrad", "adam")[6]
+    assert path.stored_as == "qr(c=4)/path(linear)" and path.sub_table_rows == [1025, 4]
+    assert path.param_bytes == (1025 * 16 + 4 * 16 * 16) * 4  # the quotient table, then 4 linear maps
+    assert path.optimizer_bytes == (1025 + 2 * 4 * 16 * 16) * 4  # rowwise Adagrad rows, Adam on the maps
     total = totals(report)
     assert total["param_bytes"] == sum(r.param_bytes for r in report)
 

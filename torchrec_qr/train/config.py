@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from torchrec_qr.data.synthetic import SyntheticCriteoConfig
+from torchrec_qr.modules.path_functions import PathFunction
 
 __all__ = [
     "CheckpointConfig",
@@ -86,16 +87,19 @@ class EmbeddingsConfig:
     """How each table is stored; tables with at most ``threshold`` rows always stay full.
 
     ``hash``: the hashing trick, ``ceil(N / collisions)`` rows, id mod rows. ``compositional``:
-    ``scheme`` qr (``collisions``), mixed_radix or chinese_remainder (``num_partitions`` balanced parts).
+    ``scheme`` qr (``collisions``), mixed_radix or chinese_remainder (``num_partitions`` balanced parts);
+    ``combine=path`` keeps partition 1's table and maps its rows through per-class functions (``path``:
+    kind linear|mlp, hidden, activation, bias).
     """
 
     kind: Literal["full", "hash", "compositional"] = "full"
     scheme: Literal["qr", "mixed_radix", "chinese_remainder"] = "qr"
     collisions: int = 4
     num_partitions: int = 2
-    combine: Literal["mult", "add", "concat"] = "mult"
+    combine: Literal["mult", "add", "concat", "path"] = "mult"
     composition: Literal["per_id", "pooled"] = "per_id"
     threshold: int = 0
+    path: PathFunction = field(default_factory=PathFunction)
 
 
 @dataclass
@@ -228,11 +232,12 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{path}: must be one of {'/'.join(map(str, choices))}, got {value!r}")
         return value
-    if origin is list:
+    if origin in (list, tuple):  # tuples only as tuple[X, ...]
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(item, v, _join(path, i)) for i, v in enumerate(value)]
+        item = typing.get_args(tp)[0]
+        items = [_coerce(item, v, _join(path, i)) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if tp is bool:
@@ -400,6 +405,8 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
             )
         if e.scheme == "qr" and e.collisions < 2:
             errors.append("embeddings.collisions: qr needs collisions >= 2 (1 would be a full table)")
+        if e.combine == "path" and e.composition != "per_id":
+            errors.append("embeddings.composition: combine=path composes each id; use per_id")
         if e.combine == "concat":
             k = e.num_partitions
             if m.embedding_dim % k:

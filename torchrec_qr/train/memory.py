@@ -47,6 +47,8 @@ def _describe(stored: EmbeddingBagConfig, logical_rows: int) -> str:
             else f"crt{list(p.moduli)}" if isinstance(p, ChineseRemainder)
             else repr(p)
         )
+        if stored.path is not None:
+            return f"{scheme}/path({stored.path.kind}{list(stored.path.hidden) or ''})"
         return f"{scheme}/{stored.combine}"
     return "full" if stored.num_embeddings == logical_rows else f"hash(c={-(-logical_rows // stored.num_embeddings)})"
 
@@ -58,17 +60,21 @@ def memory_report(
     sparse_optimizer: str,
     dense_optimizer: str,
 ) -> list[TableMemory]:
-    """Rows per table; data-parallel tables count one replica and the dense optimizer's state."""
+    """Rows per table; data-parallel tables and path functions count one replica and the dense optimizer's
+    state."""
     out = []
     for full, table in zip(logical, stored):
         sharding = sharding_types.get(table.name, "?")
         opt = dense_optimizer if sharding == "data_parallel" else sparse_optimizer
-        if isinstance(table, CompositionalEmbeddingBagConfig):
-            rows, dims = table.sub_table_sizes(), table.sub_embedding_dims()
-        else:
-            rows, dims = [table.num_embeddings], [table.embedding_dim]
-        params = sum(r * d for r, d in zip(rows, dims))
-        state = sum(r * optimizer_state_floats_per_row(opt, d) for r, d in zip(rows, dims))
+        compositional = isinstance(table, CompositionalEmbeddingBagConfig)
+        physical = table.sub_table_configs() if compositional else [table]
+        rows = table.sub_table_sizes() if compositional else [table.num_embeddings]  # path: rows, then classes
+        params = sum(t.num_embeddings * t.embedding_dim for t in physical)
+        state = sum(t.num_embeddings * optimizer_state_floats_per_row(opt, t.embedding_dim) for t in physical)
+        if compositional and table.path is not None:
+            functions = table.path_parameters()  # dense parameters, replicated, trained by the dense optimizer
+            params += functions
+            state += functions * optimizer_state_floats_per_row(dense_optimizer, 1)
         full_params = full.num_embeddings * full.embedding_dim
         full_state = full.num_embeddings * optimizer_state_floats_per_row(opt, full.embedding_dim)
         out.append(

@@ -60,7 +60,8 @@ def table_configs(cfg: TrainingConfig, num_embeddings: list[int]) -> list[Embedd
             t.num_embeddings = hash_rows(t.num_embeddings, e)
         return full
     return compress(
-        full, partition=partition_factory(e), combine=e.combine, threshold=e.threshold, composition=e.composition
+        full, partition=partition_factory(e), combine=e.combine, threshold=e.threshold, composition=e.composition,
+        path=e.path if e.combine == "path" else None,
     )
 
 
