@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch.distributed.rendezvous import rendezvous
 
-from torchrec_qr.train.config import ConfigError, load_config, validate
+from torchrec_qr.train.config import ConfigError, config_to_dict, load_config, validate
 from torchrec_qr.train.memory import format_bytes
 from torchrec_qr.train.sharding import check_plan_file
 from torchrec_qr.train.trainer import DistEnv, check_run_dir, train
@@ -38,8 +39,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _use_cuda(device: str) -> bool:
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def _init_distributed(device_kind: str) -> DistEnv:
-    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    use_cuda = _use_cuda(device_kind)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -125,16 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world_size, torch.cuda.is_available())
         check_run_dir(cfg)
-        device_type = "cuda" if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()) else "cpu"
+        device_type = "cuda" if _use_cuda(cfg.run.device) else "cpu"
         check_plan_file(cfg, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), device_type)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.check:
-        import yaml
-
-        from torchrec_qr.train.config import config_to_dict
-
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     _setup_logging(int(os.environ.get("RANK", "0")))
