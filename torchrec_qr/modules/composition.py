@@ -22,7 +22,7 @@ from typing import Mapping
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from torchrec_qr.modules.batched_embedding_bags import group_by_pooling
 from torchrec_qr.modules.embedding_configs import (
@@ -30,6 +30,7 @@ from torchrec_qr.modules.embedding_configs import (
     physical_table_configs,
     sub_feature_name,
 )
+from torchrec_qr.modules.grouped_compose import GroupedComposer
 from torchrec_qr.modules.partitions import Partition
 from torchrec_qr.modules.path_functions import PathFunctions
 
@@ -121,6 +122,7 @@ class CompositionPlan:
         if sources != sorted(sources):
             raise ValueError("expand slots must be ordered by source: block indices follow the lookups' order")
         self.num_sources = max(sources, default=0) + 1
+        self._grouped = GroupedComposer(compose_slots, block_widths, _groupable)
 
     @staticmethod
     def for_tables(
@@ -209,29 +211,40 @@ class CompositionPlan:
 
     def compose(self, features: KeyedJaggedTensor, looked_up: torch.Tensor) -> torch.Tensor:
         """``[B, sum of output dims]``: each compose slot's pooled embedding, concatenated in slot order."""
-        batch = features.stride()
-        blocks = torch.split(looked_up, self.block_widths, dim=1)
-        jts = features.to_dict() if self.has_per_id else {}
-        outs: list[torch.Tensor] = []
-        for s in self.compose_slots:
-            if not s.per_id:
-                parts = [blocks[b][:batch] for b in s.blocks]
-                outs.append(_combine(s.combine, parts))
-                continue
-            jt = jts[s.feature]
-            n, lengths, weights = jt.values().numel(), jt.lengths(), jt.weights_or_none()
-            if s.pool_first:  # per-id weights enter the first factor only, as on the kernel-pooled path
-                parts = [_pool(blocks[b][:n], lengths, weights if i == 0 else None, batch, s.mean)
-                         for i, b in enumerate(s.blocks)]
-                outs.append(_combine(s.combine, parts))
-                continue
-            if s.combine == "path":
-                classes = self.partitions[s.feature].indices(jt.values())
-                rows = self.paths[s.feature](blocks[s.blocks[0]][:n], classes, self.path_grad_scale)
-            else:
-                rows = _combine(s.combine, [blocks[b][:n] for b in s.blocks])
-            outs.append(_pool(rows, lengths, weights, batch, s.mean))
-        return torch.cat(outs, dim=1) if outs else looked_up.new_zeros(batch, 0)
+        blocks: list[torch.Tensor] = []
+        jts: dict[str, JaggedTensor] = {}
+
+        def one_slot(i: int) -> torch.Tensor:
+            if not blocks:
+                blocks.extend(torch.split(looked_up, self.block_widths, dim=1))
+                jts.update(features.to_dict())
+            return self._compose_slot(self.compose_slots[i], features.stride(), blocks, jts)
+
+        return self._grouped(features, looked_up, one_slot)
+
+    def _compose_slot(
+        self, s: ComposeSlot, batch: int, blocks: list[torch.Tensor], jts: dict[str, JaggedTensor]
+    ) -> torch.Tensor:
+        """One slot on its own: what ``GroupedComposer`` does not group (and its reference semantics)."""
+        if not s.per_id:
+            return _combine(s.combine, [blocks[b][:batch] for b in s.blocks])
+        jt = jts[s.feature]
+        n, lengths, weights = jt.values().numel(), jt.lengths(), jt.weights_or_none()
+        if s.pool_first:  # per-id weights enter the first factor only, as on the kernel-pooled path
+            parts = [_pool(blocks[b][:n], lengths, weights if i == 0 else None, batch, s.mean)
+                     for i, b in enumerate(s.blocks)]
+            return _combine(s.combine, parts)
+        if s.combine == "path":
+            classes = self.partitions[s.feature].indices(jt.values())
+            rows = self.paths[s.feature](blocks[s.blocks[0]][:n], classes, self.path_grad_scale)
+        else:
+            rows = _combine(s.combine, [blocks[b][:n] for b in s.blocks])
+        return _pool(rows, lengths, weights, batch, s.mean)
+
+
+def _groupable(s: ComposeSlot) -> bool:
+    """Slots ``GroupedComposer`` composes: all but path functions and per-id pooled-mult / concat."""
+    return s.combine != "path" and not (s.per_id and (s.pool_first or s.combine == "concat"))
 
 
 def _pad(lengths: torch.Tensor, stride: int) -> torch.Tensor:

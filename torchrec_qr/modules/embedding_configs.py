@@ -224,8 +224,14 @@ def compress(
 
 
 def physical_table_configs(configs: Sequence[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:
-    """Plain tables as they are, compositional ones as their sub-tables (the tables TorchRec stores)."""
-    out: list[EmbeddingBagConfig] = []
-    for c in configs:
-        out.extend(c.sub_table_configs() if isinstance(c, CompositionalEmbeddingBagConfig) else [replace(c)])
-    return out
+    """Plain tables as they are, compositional ones as their sub-tables (the tables TorchRec stores).
+
+    Sub-table-major: every table's sub-table 0 (plain tables in their place), then every sub-table 1, ...
+    Lookups return columns in this order, so each sub-table index's columns form one contiguous run that
+    composition takes as a view instead of gathering.
+    """
+    per_table = [
+        c.sub_table_configs() if isinstance(c, CompositionalEmbeddingBagConfig) else [replace(c)] for c in configs
+    ]
+    depth = max((len(p) for p in per_table), default=0)
+    return [p[j] for j in range(depth) for p in per_table if j < len(p)]
