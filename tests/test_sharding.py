@@ -71,7 +71,7 @@ def _equal_to_unsharded(rank: int, world_size: int, sharding: str, optimizer: st
 
 @pytest.mark.parametrize(
     "sharding,optimizer",
-    [("tw", "sgd"), ("cw", "sgd"), ("dp", "sgd"), ("rw", "sgd"), ("twrw", "sgd"), ("mixed", "sgd"), ("mixed", "adagrad")],
+    [("tw", "sgd"), ("cw", "sgd"), ("dp", "sgd"), ("rw", "sgd"), ("twrw", "sgd"), ("rw+twrw", "sgd"), ("mixed", "sgd"), ("mixed", "adagrad")],
 )
 def test_sharded_equals_unsharded(sharding: str, optimizer: str) -> None:
     for rank_report in run_ranks(_equal_to_unsharded, 2, sharding, optimizer):

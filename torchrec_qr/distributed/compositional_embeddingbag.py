@@ -261,7 +261,15 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         )
         # The base constructor builds lookups (see _create_lookups) before this module can hold children.
         self.__dict__["_pending_physical"] = physical
-        self.__dict__["_pending_replicated"] = BatchedEmbeddingBags(replicated, device=device) if replicated else None
+        # One replicated module per row sharding type: each is called by that sharding's lookup only.
+        owner = {sub.name: t.name for t in tables if isinstance(t, CompositionalEmbeddingBagConfig)
+                 for sub in t.sub_table_configs()}
+        by_type: dict[str, list[EmbeddingBagConfig]] = {}
+        for c in replicated:
+            by_type.setdefault(logical_plan[owner[c.name]].sharding_type, []).append(c)
+        self.__dict__["_pending_replicated"] = {
+            sharding_type: BatchedEmbeddingBags(configs, device=device) for sharding_type, configs in by_type.items()
+        }
         # Fresh on every rank; DMP's data-parallel wrapper broadcasts rank 0's values.
         self.__dict__["_pending_paths"] = path_functions_for(tables, device)
         self.__dict__["_logical_tables"] = tables
@@ -280,9 +288,11 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             module_fqn=module_fqn,
         )
         self._embedding_bag_collection: ShardedEmbeddingBagCollection = self.__dict__.pop("_pending_physical")
+        # Its lookups are called locally and its input dist never runs; TrainPipelineSparseDist checks it did.
+        self._embedding_bag_collection._has_uninitialized_input_dist = False
         replicated_bags = self.__dict__.pop("_pending_replicated")
-        if replicated_bags is not None:
-            self._replicated_embedding_bags = replicated_bags
+        if replicated_bags:
+            self._replicated_embedding_bags = nn.ModuleDict(replicated_bags)
             self._register_state_dict_hook(_replicated_as_physical_keys)
             self._register_load_state_dict_pre_hook(_physical_keys_to_replicated, with_module=True)
         self._path_functions: nn.ModuleDict = self.__dict__.pop("_pending_paths")
@@ -290,16 +300,16 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     def _create_lookups(self) -> None:
         physical: ShardedEmbeddingBagCollection = self.__dict__["_pending_physical"]
-        replicated: BatchedEmbeddingBags | None = self.__dict__["_pending_replicated"]
+        replicated: dict[str, BatchedEmbeddingBags] = self.__dict__["_pending_replicated"]
         by_type = dict(zip(physical._sharding_types, physical._lookups))
         for sharding_type, sharding in zip(self._sharding_types, self._embedding_shardings):
             lookup = by_type[sharding_type]
             inner = lookup.module if isinstance(lookup, DistributedDataParallel) else lookup
             sources = [(lookup, _sharded_tables(inner.grouped_configs))]
             row_wise = sharding_type in ROW_TYPES
-            if row_wise and replicated is not None:
-                sources.append((replicated, [_LocalTable(t.name, t.feature_names, 0, t.embedding_dim)
-                                             for t in replicated.tables]))
+            if sharding_type in replicated:
+                bags = replicated[sharding_type]
+                sources.append((bags, [_LocalTable(t.name, t.feature_names, 0, t.embedding_dim) for t in bags.tables]))
             self._lookups.append(
                 CompositionalLookup(
                     self.__dict__["_logical_tables"],
@@ -391,19 +401,22 @@ def _row_wise_mean_divisor(
 
 
 def _replicated_as_physical_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
-    """Present replicated sub-tables under the keys the unsharded module uses."""
+    """Present replicated sub-tables (``_replicated_embedding_bags.{sharding type}.embedding_bags.X``) under
+    the keys the unsharded module uses."""
     old = f"{prefix}{_REPLICATED}."
     for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[f"{prefix}{_PHYSICAL}.{key[len(old):]}"] = state_dict.pop(key)
+        _, rest = key[len(old):].split(".", 1)
+        state_dict[f"{prefix}{_PHYSICAL}.{rest}"] = state_dict.pop(key)
 
 
 def _physical_keys_to_replicated(
     module: "ShardedCompositionalEmbeddingBagCollection", state_dict: dict[str, Any], prefix: str, *_: Any
 ) -> None:
-    for t in module._replicated_embedding_bags.tables:
-        key = f"{prefix}{_PHYSICAL}.embedding_bags.{t.name}.weight"
-        if key in state_dict:
-            state_dict[f"{prefix}{_REPLICATED}.embedding_bags.{t.name}.weight"] = state_dict.pop(key)
+    for sharding_type, bags in module._replicated_embedding_bags.items():
+        for t in bags.tables:
+            key = f"{prefix}{_PHYSICAL}.embedding_bags.{t.name}.weight"
+            if key in state_dict:
+                state_dict[f"{prefix}{_REPLICATED}.{sharding_type}.embedding_bags.{t.name}.weight"] = state_dict.pop(key)
 
 
 class CompositionalEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):

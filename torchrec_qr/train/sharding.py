@@ -14,13 +14,12 @@ import torch.distributed as dist
 from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
-from torchrec_qr.distributed import ShardedCompositionalEmbeddingBagCollection
 from torchrec_qr.distributed.plan_io import load_plan_yaml, save_plan_yaml
 from torchrec_qr.distributed.planner import plan_model
 from torchrec_qr.train.config import ConfigError, TrainingConfig
 from torchrec_qr.train.model import build_model, table_configs
 
-__all__ = ["SHARDING_TYPES_FILE", "allow_pipelining", "check_plan_file", "make_plan", "sharding_types", "write_plan"]
+__all__ = ["SHARDING_TYPES_FILE", "check_plan_file", "make_plan", "sharding_types", "write_plan"]
 
 SHARDING_TYPES_FILE = "sharding_types.json"
 
@@ -77,14 +76,3 @@ def write_plan(plan: ShardingPlan, directory: Path, world_size: int) -> None:
     save_plan_yaml(plan, directory / "plan.yaml", world_size)
     (directory / "plan.txt").write_text(str(plan) + "\n")
     (directory / SHARDING_TYPES_FILE).write_text(json.dumps(sharding_types(plan), indent=1) + "\n")
-
-
-def allow_pipelining(model: torch.nn.Module) -> None:
-    """Let TrainPipelineSparseDist accept sharded compositional collections.
-
-    Their physical sub-table collection is a ShardedEmbeddingBagCollection whose lookups are called
-    locally; its own input dist never runs, and the pipeline asserts every sharded child's did.
-    """
-    for m in model.modules():
-        if isinstance(m, ShardedCompositionalEmbeddingBagCollection):
-            m._embedding_bag_collection._has_uninitialized_input_dist = False

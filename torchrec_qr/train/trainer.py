@@ -36,7 +36,7 @@ from torchrec_qr.train.memory import memory_report, totals
 from torchrec_qr.train.metrics import EvalMetrics, MetricsLog
 from torchrec_qr.train.model import build_model, logical_tables, table_configs
 from torchrec_qr.train.optim import build_optimizer, fused_params
-from torchrec_qr.train.sharding import SHARDING_TYPES_FILE, allow_pipelining, make_plan, sharding_types, write_plan
+from torchrec_qr.train.sharding import SHARDING_TYPES_FILE, make_plan, sharding_types, write_plan
 
 __all__ = ["DistEnv", "Trainer", "check_run_dir", "checkpoint_root", "run_dir", "train"]
 
@@ -135,7 +135,6 @@ class Trainer:
         self.last_saved = self.step if self.resume_from is not None else None
         self.log = MetricsLog(self.out, env.rank == 0, cfg.run.tensorboard,
                               self.step if self.resume_from is not None else None)
-        allow_pipelining(self.model)
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, env.device, execute_all_batches=True)
         self.steps_run, self.train_seconds = 0, 0.0
 
