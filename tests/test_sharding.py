@@ -13,6 +13,7 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from dist_harness import run_ranks
@@ -25,7 +26,7 @@ STEPS = 2
 
 
 def _optimizers(kind: str, dense_params: list, ref_params: list):
-    if kind == "sgd":
+    if kind in ("sgd", "sgd_in_backward"):
         fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
         make = lambda ps: torch.optim.SGD(ps, lr=LR)  # noqa: E731
     else:
@@ -43,9 +44,11 @@ def _equal_to_unsharded(rank: int, world_size: int, sharding: str, optimizer: st
     for weighted in (False, True):
         ref = reference(weighted)
         fused, make_opt = _optimizers(optimizer, [], [])
-        sharder = CompositionalEmbeddingBagCollectionSharder(fused_params=fused)
-        dmp = shard(CompositionalEmbeddingBagCollection(tables(), is_weighted=weighted, device="meta"),
-                    sharder, sharding, world_size)
+        module = CompositionalEmbeddingBagCollection(tables(), is_weighted=weighted, device="meta")
+        if optimizer == "sgd_in_backward":  # the optimizer comes from the tables, not the sharder
+            apply_optimizer_in_backward(torch.optim.SGD, module.parameters(), {"lr": LR})
+            fused = None
+        dmp = shard(module, CompositionalEmbeddingBagCollectionSharder(fused_params=fused), sharding, world_size)
         dmp.load_state_dict({"ebc." + k: v.clone() for k, v in ref.state_dict().items()})
         dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
         dense_opt = make_opt(dense) if dense else None
@@ -71,7 +74,8 @@ def _equal_to_unsharded(rank: int, world_size: int, sharding: str, optimizer: st
 
 @pytest.mark.parametrize(
     "sharding,optimizer",
-    [("tw", "sgd"), ("cw", "sgd"), ("dp", "sgd"), ("rw", "sgd"), ("twrw", "sgd"), ("rw+twrw", "sgd"), ("mixed", "sgd"), ("mixed", "adagrad")],
+    [("tw", "sgd"), ("cw", "sgd"), ("dp", "sgd"), ("rw", "sgd"), ("twrw", "sgd"), ("rw+twrw", "sgd"), ("mixed", "sgd"), ("mixed", "adagrad"),
+     ("mixed", "sgd_in_backward")],
 )
 def test_sharded_equals_unsharded(sharding: str, optimizer: str) -> None:
     for rank_report in run_ranks(_equal_to_unsharded, 2, sharding, optimizer):

@@ -248,12 +248,14 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                                                   data_type=t.data_type, feature_names=list(t.feature_names),
                                                   pooling=t.pooling))
         physical_plan, replicated = physical_parameter_shardings(tables, logical_plan)
+        sub_tables = EmbeddingBagCollection(
+            [c for c in physical_table_configs(tables) if c.name in physical_plan],
+            is_weighted=module.is_weighted(),
+            device=torch.device("meta"),
+        )
+        _carry_in_backward_optimizer(module, sub_tables.parameters())
         physical = ebc_sharder.shard(
-            EmbeddingBagCollection(
-                [c for c in physical_table_configs(tables) if c.name in physical_plan],
-                is_weighted=module.is_weighted(),
-                device=torch.device("meta"),
-            ),
+            sub_tables,
             physical_plan,
             env=env,
             device=device,
@@ -387,6 +389,23 @@ def _add_to_values(kt: KeyedTensor, term: torch.Tensor) -> KeyedTensor:
     return kt
 
 
+_IN_BACKWARD_ATTRIBUTES = ("_optimizer_classes", "_optimizer_kwargs")
+
+
+def _carry_in_backward_optimizer(module: nn.Module, params: Iterable[nn.Parameter]) -> None:
+    """Copy an ``apply_optimizer_in_backward`` optimizer from the module's tables onto ``params``.
+
+    TorchRec reads it from the table parameters it shards (making it the fused optimizer); those are built
+    here from configs, so the unsharded module's choice must be carried over.
+    """
+    source = next((p for p in module.parameters() if hasattr(p, "_optimizer_classes")), None)
+    if source is None:
+        return
+    for param in params:
+        for attribute in _IN_BACKWARD_ATTRIBUTES:
+            setattr(param, attribute, getattr(source, attribute))
+
+
 def _row_wise_mean_divisor(
     features: KeyedJaggedTensor, mean_features: set[str], names: list[str], dims: list[int]
 ) -> torch.Tensor:
@@ -472,6 +491,7 @@ class CompositionalEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
             else:
                 rows = t.num_embeddings
             out[t.name] = nn.Parameter(torch.empty(rows, t.embedding_dim, device="meta"), requires_grad=False)
+        _carry_in_backward_optimizer(module, out.values())  # the planner counts its state from these
         return out
 
     def sharding_types(self, compute_device_type: str) -> list[str]:

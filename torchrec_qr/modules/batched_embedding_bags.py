@@ -36,7 +36,9 @@ class BatchedEmbeddingBags(nn.Module):
     """Tables of one or more pooling groups, each group one dense TBE; ``forward`` takes a KJT whose keys
     are the tables' features in group order and returns ``[stride, sum of feature dims]``.
 
-    On the ``meta`` device no kernel is built (nothing is allocated); only configs and shapes exist.
+    On the ``meta`` device no kernel is built: each group is a flat meta parameter of the kernel's size
+    (nothing is allocated), so shapes, parameter names and per-parameter attributes (e.g. an
+    ``apply_optimizer_in_backward`` optimizer, which the sharder carries over) exist before sharding.
     """
 
     def __init__(self, tables: list[EmbeddingBagConfig], device: torch.device | None = None) -> None:
@@ -46,17 +48,20 @@ class BatchedEmbeddingBags(nn.Module):
         self.tables: list[EmbeddingBagConfig] = [t for g in self._groups for t in g]
         self._emb_modules = nn.ModuleList()
         self._features_per_group = [sum(t.num_features() for t in g) for g in self._groups]
-        if self._device.type != "meta":
-            for group in self._groups:
-                feature_table_map = [i for i, t in enumerate(group) for _ in t.feature_names]
-                self._emb_modules.append(
-                    DenseTableBatchedEmbeddingBagsCodegen(
-                        [(t.num_embeddings, t.embedding_dim) for t in group],
-                        feature_table_map=feature_table_map,
-                        pooling_mode=_POOLING_MODES[group[0].pooling],
-                        use_cpu=self._device.type == "cpu",
-                    )
+        for group in self._groups:
+            specs = [(t.num_embeddings, t.embedding_dim) for t in group]
+            if self._device.type == "meta":
+                self._emb_modules.append(_MetaKernel(specs))
+                continue
+            self._emb_modules.append(
+                DenseTableBatchedEmbeddingBagsCodegen(
+                    specs,
+                    feature_table_map=[i for i, t in enumerate(group) for _ in t.feature_names],
+                    pooling_mode=_POOLING_MODES[group[0].pooling],
+                    use_cpu=self._device.type == "cpu",
                 )
+            )
+        if self._device.type != "meta":
             self.reset_parameters()
         self._register_state_dict_hook(_present_tables)
         self._register_load_state_dict_pre_hook(_load_tables, with_module=True)
@@ -95,6 +100,17 @@ class BatchedEmbeddingBags(nn.Module):
                 )
             )
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+class _MetaKernel(nn.Module):
+    """The shape of a dense TBE kernel on ``meta``: its flat ``weights`` and per-table offsets."""
+
+    def __init__(self, specs: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.weights_physical_offsets = [0]
+        for rows, dim in specs:
+            self.weights_physical_offsets.append(self.weights_physical_offsets[-1] + rows * dim)
+        self.weights = nn.Parameter(torch.empty(self.weights_physical_offsets[-1], device="meta"))
 
 
 def _present_tables(module: BatchedEmbeddingBags, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
