@@ -23,7 +23,6 @@ rank composing an id uses its function; see ``CompositionalLookup`` for the grad
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator, Mapping, Type
 
@@ -64,12 +63,8 @@ from torchrec_qr.modules.compositional_embedding_modules import (
     CompositionalEmbeddingBagCollection,
     path_functions_for,
 )
-from torchrec_qr.modules.composition import ComposeSlot, CompositionPlan, ExpandSlot, looks_up_per_id, pools_first
-from torchrec_qr.modules.embedding_configs import (
-    SUB_TABLE_SEPARATOR,
-    CompositionalEmbeddingBagConfig,
-    physical_table_configs,
-)
+from torchrec_qr.modules.composition import CompositionPlan, LocalTable
+from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
 from torchrec_qr.modules.path_functions import PathFunctions, scale_grad
 from torchrec_qr.modules.validation import check_id_ranges
 
@@ -85,19 +80,9 @@ def _col_offset(table: Any) -> int:
     return meta.shard_offsets[1] if meta is not None and len(meta.shard_offsets) > 1 else 0
 
 
-@dataclass(frozen=True)
-class _LocalTable:
-    """A table (or column shard) some lookup serves on this rank."""
-
-    name: str
-    feature_names: list[str]
-    col_offset: int
-    width: int
-
-
-def _sharded_tables(grouped: list[GroupedEmbeddingConfig]) -> list[_LocalTable]:
+def _sharded_tables(grouped: list[GroupedEmbeddingConfig]) -> list[LocalTable]:
     return [
-        _LocalTable(t.name, t.feature_names, _col_offset(t), t.local_cols)
+        LocalTable(t.name, t.feature_names, _col_offset(t), t.local_cols)
         for group in grouped
         for t in group.embedding_tables
     ]
@@ -127,7 +112,7 @@ class CompositionalLookup(nn.Module):
         self,
         tables: list[EmbeddingBagConfig],
         logical_grouped: list[GroupedEmbeddingConfig],
-        sources: list[tuple[nn.Module, list[_LocalTable]]],
+        sources: list[tuple[nn.Module, list[LocalTable]]],
         is_weighted: bool,
         mean_after_output_dist: bool = False,
         replicated_grad_scale: int = 1,
@@ -138,9 +123,9 @@ class CompositionalLookup(nn.Module):
         self.__dict__["_sources"] = [module for module, _ in sources]
         self._is_weighted = is_weighted
         self.replicated_grad_scale = replicated_grad_scale
-        self.plan = _lookup_plan(
-            tables, logical_grouped, [local for _, local in sources], is_weighted, mean_after_output_dist,
-            path_functions, 1 if data_parallel else replicated_grad_scale,
+        self.plan = CompositionPlan.for_local_tables(
+            tables, _sharded_tables(logical_grouped), [local for _, local in sources], is_weighted,
+            mean_after_output_dist, path_functions, 1 if data_parallel else replicated_grad_scale,
         )
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
@@ -152,59 +137,6 @@ class CompositionalLookup(nn.Module):
             return outputs[0]  # an empty rank: the physical lookup's placeholder
         looked_up = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return self.plan.compose(features, looked_up)
-
-
-def _lookup_plan(
-    tables: list[EmbeddingBagConfig],
-    logical_grouped: list[GroupedEmbeddingConfig],
-    sources: list[list[_LocalTable]],
-    is_weighted: bool,
-    mean_after_output_dist: bool,
-    path_functions: Mapping[str, PathFunctions] | None,
-    path_grad_scale: float,
-) -> CompositionPlan:
-    by_name = {t.name: t for t in tables}
-    origin: dict[str, tuple[EmbeddingBagConfig, int | None]] = {}
-    for t in tables:
-        if isinstance(t, CompositionalEmbeddingBagConfig):
-            origin.update({sub.name: (t, j) for j, sub in enumerate(t.sub_table_configs())})
-        else:
-            origin[t.name] = (t, None)
-
-    expand: list[ExpandSlot] = []
-    widths: list[int] = []
-    block_of: dict[tuple[str, int | None, int], int] = {}  # (logical feature, partition, col offset)
-    for source, local_tables in enumerate(sources):
-        for shard in local_tables:
-            logical, j = origin[shard.name]
-            per_id = looks_up_per_id(logical, is_weighted)
-            for phys_feature in shard.feature_names:
-                feature = phys_feature if j is None else phys_feature.rsplit(SUB_TABLE_SEPARATOR, 1)[0]
-                block_of[(feature, j, shard.col_offset)] = len(expand)
-                expand.append(ExpandSlot(feature, j, per_id, source))
-                widths.append(shard.width)
-
-    compose: list[ComposeSlot] = []
-    for shard in _sharded_tables(logical_grouped):
-        t = by_name[shard.name]
-        start, width = shard.col_offset, shard.width
-        per_id = looks_up_per_id(t, is_weighted)
-        mean = t.pooling == PoolingType.MEAN and not mean_after_output_dist
-        for f in shard.feature_names:
-            if not isinstance(t, CompositionalEmbeddingBagConfig):
-                compose.append(ComposeSlot(f, "none", per_id, mean, (block_of[(f, None, start)],)))
-                continue
-            if t.combine == "concat":
-                blocks, sub_start = [], 0
-                for j, d in enumerate(t.sub_embedding_dims()):
-                    lo, hi = max(start, sub_start), min(start + width, sub_start + d)
-                    if lo < hi:
-                        blocks.append(block_of[(f, j, lo - sub_start)])
-                    sub_start += d
-            else:
-                blocks = [block_of[(f, j, start)] for j in range(t.num_sub_tables)]
-            compose.append(ComposeSlot(f, t.combine, per_id, mean, tuple(blocks), pools_first(t)))
-    return CompositionPlan(tables, expand, widths, compose, path_functions, path_grad_scale)
 
 
 _REPLICATED = "_replicated_embedding_bags"
@@ -311,7 +243,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             row_wise = sharding_type in ROW_TYPES
             if sharding_type in replicated:
                 bags = replicated[sharding_type]
-                sources.append((bags, [_LocalTable(t.name, t.feature_names, 0, t.embedding_dim) for t in bags.tables]))
+                sources.append((bags, [LocalTable(t.name, t.feature_names, 0, t.embedding_dim) for t in bags.tables]))
             self._lookups.append(
                 CompositionalLookup(
                     self.__dict__["_logical_tables"],

@@ -26,6 +26,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from torchrec_qr.modules.batched_embedding_bags import group_by_pooling
 from torchrec_qr.modules.embedding_configs import (
+    SUB_TABLE_SEPARATOR,
     CompositionalEmbeddingBagConfig,
     physical_table_configs,
     sub_feature_name,
@@ -34,7 +35,7 @@ from torchrec_qr.modules.grouped_compose import GroupedComposer
 from torchrec_qr.modules.partitions import Partition
 from torchrec_qr.modules.path_functions import PathFunctions
 
-__all__ = ["ExpandSlot", "ComposeSlot", "CompositionPlan", "looks_up_per_id", "pools_first"]
+__all__ = ["ComposeSlot", "CompositionPlan", "ExpandSlot", "LocalTable", "looks_up_per_id", "pools_first"]
 
 
 def looks_up_per_id(table: EmbeddingBagConfig, is_weighted: bool) -> bool:
@@ -52,6 +53,20 @@ def looks_up_per_id(table: EmbeddingBagConfig, is_weighted: bool) -> bool:
 def pools_first(table: EmbeddingBagConfig) -> bool:
     """Pooled-mode ``mult`` (the DLRM reference's approximation): pool each sub-table, then multiply."""
     return isinstance(table, CompositionalEmbeddingBagConfig) and table.combine == "mult" and not table.per_id
+
+
+@dataclass(frozen=True)
+class LocalTable:
+    """A table, or a column shard of one, that a lookup serves (or a lookup's output holds) on this rank."""
+
+    name: str
+    feature_names: list[str]
+    col_offset: int
+    width: int
+
+    @staticmethod
+    def whole(table: EmbeddingBagConfig) -> "LocalTable":
+        return LocalTable(table.name, list(table.feature_names), 0, table.embedding_dim)
 
 
 @dataclass(frozen=True)
@@ -130,35 +145,69 @@ class CompositionPlan:
         is_weighted: bool,
         path_functions: Mapping[str, PathFunctions] | None = None,
     ) -> "CompositionPlan":
-        """The plan of an unsharded collection: physical features in the storage's order (tables grouped
-        by pooling, as ``BatchedEmbeddingBags`` lays them out), outputs in logical feature order."""
-        sources: dict[str, tuple[EmbeddingBagConfig, int | None]] = {}
+        """The plan of an unsharded collection: every table local and whole; physical features in the
+        storage's order (tables grouped by pooling, as ``BatchedEmbeddingBags`` lays them out)."""
+        storage = [t for group in group_by_pooling(physical_table_configs(tables)) for t in group]
+        return CompositionPlan.for_local_tables(
+            tables, [LocalTable.whole(t) for t in tables], [[LocalTable.whole(t) for t in storage]],
+            is_weighted, path_functions=path_functions,
+        )
+
+    @staticmethod
+    def for_local_tables(
+        tables: list[EmbeddingBagConfig],
+        outputs: list[LocalTable],
+        sources: list[list[LocalTable]],
+        is_weighted: bool,
+        mean_after_output_dist: bool = False,
+        path_functions: Mapping[str, PathFunctions] | None = None,
+        path_grad_scale: float = 1.0,
+    ) -> "CompositionPlan":
+        """The plan of the logical tables (or column shards) ``outputs`` composed from the physical tables
+        (or shards) each lookup in ``sources`` serves, in their output order.
+
+        ``mean_after_output_dist``: MEAN is applied after the output dist (row-wise partial sums).
+        """
+        by_name = {t.name: t for t in tables}
+        origin: dict[str, tuple[EmbeddingBagConfig, int | None]] = {}
         for t in tables:
             if isinstance(t, CompositionalEmbeddingBagConfig):
-                sources.update({sub.name: (t, j) for j, sub in enumerate(t.sub_table_configs())})
+                origin.update({sub.name: (t, j) for j, sub in enumerate(t.sub_table_configs())})
             else:
-                sources[t.name] = (t, None)
+                origin[t.name] = (t, None)
         expand: list[ExpandSlot] = []
         widths: list[int] = []
-        block_of: dict[tuple[str, int | None], int] = {}
-        for group in group_by_pooling(physical_table_configs(tables)):
-            for physical in group:
-                logical, j = sources[physical.name]
+        block_of: dict[tuple[str, int | None, int], int] = {}  # (logical feature, partition, col offset)
+        for source, local_tables in enumerate(sources):
+            for shard in local_tables:
+                logical, j = origin[shard.name]
                 per_id = looks_up_per_id(logical, is_weighted)
-                for f in logical.feature_names:
-                    block_of[(f, j)] = len(expand)
-                    expand.append(ExpandSlot(f, j, per_id))
-                    widths.append(physical.embedding_dim)
+                for phys_feature in shard.feature_names:
+                    feature = phys_feature if j is None else phys_feature.rsplit(SUB_TABLE_SEPARATOR, 1)[0]
+                    block_of[(feature, j, shard.col_offset)] = len(expand)
+                    expand.append(ExpandSlot(feature, j, per_id, source))
+                    widths.append(shard.width)
         compose: list[ComposeSlot] = []
-        for t in tables:
-            per_id, mean = looks_up_per_id(t, is_weighted), t.pooling == PoolingType.MEAN
-            for f in t.feature_names:
-                if isinstance(t, CompositionalEmbeddingBagConfig):
-                    blocks = tuple(block_of[(f, j)] for j in range(t.num_sub_tables))
-                    compose.append(ComposeSlot(f, t.combine, per_id, mean, blocks, pools_first(t)))
+        for shard in outputs:
+            t = by_name[shard.name]
+            start, width = shard.col_offset, shard.width
+            per_id = looks_up_per_id(t, is_weighted)
+            mean = t.pooling == PoolingType.MEAN and not mean_after_output_dist
+            for f in shard.feature_names:
+                if not isinstance(t, CompositionalEmbeddingBagConfig):
+                    compose.append(ComposeSlot(f, "none", per_id, mean, (block_of[(f, None, start)],)))
+                    continue
+                if t.combine == "concat":
+                    blocks, sub_start = [], 0
+                    for j, d in enumerate(t.sub_embedding_dims()):
+                        lo, hi = max(start, sub_start), min(start + width, sub_start + d)
+                        if lo < hi:
+                            blocks.append(block_of[(f, j, lo - sub_start)])
+                        sub_start += d
                 else:
-                    compose.append(ComposeSlot(f, "none", per_id, mean, (block_of[(f, None)],)))
-        return CompositionPlan(tables, expand, widths, compose, path_functions)
+                    blocks = [block_of[(f, j, start)] for j in range(t.num_sub_tables)]
+                compose.append(ComposeSlot(f, t.combine, per_id, mean, tuple(blocks), pools_first(t)))
+        return CompositionPlan(tables, expand, widths, compose, path_functions, path_grad_scale)
 
     def physical_feature_names(self, source: int = 0) -> list[str]:
         return [
