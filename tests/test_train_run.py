@@ -183,9 +183,8 @@ def _free_port() -> int:
 def test_two_nodes_on_localhost(dirs) -> None:
     out, cache = dirs
     endpoint = f"127.0.0.1:{_free_port()}"
-    # A plan file (the lead's example) rather than the planner: across hosts the planner mixes table_row_wise
-    # plain tables with row_wise compositional ones, which the sharded collection cannot look up yet.
-    args = _tiny(out, cache, "two_nodes") + ["train.max_steps=10", "sharding.plan_file=configs/plans/table_wise_ws2.yaml"]
+    # The planner's plan: across hosts it mixes table_row_wise plain tables with row_wise compositional ones.
+    args = _tiny(out, cache, "two_nodes") + ["train.max_steps=10"]
     env = {"NPROC": "1", "MAX_RESTARTS": "0", "RDZV_ID": f"test{os.getpid()}"}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         nodes = [pool.submit(_run, ["bash", "launch/multinode.sh", "2", str(rank), endpoint, CONFIG, *args], 180, env)
@@ -194,5 +193,4 @@ def test_two_nodes_on_localhost(dirs) -> None:
     summary = _summary(out / "two_nodes", outputs[0])
     assert summary["world_size"] == 2 and summary["steps"] == 10 and summary["steps_this_run"] == 10
     assert [r["split"] for r in _records(out / "two_nodes", "final")] == ["val", "test"]
-    assert "table_row_wise" not in (out / "two_nodes" / "plan.yaml").read_text()
     assert "Run " in outputs[0][1] + outputs[1][1]
