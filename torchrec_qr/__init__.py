@@ -11,6 +11,7 @@ from torchrec_qr.modules.embedding_configs import (
     compress,
     physical_table_configs,
 )
+from torchrec_qr.modules.fused_compositional_embedding_modules import FusedCompositionalEmbeddingBagCollection
 from torchrec_qr.modules.path_functions import PathFunction
 from torchrec_qr.modules.partitions import (
     ChineseRemainder,
@@ -27,6 +28,7 @@ __all__ = [
     "CompositionalEmbeddingBagCollection",
     "CompositionalEmbeddingBagConfig",
     "ExplicitPartitions",
+    "FusedCompositionalEmbeddingBagCollection",
     "MixedRadix",
     "Partition",
     "PathFunction",

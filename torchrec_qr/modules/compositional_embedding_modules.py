@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -30,10 +32,23 @@ def path_functions_for(tables: list[EmbeddingBagConfig], device: torch.device | 
 def _validate(
     features: KeyedJaggedTensor, module: "CompositionalEmbeddingBagCollection"
 ) -> KeyedJaggedTensor:
+    if isinstance(features, KeyedJaggedTensor) and features.values().device.type == "meta":
+        return features  # no values to read: shapes only
     check_features(features, module._feature_names, module._is_weighted)
     if module.validate_ids:
         check_id_ranges(features, module._embedding_bag_configs)
     return features
+
+
+@torch.fx.wrap
+def _pooled_embeddings(features: KeyedJaggedTensor, module: "CompositionalEmbeddingBagCollection") -> torch.Tensor:
+    """``[B, sum of dims]``: expand → sub-table lookups → compose. One opaque call in fx graphs: the bag
+    and id counts it depends on are data, not structure. On ``meta`` only the shape is known."""
+    if features.values().device.type == "meta":
+        return torch.empty(features.stride(), sum(module._embedding_dims), device="meta")
+    (lookup_input,) = module._plan.expand(features, weighted=module._is_weighted)
+    looked_up = module._embedding_bag_collection(lookup_input)
+    return module._plan.compose(features, looked_up)
 
 
 class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -50,6 +65,9 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device: where the sub-tables live; ``meta`` builds shapes only (for sharding with DMP).
         validate_ids: check every id is in ``[0, num_embeddings)`` (one device sync per batch); turn off
             for speed once the input pipeline is trusted.
+        storage: builds the physical tables' storage from their configs and the device (default
+            ``BatchedEmbeddingBags``: dense FBGEMM TBE); ``FusedCompositionalEmbeddingBagCollection`` passes
+            one with a fused optimizer.
 
     State dict: ``_embedding_bag_collection.embedding_bags.{table}.weight`` for plain tables and
     ``..{table}__p{j}.weight`` for sub-table j; ``_path_functions.{table}.p{j}.weights.{l}`` (and
@@ -74,6 +92,8 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: bool = False,
         device: torch.device | str | None = None,
         validate_ids: bool = True,
+        *,
+        storage: Callable[[list[EmbeddingBagConfig], torch.device | str | None], nn.Module] = BatchedEmbeddingBags,
     ) -> None:
         super().__init__()
         check_tables(tables)
@@ -82,7 +102,7 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.validate_ids = validate_ids
         self._feature_names = [f for t in tables for f in t.feature_names]
         self._embedding_dims = [t.embedding_dim for t in tables for _ in t.feature_names]
-        self._embedding_bag_collection = BatchedEmbeddingBags(physical_table_configs(tables), device=device)
+        self._embedding_bag_collection = storage(physical_table_configs(tables), device)
         self._path_functions = path_functions_for(tables, device)
         self._plan = CompositionPlan.for_tables(self._embedding_bag_configs, is_weighted, self._path_functions)
         assert self._plan.physical_feature_names() == self._embedding_bag_collection.feature_names()
@@ -104,12 +124,10 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         features = _validate(features, self)
-        (lookup_input,) = self._plan.expand(features, weighted=self._is_weighted)
-        looked_up = self._embedding_bag_collection(lookup_input)
         return KeyedTensor(
             keys=self._feature_names,
             length_per_key=self._embedding_dims,
-            values=self._plan.compose(features, looked_up),
+            values=_pooled_embeddings(features, self),
         )
 
     def embedding_rows(self, table_name: str, ids: torch.Tensor) -> torch.Tensor:

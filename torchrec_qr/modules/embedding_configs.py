@@ -10,10 +10,12 @@ per-class functions for the others (``path_functions``).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
+import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_qr.modules.partitions import Partition
@@ -85,6 +87,13 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
             raise TypeError(
                 f"{where}: partition must be a torchrec_qr Partition (e.g. QuotientRemainder(collisions=4)), "
                 f"got {type(self.partition).__name__}"
+            )
+        if self.init_fn is not None and not _is_default_init(self):
+            raise ValueError(
+                f"{where}: init_fn initializes a full [num_embeddings, embedding_dim] table, which a compositional "
+                "table never stores; drop init_fn (sub-tables are drawn so the composed embedding has TorchRec's "
+                "default scale, or set weight_init_max), or initialize the sub-tables after construction through "
+                "the module's state dict"
             )
         if self.combine not in COMBINE_OPS:
             raise ValueError(f"{where}: combine must be one of {COMBINE_OPS}, got {self.combine!r}")
@@ -192,6 +201,17 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
         """Stored parameters as the paper counts them: ``sum_j |P_j| * D_j`` over the stored sub-tables,
         plus the path functions."""
         return sum(r * d for r, d in zip(self.sub_table_sizes(), self.sub_embedding_dims())) + self.path_parameters()
+
+
+def _is_default_init(config: EmbeddingBagConfig) -> bool:
+    """Whether ``init_fn`` is the one TorchRec fills in (uniform over the config's own bounds), not a user's."""
+    fn = config.init_fn
+    return (
+        isinstance(fn, functools.partial)
+        and fn.func is torch.nn.init.uniform_
+        and not fn.args
+        and fn.keywords == {"a": config.get_weight_init_min(), "b": config.get_weight_init_max()}
+    )
 
 
 def compress(
