@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_qr.modules.batched_embedding_bags import BatchedEmbeddingBags
@@ -15,6 +15,7 @@ from torchrec_qr.modules.composition import CompositionPlan, _combine
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
 from torchrec_qr.modules.path_functions import PathFunctions
 from torchrec_qr.modules.validation import check_features, check_id_ranges, check_tables
+from torchrec_qr.modules.variable_batch import fixed_batch
 
 __all__ = ["CompositionalEmbeddingBagCollection", "path_functions_for"]
 
@@ -46,6 +47,8 @@ def _pooled_embeddings(features: KeyedJaggedTensor, module: "CompositionalEmbedd
     and id counts it depends on are data, not structure. On ``meta`` only the shape is known."""
     if features.values().device.type == "meta":
         return torch.empty(features.stride(), sum(module._embedding_dims), device="meta")
+    if features.variable_stride_per_key():
+        features = fixed_batch(features)
     (lookup_input,) = module._plan.expand(features, weighted=module._is_weighted)
     looked_up = module._embedding_bag_collection(lookup_input)
     return module._plan.compose(features, looked_up)
@@ -100,7 +103,10 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._embedding_bag_configs = list(tables)
         self._is_weighted = is_weighted
         self.validate_ids = validate_ids
-        self._feature_names = [f for t in tables for f in t.feature_names]
+        # Input features (each once) and output keys: ``feature@table`` where a feature feeds several tables,
+        # as TorchRec's EmbeddingBagCollection names them.
+        self._feature_names = list(dict.fromkeys(f for t in tables for f in t.feature_names))
+        self._embedding_names = [name for names in get_embedding_names_by_table(tables) for name in names]
         self._embedding_dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._embedding_bag_collection = storage(physical_table_configs(tables), device)
         self._path_functions = path_functions_for(tables, device)
@@ -125,7 +131,7 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         features = _validate(features, self)
         return KeyedTensor(
-            keys=self._feature_names,
+            keys=self._embedding_names,
             length_per_key=self._embedding_dims,
             values=_pooled_embeddings(features, self),
         )

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec_qr.modules.composition_inputs import Inputs
 
 __all__ = ["GroupedComposer"]
 
@@ -42,7 +42,7 @@ class _Group:
     mean: bool
     width: int  # output width of each slot
     slots: list[int] = field(default_factory=list)
-    features: list[str] = field(default_factory=list)
+    features: list[tuple[str, str]] = field(default_factory=list)  # (logical table, feature) per slot
     part_columns: list[list[int]] = field(default_factory=list)  # per part: looked-up columns
     columns: list[Columns] = field(default_factory=list)
     out_columns: list[int] = field(default_factory=list)  # where each slot's output goes
@@ -56,9 +56,9 @@ class _Batch:
     batch: int
     rows: int  # rows of the lookup output (its stride)
     one_hot: list[bool]  # per group
-    bags: dict[str, tuple[torch.Tensor, int]]  # per-id multi-id feature -> (bag of each id, number of ids)
-    weight_start: dict[str, int]  # per-id feature -> where its weights start in the KJT's weights
-    lengths: dict[str, torch.Tensor]  # per-id multi-id MEAN feature -> bag lengths
+    bags: dict[tuple[str, str], tuple[torch.Tensor, int]]  # per-id multi-id feature -> (bag of each id, ids)
+    weight_start: dict[tuple[str, str], int]  # per-id feature -> where its weights start in the KJT's weights
+    lengths: dict[tuple[str, str], torch.Tensor]  # per-id multi-id MEAN feature -> bag lengths
 
 
 class GroupedComposer:
@@ -96,7 +96,7 @@ class GroupedComposer:
             key = (s.per_id, combine, len(parts), s.mean if s.per_id else False, width if s.per_id else 0)
             g = groups.setdefault(key, _Group(s.per_id, combine, key[3], width))
             g.slots.append(i)
-            g.features.append(s.feature)
+            g.features.append((s.table, s.feature))
             g.out_columns.extend(range(out_at - width, out_at))
             if not g.part_columns:
                 g.part_columns = [[] for _ in parts]
@@ -113,27 +113,24 @@ class GroupedComposer:
         covered = sorted(c for g in self.groups for cols in g.part_columns for c in cols)
         self._covers_lookup = covered == list(range(self.lookup_width))
 
-    def __call__(
-        self, features: KeyedJaggedTensor, looked_up: torch.Tensor, fallback: Callable[[int], torch.Tensor]
-    ) -> torch.Tensor:
+    def __call__(self, inputs: Inputs, looked_up: torch.Tensor, fallback: Callable[[int], torch.Tensor]) -> torch.Tensor:
         fallback_outs = [fallback(i) for i in self.fallback_slots]
         if not self.groups:
             return fallback_outs[0] if len(fallback_outs) == 1 else torch.cat(fallback_outs, dim=1)
-        info = self._batch_info(features, looked_up.shape[0])
-        weights = features.weights_or_none() if info.weight_start else None
+        info = self._batch_info(inputs, looked_up.shape[0])
+        weights = inputs.weights if info.weight_start else None
         return _Compose.apply(self, info, looked_up, weights, *fallback_outs)
 
-    def _batch_info(self, features: KeyedJaggedTensor, rows: int) -> _Batch:
-        batch = features.stride()
+    def _batch_info(self, inputs: Inputs, rows: int) -> _Batch:
+        batch = inputs.stride
         info = _Batch(batch, rows, [], {}, {}, {})
-        weighted = features.weights_or_none() is not None
+        weighted = inputs.weights is not None
         per_id_features = {f for g in self.groups if g.per_id for f in g.features}
         if not per_id_features:
             info.one_hot = [False] * len(self.groups)
             return info
-        jts = features.to_dict()
+        jts = inputs.jts
         sizes = {f: jts[f].values().numel() for f in per_id_features}
-        starts = dict(zip(features.keys(), features.offset_per_key()))
         for g in self.groups:
             # Bags of one id each: the per-id rows already are the pooled output. Only checked (one device
             # read) when every feature of the group has exactly one id per sample on average.
@@ -147,7 +144,7 @@ class GroupedComposer:
             for f in g.features:
                 jt = jts[f]
                 if weighted:
-                    info.weight_start[f] = starts[f]
+                    info.weight_start[f] = inputs.weight_start[f]
                 if not info.one_hot[-1]:
                     lengths = jt.lengths()
                     bag = torch.repeat_interleave(
@@ -290,7 +287,7 @@ def _part_grads_into(
         _put_rows(buffer, cols, rows, g * _combine("mult", others))
 
 
-def _feature_weights(f: str, n: int, info: _Batch, weights: torch.Tensor) -> torch.Tensor:
+def _feature_weights(f: tuple[str, str], n: int, info: _Batch, weights: torch.Tensor) -> torch.Tensor:
     start = info.weight_start[f]
     return weights[start : start + n].to(torch.float32)
 
