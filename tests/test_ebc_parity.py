@@ -161,3 +161,22 @@ def test_variable_batch_per_feature(make: Factory) -> None:
     assert kt.values().shape == (3, 8)
     expected = _materialized(module, True)(kjt)
     torch.testing.assert_close(kt.values(), expected.values(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", IMPLS)
+@pytest.mark.parametrize("one_hot", [True, False])
+def test_per_sample_weight_gradients(make: Factory, one_hot: bool) -> None:
+    """Feature processors learn per-id weights: their gradient flows through the collection."""
+    module = make(_tables(), is_weighted=True)
+    kjt = _kjt(weighted=True)
+    if one_hot:
+        kjt = KeyedJaggedTensor(keys=kjt.keys(), values=torch.tensor([0, 2, 10, 10, 3, 5]),
+                                lengths=torch.ones(6, dtype=torch.int64), weights=torch.linspace(0.5, 2.0, 6))
+    grads = []
+    for m in (module, _materialized(module, True)):
+        weights = kjt.weights().clone().requires_grad_()
+        features = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=weights)
+        kt = m(features)
+        sum((kt[k] * (i + 1)).sum() for i, k in enumerate(sorted(kt.keys()))).backward()
+        grads.append(weights.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)

@@ -333,8 +333,9 @@ class CompositionPlan:
 
 
 def _groupable(s: ComposeSlot) -> bool:
-    """Slots ``GroupedComposer`` composes: all but path functions and per-id pooled-mult / concat."""
-    return s.combine != "path" and not (s.per_id and (s.pool_first or s.combine == "concat"))
+    """Slots ``GroupedComposer`` composes: all but path functions (their functions need autograd) and
+    pooled-mode mult on per-id lookups (weighted MEAN bags: each sub-table pooled, then multiplied)."""
+    return s.combine != "path" and not (s.per_id and s.pool_first)
 
 
 def _pad(lengths: torch.Tensor, stride: int) -> torch.Tensor:
