@@ -25,10 +25,11 @@ import argparse
 import gc
 import os
 import statistics
+import sys
 import time
 
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
 from torchrec_qr import (
@@ -37,6 +38,9 @@ from torchrec_qr import (
     QuotientRemainder,
     compress,
 )
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import make_batches, parse_variants  # noqa: E402
 
 VARIANTS = ("plain", "fused", "qr", "qr_fused")
 
@@ -47,20 +51,6 @@ def parse_layouts(text: str) -> list[tuple[int, int]]:
         tables, rows = item.lower().split("x")
         out.append((int(tables), int(float(rows))))
     return out
-
-
-def make_batches(num_tables: int, rows: int, batch: int, multi_hot: int, count: int, seed: int) -> list[KeyedJaggedTensor]:
-    g = torch.Generator().manual_seed(seed)
-    keys = [f"f{i}" for i in range(num_tables)]
-    n = num_tables * batch * multi_hot
-    return [
-        KeyedJaggedTensor.from_lengths_sync(
-            keys=keys,
-            values=torch.randint(0, rows, (n,), generator=g),
-            lengths=torch.full((num_tables * batch,), multi_hot, dtype=torch.int32),
-        )
-        for _ in range(count)
-    ]
 
 
 def param_bytes(module: torch.nn.Module) -> int:
@@ -139,10 +129,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    variants = parse_variants(parser, args.variants, VARIANTS)
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, dim={args.dim}, "
         f"ids/feature={args.multi_hot}, QR collisions={args.collisions} (mult, per_id), SGD lr={args.lr}, "

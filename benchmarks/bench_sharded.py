@@ -45,10 +45,8 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
-from collections import defaultdict
 from typing import Any, Callable
 
 import torch
@@ -67,68 +65,12 @@ from torchrec_qr import CompositionalEmbeddingBagCollection, QuotientRemainder, 
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import CollectiveCounter, git_state, make_batches, parse_variants  # noqa: E402
 from naive_compositional import NaiveCompositionalModel, naive_table_configs  # noqa: E402
 
 VARIANTS = ("plain", "naive", "qr", "qr_pooled", "qr_add", "qr_concat", "qr_sqrt")
 LABELS = {"plain": "(a) plain EBC", "naive": "(b) naive", "qr": "(c) torchrec_qr", "qr_pooled": "(c') qr pooled",
           "qr_add": "(d) qr add", "qr_concat": "(e) qr concat", "qr_sqrt": "(f) qr c~sqrt(N)"}
-
-# Collective -> the keyword naming the tensor(s) it sends (its 2nd positional argument, all_reduce's 1st).
-_SENT_ARG = {"all_to_all_single": "input", "all_to_all": "input_tensor_list", "reduce_scatter": "input_list",
-             "reduce_scatter_tensor": "input", "all_gather": "tensor", "all_gather_into_tensor": "input_tensor",
-             "all_reduce": "tensor"}
-
-
-def git_state() -> str:
-    """``<commit>[-dirty]`` of the checkout the library is imported from (results depend on it)."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-class CollectiveCounter:
-    """Counts bytes handed to ``torch.distributed`` collectives, by (phase, ids|emb), while installed."""
-
-    def __init__(self) -> None:
-        self.phase = "fwd"
-        self.bytes: dict[str, int] = defaultdict(int)
-        self.calls: dict[str, int] = defaultdict(int)
-        self._originals: dict[str, Callable[..., Any]] = {}
-
-    def _wrap(self, name: str) -> Callable[..., Any]:
-        original = self._originals[name]
-        position = 0 if name == "all_reduce" else 1
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            data = kwargs.get(_SENT_ARG[name], args[position] if len(args) > position else None)
-            for t in data if isinstance(data, list) else [data]:
-                if isinstance(t, torch.Tensor):
-                    kind = "emb" if t.is_floating_point() else "ids"
-                    self.bytes[f"{self.phase}_{kind}"] += t.numel() * t.element_size()
-            self.calls[f"{self.phase}_{name}"] += 1
-            return original(*args, **kwargs)
-
-        return call
-
-    def __enter__(self) -> "CollectiveCounter":
-        self.bytes.clear()
-        self.calls.clear()
-        for name in _SENT_ARG:
-            self._originals[name] = getattr(dist, name)
-            setattr(dist, name, self._wrap(name))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, fn in self._originals.items():
-            setattr(dist, name, fn)
-
-    @property
-    def total(self) -> int:
-        return sum(self.bytes.values())
-
 
 class PooledModel(nn.Module):
     """``forward(kjt) -> [B, F*D]``: the collection's pooled output (in feature order when ``ordered``)."""
@@ -201,21 +143,6 @@ def build(variant: str, args: argparse.Namespace, device: torch.device) -> tuple
         sharders=[sharder],
     )
     return dmp, wrapper
-
-
-def make_batches(args: argparse.Namespace, rank: int, device: torch.device) -> list[KeyedJaggedTensor]:
-    """``--num-batches`` KJTs of ``--batch`` samples with ``--ids-per-feature`` uniform ids per feature."""
-    g = torch.Generator().manual_seed(args.seed * 1000 + rank)
-    keys = [f"f{i}" for i in range(args.tables)]
-    n = args.tables * args.batch * args.ids_per_feature
-    return [
-        KeyedJaggedTensor.from_lengths_sync(
-            keys=keys,
-            values=torch.randint(0, args.rows, (n,), generator=g).to(device),
-            lengths=torch.full((args.tables * args.batch,), args.ids_per_feature, dtype=torch.int32).to(device),
-        )
-        for _ in range(args.num_batches)
-    ]
 
 
 def sync(device: torch.device) -> None:
@@ -319,10 +246,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here (rank 0)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    variants = parse_variants(parser, args.variants, VARIANTS)
 
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -365,7 +289,8 @@ def run_case(args: argparse.Namespace, variants: list[str], device: torch.device
     """Every variant at ``args.ids_per_feature``: build, check, time (interleaved), count bytes, report."""
     t0 = time.perf_counter()
     models = {v: build(v, args, device) for v in variants}
-    batches = make_batches(args, rank, device)
+    batches = make_batches(args.tables, args.rows, args.batch, args.ids_per_feature, args.num_batches,
+                           args.seed * 1000 + rank, device)
     target = torch.randn(args.batch, args.tables * args.dim, generator=torch.Generator().manual_seed(1)).to(device)
     say(f"built {len(models)} sharded models in {time.perf_counter() - t0:.1f}s")
 

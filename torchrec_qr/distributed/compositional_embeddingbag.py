@@ -24,7 +24,7 @@ rank composing an id uses its function; see ``CompositionalLookup`` for the grad
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Iterator, Mapping, Type
+from typing import Any, Iterable, Iterator, Mapping, Type
 
 import torch
 from torch import nn
