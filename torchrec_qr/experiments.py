@@ -55,7 +55,7 @@ SYNTHETIC_CONFIG = "configs/synthetic_full.yaml"
 CRITEO_CONFIG = "configs/criteo_kaggle_dlrm_full.yaml"
 BYTES_PER_FLOAT = 4
 # Plot order and labels; "path" appears only when the training app accepts embeddings.combine=path.
-# Frequency-aware QR-mult runs are their own methods, "qr-mult-hot<K>", plotted after these.
+# Frequency-aware QR runs are their own methods, "qr-mult-hot<K>" and "qr-add-hot512", plotted after these.
 METHODS = ("full", "hash", "qr-mult", "qr-add", "qr-concat", "qr-path", "mixed-radix-3", "crt-2")
 HOT_ROWS = (128, 512)  # hot ids kept per table in the default grid's frequency-aware settings
 
@@ -170,11 +170,11 @@ def _synthetic_common(rows: int, days: int, max_card: int, batch: int) -> tuple[
 
 
 def _settings(collisions: Sequence[int], combines: Sequence[str], combine_collisions: Sequence[int],
-              thresholds: Sequence[int], hot: Sequence[tuple[int, int]] = ()) -> tuple[Setting, ...]:
+              thresholds: Sequence[int], hot: Sequence[tuple[str, int, int]] = ()) -> tuple[Setting, ...]:
     out = [Setting("full")]
     out += [Setting("hash", c) for c in collisions]
     out += [Setting("qr-mult", c) for c in collisions]
-    out += [Setting("qr-mult", c, hot_rows=k) for k, c in hot]
+    out += [Setting(method, c, hot_rows=k) for method, k, c in hot]
     out += [Setting(f"qr-{op}", c) for op in combines for c in combine_collisions]
     out += [Setting("mixed-radix-3"), Setting("crt-2")]
     out += [Setting("hash", 4, t) for t in thresholds] + [Setting("qr-mult", 4, t) for t in thresholds]
@@ -186,11 +186,12 @@ def expand_grid(quick: bool, seeds: int | None = None, data: str = "synthetic",
     """The quick or default grid; ``combines`` defaults to what the training app supports."""
     ops = [op for op in ("add", "concat", "path") if op in (supported_combines() if combines is None else combines)]
     if quick:
-        settings = _settings([4, 60], ops, [4], [], [(HOT_ROWS[-1], 60)])
+        settings = _settings([4, 60], ops, [4], [], [("qr-mult", HOT_ROWS[-1], 60)])
         common = _synthetic_common(rows=40_000, days=4, max_card=max_card or 10_000, batch=1024)
         n_seeds = 1
     else:
-        settings = _settings([2, 4, 8, 60], ops, [4, 60], [0, 5000], [(k, c) for k in HOT_ROWS for c in (4, 8, 60)])
+        hot = [(op, k, c) for op, ks in (("qr-mult", HOT_ROWS), ("qr-add", HOT_ROWS[-1:])) for k in ks for c in (4, 8, 60)]
+        settings = _settings([2, 4, 8, 60], ops, [4, 60], [0, 5000], hot)
         common = _synthetic_common(rows=100_000, days=4, max_card=max_card or 20_000, batch=2048)
         n_seeds = 3
     if data == "criteo":
@@ -399,6 +400,7 @@ def plot_pareto(records: Sequence[RunRecord], path: Path, title: str, references
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
     methods = [*METHODS, *sorted({a.method for a in aggs} - set(METHODS))]  # then qr-mult-hot<K>, ...
     markers = dict(zip(methods, "*osD^vPXdh<>p"))
+    colors = dict(zip(methods, [*(f"C{i}" for i in range(10)), "black", "olive", "navy"]))  # C0..C9 repeat after 10
     for method in methods:
         pts = sorted((a for a in aggs if a.method == method and a.threshold in (main_t, None)), key=lambda a: a.params)
         if not pts:
@@ -407,10 +409,10 @@ def plot_pareto(records: Sequence[RunRecord], path: Path, title: str, references
         y = [a.log_loss for a in pts]
         err = [a.log_loss_std for a in pts]
         ax.errorbar(x, y, yerr=err, marker=markers.get(method, "o"), markersize=9 if method == "full" else 6, capsize=3,
-                    linestyle="-" if len(pts) > 1 else "none", label=method)
+                    linestyle="-" if len(pts) > 1 else "none", label=method, color=colors.get(method))
         if method == "full":
             ax.axhline(y[0], color=ax.lines[-1].get_color(), linestyle="--", linewidth=0.8)
-        if method in ("hash", "qr-mult") or method.startswith("qr-mult-hot"):
+        if method in ("hash", "qr-mult") or "-hot" in method:
             for a in pts:
                 ax.annotate(f"c={a.collisions}", (a.params, a.log_loss), textcoords="offset points", xytext=(4, 4),
                             fontsize=7, color=ax.lines[-1].get_color())
