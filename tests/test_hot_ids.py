@@ -210,6 +210,25 @@ def test_composed_rows_distinct_and_hot_rows_private():
     assert torch.nonzero(grads["big__p1"].abs().sum(1)).flatten().tolist() == [0]
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("function", ["linear", "mlp_relu"])
+def test_path_tables_match_per_id_loop(function, weighted):
+    """combine='path': hot ids all take the later partitions' class 0 function after their own row."""
+    from test_path import FUNCTIONS
+    from test_path import reference_forward as path_reference
+
+    tables = [CompositionalEmbeddingBagConfig(
+        name="big", num_embeddings=60, embedding_dim=8, feature_names=["f0"], combine="path", path=FUNCTIONS[function],
+        partition=HotIds(hot_sample(60, 9, seed=1), base=MixedRadix.balanced(51, 3)))]
+    module = CompositionalEmbeddingBagCollection(tables, is_weighted=weighted)
+    rng = random.Random(7)
+    bags = random_bags(rng, {"f0": 60}, 6)
+    bags["f0"][1] = [int(i) for i in tables[0].partition.hot_ids[:4]]
+    weights = random_weights(rng, bags) if weighted else None
+    torch.testing.assert_close(module(make_kjt(bags, weights)).values(),
+                               path_reference(module.state_dict(), tables, bags, weights), atol=1e-6, rtol=1e-5)
+
+
 # --- state dict ---------------------------------------------------------------------------------------------------
 
 
