@@ -137,20 +137,19 @@ def test_indices_trace_with_fx_and_follow_the_ids_device():
 def test_most_frequent_ids_caps_and_breaks_ties_by_id():
     counts = torch.tensor([0, 5, 2, 5, 0, 1])
     assert most_frequent_ids(counts, 3).tolist() == [1, 3, 2]
-    assert most_frequent_ids(counts, 100).tolist() == [1, 3, 2, 5]  # only ids that were seen
+    assert most_frequent_ids(counts, 5).tolist() == [1, 3, 2, 5, 0]  # then unseen ids: the count is k, not data
     assert most_frequent_ids(torch.ones(4, dtype=torch.int64), 9).tolist() == [0, 1, 2]  # one id stays in the tail
 
 
 def test_compress_with_counts_and_with_lists():
     plain = [EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=4, feature_names=[f"f{i}"])
              for i, n in enumerate([50, 400, 1000])]
-    counts = {"t1": torch.bincount(torch.tensor([7] * 9 + [3] * 4 + [300]), minlength=400),
-              "t2": torch.zeros(1000, dtype=torch.int64)}
+    counts = {"t1": torch.bincount(torch.tensor([7] * 9 + [3] * 4 + [300]), minlength=400)}
     out = compress(plain, lambda n: MixedRadix.balanced(n, 2), threshold=100, hot_ids=counts, hot_rows=2)
     assert not isinstance(out[0], CompositionalEmbeddingBagConfig)
     assert isinstance(out[1].partition, HotIds) and out[1].partition.hot_ids.tolist() == [3, 7]
     assert out[1].partition.base == MixedRadix.balanced(398, 2)  # the factory is fitted to the tail
-    assert isinstance(out[2].partition, MixedRadix)  # nothing seen: no hot ids
+    assert isinstance(out[2].partition, MixedRadix)  # no entry: the plain scheme
     listed = compress(plain, QuotientRemainder(8), hot_ids={"t2": [999, 0]})
     assert listed[2].partition.hot_ids.tolist() == [0, 999] and listed[2].sub_table_sizes() == [2 + 125, 9]
     assert listed[2].num_parameters() == (127 + 9) * 4

@@ -216,8 +216,8 @@ def compress(
     ``hot_ids`` (by table name) makes a table ``HotIds(ids, base=scheme)``, the scheme (a factory's fitted to
     the ``N - K`` tail) composing only the ids that are not hot. With ``hot_rows == 0`` each value is the
     list of hot ids itself; with ``hot_rows = K > 0`` it is the table's id frequencies (one count per id)
-    and its K most frequent ids are hot (see ``most_frequent_ids``). Tables without an entry, or whose
-    entry yields no hot id, get the plain scheme.
+    and its ``min(K, N - 1)`` most frequent ids are hot (see ``most_frequent_ids``). Tables without an
+    entry, or whose entry yields no hot id, get the plain scheme.
     """
     if not isinstance(hot_rows, int) or hot_rows < 0:
         raise ValueError(f"hot_rows must be an int >= 0 (0: hot_ids lists the ids), got {hot_rows!r}")
@@ -253,16 +253,15 @@ def compress(
 
 
 def most_frequent_ids(counts: torch.Tensor, k: int, table: str = "") -> torch.Tensor:
-    """The ``min(k, N - 1)`` most frequent ids among those seen (count > 0); ties go to the smaller id.
+    """The ``min(k, N - 1)`` most frequent ids, ``counts[i]`` being id i's frequency and ``N = len(counts)``.
 
-    ``counts[i]`` is id i's frequency, ``N = len(counts)``; at least one id stays in the tail (all hot ids
-    would be a full table, so keep that table full instead).
+    Ties (never-seen ids included) go to the smaller id, so the number of hot rows, and with it every shape,
+    follows from k and N alone. At least one id stays in the tail: all-hot would be a full table.
     """
     if counts.dim() != 1 or counts.is_floating_point() and bool((counts != counts.floor()).any()):
         raise ValueError(f"table {table!r}: hot-id counts must be one integer count per id, got {tuple(counts.shape)}")
     order = torch.sort(counts.to(torch.int64), descending=True, stable=True).indices
-    seen = int((counts > 0).sum())
-    return order[: max(0, min(k, counts.numel() - 1, seen))]
+    return order[: max(0, min(k, counts.numel() - 1))]
 
 
 def physical_table_configs(configs: Sequence[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:

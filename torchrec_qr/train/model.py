@@ -54,7 +54,9 @@ def table_configs(
     cfg: TrainingConfig, num_embeddings: list[int], id_counts: list[np.ndarray] | None = None
 ) -> list[EmbeddingBagConfig]:
     """The tables the model stores: full, hashed (shrunk) or compositional; with ``embeddings.hot_rows``, each
-    compressed table's most frequent ids (by ``id_counts``, one array per feature) keep rows of their own."""
+    compressed table's most frequent ids (by ``id_counts``, one array per feature) keep rows of their own.
+    Without counts the hot ids are placeholders (the first ids): right shapes for plans and plan checks, which
+    need no data; training passes the counts, and a checkpoint load restores its saved lists."""
     e = cfg.embeddings
     full = logical_tables(num_embeddings, cfg.model.embedding_dim)
     if e.kind == "full":
@@ -65,9 +67,8 @@ def table_configs(
         return full
     hot = None
     if e.hot_rows:
-        if id_counts is None:
-            raise ValueError("embeddings.hot_rows needs the training split's id counts (see torchrec_qr.data.id_counts)")
-        hot = {t.name: torch.from_numpy(np.asarray(c)) for t, c in zip(full, id_counts)}
+        counts = id_counts or [np.zeros(t.num_embeddings, dtype=np.int64) for t in full]
+        hot = {t.name: torch.from_numpy(np.asarray(c)) for t, c in zip(full, counts)}
     return compress(
         full, partition=partition_factory(e), combine=e.combine, threshold=e.threshold, composition=e.composition,
         path=e.path if e.combine == "path" else None, hot_ids=hot, hot_rows=e.hot_rows,
