@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
-
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_qr.modules.partitions import HotIds, Partition
