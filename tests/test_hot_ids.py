@@ -248,7 +248,7 @@ def test_state_dict_carries_and_restores_the_hot_ids():
     torch.testing.assert_close(restored(kjt).values(), expected, atol=0, rtol=0)
     assert torch.equal(other[0].partition.hot_ids, sd["_hot_ids.big"])
     bad = dict(sd, **{"_hot_ids.big": torch.tensor([0, 5, 5, 9, 10, 11, 12])})
-    with pytest.raises(RuntimeError, match="table 'big'.*not strictly increasing"):
+    with pytest.raises(ValueError, match="table 'big'.*not strictly increasing"):
         restored.load_state_dict(bad)
 
 

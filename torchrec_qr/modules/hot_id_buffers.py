@@ -60,12 +60,10 @@ class HotIdBuffers(nn.Module):
     ) -> None:
         for name, (_, num_embeddings) in self._partitions.items():
             loaded = state_dict.get(prefix + name)
-            if isinstance(loaded, torch.Tensor) and loaded.shape == self._buffers[name].shape:
-                problem = _bad_hot_ids(loaded, num_embeddings)
-                if problem:
-                    error_msgs.append(f"table {name!r}: the loaded hot-id list {problem}; it cannot come from a "
-                                      "HotIds table of this size: check the checkpoint matches the model")
-                    state_dict = {k: v for k, v in state_dict.items() if k != prefix + name}
+            problem = _bad_hot_ids(loaded, num_embeddings) if isinstance(loaded, torch.Tensor) else None
+            if problem:  # raised, not appended to error_msgs: DMP's loader drops those
+                raise ValueError(f"table {name!r}: the loaded hot-id list {problem}; it cannot come from a HotIds "
+                                 "table of this size: check the checkpoint matches the model")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         for name, (partition, _) in self._partitions.items():
@@ -74,6 +72,8 @@ class HotIdBuffers(nn.Module):
 
 
 def _bad_hot_ids(hot: torch.Tensor, num_embeddings: int) -> str | None:
+    if hot.dim() != 1:
+        return f"has shape {tuple(hot.shape)}, not [num_hot]"
     if hot.dtype != torch.int64:
         return f"has dtype {hot.dtype}, not int64"
     if hot.numel() and (int(hot[0]) < 0 or int(hot[-1]) >= num_embeddings):
