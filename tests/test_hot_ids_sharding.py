@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.sharding_plan import row_wise
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
