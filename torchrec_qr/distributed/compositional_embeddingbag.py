@@ -65,6 +65,7 @@ from torchrec_qr.modules.compositional_embedding_modules import (
 )
 from torchrec_qr.modules.composition import CompositionPlan, LocalTable
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
+from torchrec_qr.modules.hot_id_buffers import HotIdBuffers
 from torchrec_qr.modules.path_functions import PathFunctions, scale_grad
 from torchrec_qr.modules.validation import check_id_ranges
 
@@ -232,6 +233,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             self._register_state_dict_hook(_replicated_as_physical_keys)
             self._register_load_state_dict_pre_hook(_physical_keys_to_replicated, with_module=True)
         self._path_functions: nn.ModuleDict = self.__dict__.pop("_pending_paths")
+        self._hot_ids = HotIdBuffers(tables, device)  # replicated; same keys as unsharded, so DCP reshards them
         self._optim = CombinedOptimizer([(_PHYSICAL, self._embedding_bag_collection.fused_optimizer)])
 
     def _create_lookups(self) -> None:

@@ -13,6 +13,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_qr.modules.batched_embedding_bags import BatchedEmbeddingBags
 from torchrec_qr.modules.composition import CompositionPlan, _combine
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
+from torchrec_qr.modules.hot_id_buffers import HotIdBuffers
 from torchrec_qr.modules.path_functions import PathFunctions
 from torchrec_qr.modules.validation import check_features, check_id_ranges, check_tables
 from torchrec_qr.modules.variable_batch import fixed_batch
@@ -74,7 +75,8 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     State dict: ``_embedding_bag_collection.embedding_bags.{table}.weight`` for plain tables and
     ``..{table}__p{j}.weight`` for sub-table j; ``_path_functions.{table}.p{j}.weights.{l}`` (and
-    ``.biases.{l}``) for layer l of a path table's partition-j functions, ``[classes, fan_in, fan_out]``.
+    ``.biases.{l}``) for layer l of a path table's partition-j functions, ``[classes, fan_in, fan_out]``;
+    ``_hot_ids.{table}`` for a ``HotIds`` table's hot-id list (see ``HotIdBuffers``).
     The sharded module uses the same keys. Path functions are dense parameters: under DMP they are
     replicated and synced by its data-parallel wrapper, so they need the dense optimizer.
 
@@ -110,6 +112,7 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._embedding_dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._embedding_bag_collection = storage(physical_table_configs(tables), device)
         self._path_functions = path_functions_for(tables, device)
+        self._hot_ids = HotIdBuffers(tables, device)  # HotIds tables' lists: state dict keys _hot_ids.{table}
         self._plan = CompositionPlan.for_tables(self._embedding_bag_configs, is_weighted, self._path_functions)
         assert self._plan.physical_feature_names() == self._embedding_bag_collection.feature_names()
 

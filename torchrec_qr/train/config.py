@@ -89,7 +89,8 @@ class EmbeddingsConfig:
     ``hash``: the hashing trick, ``ceil(N / collisions)`` rows, id mod rows. ``compositional``:
     ``scheme`` qr (``collisions``), mixed_radix or chinese_remainder (``num_partitions`` balanced parts);
     ``combine=path`` keeps partition 1's table and maps its rows through per-class functions (``path``:
-    kind linear|mlp, hidden, activation, bias).
+    kind linear|mlp, hidden, activation, bias). ``hot_rows=K`` (compositional only; 0 = off): each compressed
+    table keeps its K most frequent training ids (capped by its size) in rows of their own (``HotIds``).
     """
 
     kind: Literal["full", "hash", "compositional"] = "full"
@@ -100,6 +101,7 @@ class EmbeddingsConfig:
     composition: Literal["per_id", "pooled"] = "per_id"
     threshold: int = 0
     path: PathFunction = field(default_factory=PathFunction)
+    hot_rows: int = 0
 
 
 @dataclass
@@ -395,6 +397,9 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
 
     _positive(errors, "embeddings.collisions", e.collisions)
     _positive(errors, "embeddings.threshold", e.threshold, allow_zero=True)
+    _positive(errors, "embeddings.hot_rows", e.hot_rows, allow_zero=True)
+    if e.hot_rows and e.kind != "compositional":
+        errors.append(f"embeddings.hot_rows: hot rows apply to kind=compositional tables, got kind={e.kind}")
     if e.num_partitions < 2:
         errors.append(f"embeddings.num_partitions: must be >= 2, got {e.num_partitions}")
     if e.kind == "compositional":

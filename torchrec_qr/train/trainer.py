@@ -27,6 +27,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from torchrec_qr.data.criteo import CriteoArrays
+from torchrec_qr.data.id_counts import cached_id_counts
 from torchrec_qr.data.synthetic import bayes_log_loss
 from torchrec_qr.distributed.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from torchrec_qr.distributed.planner import default_sharders
@@ -113,7 +114,10 @@ class Trainer:
             raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} exceeds the "
                              f"{len(self.splits.train)} training rows")
         self.logical = logical_tables(self.splits.num_embeddings, cfg.model.embedding_dim)
-        self.tables = table_configs(cfg, self.splits.num_embeddings)
+        counts = None
+        if cfg.embeddings.hot_rows:  # every rank counts or reads the same cached counts (atomic writes)
+            counts = cached_id_counts(self.splits.train.sparse, self.splits.num_embeddings, self.splits.cache_dir)
+        self.tables = table_configs(cfg, self.splits.num_embeddings, counts)
         self.transform = None
         if cfg.embeddings.kind == "hash":
             self.transform = HashIds({t.feature_names[0]: t.num_embeddings for t in self.tables})
