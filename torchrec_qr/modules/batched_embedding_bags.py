@@ -72,7 +72,6 @@ class BatchedEmbeddingBags(nn.Module):
         if device is None:
             device = torch.empty(0).device  # honours a ``with torch.device(...)`` context, as TorchRec's EBC does
         self._device = torch.device(device)
-        self._fused = optimizer is not None
         self._groups = group_by_pooling(tables)
         self.tables: list[EmbeddingBagConfig] = [t for g in self._groups for t in g]
         self._emb_modules = nn.ModuleList()
