@@ -279,12 +279,13 @@ class CompressionPlanner:
                                           self.optimizer).values())
         except PlannerError as e:
             return f"{where}: the tables cannot be placed even at the largest allowed compression: {e}"
-        needed = math.ceil(busiest / (1 - self.headroom) / 2**20) * 2**20
+        needed = math.ceil(busiest / (1 - self.headroom))
         return (
             f"{where} cannot hold the tables even at the largest allowed compression (every table over "
             f"threshold={self.threshold:,} rows at its last rung): the smallest reachable is {format_bytes(busiest)} "
-            f"on the busiest rank, i.e. memory_per_rank >= {format_bytes(needed)} with {self.headroom:.0%} headroom; "
-            "raise the budget or the world size, lower the threshold, or allow more collisions / mixed radix"
+            f"on the busiest rank, i.e. memory_per_rank >= {needed:,} bytes ({format_bytes(needed)}) with "
+            f"{self.headroom:.0%} headroom; raise the budget or the world size, lower the threshold, or allow "
+            "more collisions / mixed radix"
         )
 
     def _report(self, tables: Sequence[EmbeddingBagConfig], rungs: list[_Rung], ladders: list[list[_Rung]],

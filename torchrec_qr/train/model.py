@@ -52,6 +52,8 @@ def partition_factory(e: EmbeddingsConfig):
 def table_configs(cfg: TrainingConfig, num_embeddings: list[int]) -> list[EmbeddingBagConfig]:
     """The tables the model stores: full, hashed (shrunk) or compositional."""
     e = cfg.embeddings
+    if e.kind == "auto":
+        raise ValueError("embeddings.kind=auto: tables depend on the world size and budget; use torchrec_qr.plan.budget_plan")
     full = logical_tables(num_embeddings, cfg.model.embedding_dim)
     if e.kind == "full":
         return full
@@ -68,7 +70,7 @@ def table_configs(cfg: TrainingConfig, num_embeddings: list[int]) -> list[Embedd
 def build_model(cfg: TrainingConfig, tables: list[EmbeddingBagConfig], dense_device: torch.device) -> DLRMTrain:
     """DLRMTrain (DLRM + BCE-with-logits loss) with embedding tables on ``meta``."""
     meta = torch.device("meta")
-    if cfg.embeddings.kind == "compositional":
+    if cfg.embeddings.kind in ("compositional", "auto"):
         ebc = CompositionalEmbeddingBagCollection(tables, is_weighted=False, device=meta)
     else:
         ebc = EmbeddingBagCollection(tables=tables, is_weighted=False, device=meta)
