@@ -153,7 +153,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--collisions", type=int, default=16)
     parser.add_argument("--memory-per-rank", default=None,
-                        help="e.g. 10GiB: the compression planner chooses storage and plan (ignores --collisions, --plan)")
+                        help="e.g. 10GiB: the compression planner chooses storage and plan "
+                             "(ignores --collisions, --plan)")
     parser.add_argument("--threshold", type=int, default=20_000, help="tables with at most this many rows stay full")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2048, help="samples per rank per step")
@@ -282,7 +283,8 @@ def report(args: argparse.Namespace, ws: int, everyone: list[dict[str, Any]], pl
     for table, (kind, ranks) in sorted(placement.items(), key=lambda kv: int(kv[0].rsplit("_", 1)[1])):
         for r in ranks or range(ws):
             by_rank.setdefault(r, []).append(f"{table}:{short.get(kind, kind)}")
-    print(f"\nplan ({'compression planner' if args.memory_per_rank else args.plan}); sharded in {everyone[0]['shard_s']:.1f}s")
+    source = "compression planner" if args.memory_per_rank else args.plan
+    print(f"\nplan ({source}); sharded in {everyone[0]['shard_s']:.1f}s")
     for r in sorted(by_rank):
         print(f"  rank {r}: {len(by_rank[r])} tables: {' '.join(by_rank[r])}")
     print(f"\nglobal batch {args.batch * ws} ({args.batch}/rank), {args.warmup} warmup + {args.steps} measured steps")

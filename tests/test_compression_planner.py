@@ -41,22 +41,22 @@ def _table_bytes_per_rank(result: CompressionPlan, optimizer: str, world_size: i
     out = dict.fromkeys(range(world_size), 0)
     for table in result.tables:
         ps = result.plan.plan[""][table.name]  # type: ignore[index]
-        subs = table.sub_table_configs() if isinstance(table, CompositionalEmbeddingBagConfig) else [table]
+        compositional = isinstance(table, CompositionalEmbeddingBagConfig)
+        subs = table.sub_table_configs() if compositional else [table]
         per_sub = [s.num_embeddings * (s.embedding_dim + STATE_FLOATS[optimizer](s.embedding_dim)) * 4 for s in subs]
         if ps.sharding_type == "data_parallel":
             for r in range(world_size):
                 out[r] += sum(per_sub)
             continue
+        d = table.embedding_dim  # the parameter the planner splits: N x D, or ceil(stored parameters / D) x D
+        area = -(-table.num_parameters() // d) * d if compositional else table.num_embeddings * d
         for shard in ps.sharding_spec.shards:
             rows, cols = shard.shard_sizes
             r = shard.placement.rank()
-            if ps.sharding_type in ("row_wise", "table_row_wise") and isinstance(table, CompositionalEmbeddingBagConfig):
+            if ps.sharding_type in ("row_wise", "table_row_wise") and compositional:
                 split = table.partition.row_split()[0]
                 out[r] += sum(b if j != split else b * rows / table.num_embeddings for j, b in enumerate(per_sub))
-            else:  # the parameter the planner splits: N x D, or ceil(stored parameters / D) x D
-                d = table.embedding_dim
-                area = (-(-table.num_parameters() // d) * d if isinstance(table, CompositionalEmbeddingBagConfig)
-                        else table.num_embeddings * d)
+            else:
                 out[r] += sum(per_sub) * rows * cols / area
     return out
 

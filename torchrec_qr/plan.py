@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="compute device to plan for")
     parser.add_argument("--batch-size", type=int, help="per rank (default: data.global_batch_size / world size)")
     parser.add_argument("--plan", help="check this YAML plan instead of planning (default: sharding.plan_file)")
-    parser.add_argument("--memory-per-rank", help="e.g. 8GiB: choose each table's storage to fit (embeddings.kind=auto)")
+    parser.add_argument("--memory-per-rank",
+                        help="e.g. 8GiB: choose each table's storage to fit (embeddings.kind=auto)")
     parser.add_argument("--output", help="also write the plan to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for training")
     args = parser.parse_args(argv)

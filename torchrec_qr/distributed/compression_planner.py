@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -52,6 +52,7 @@ OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad, "adam": torch.optim.Adam,
 }
 STATE_BYTES = 4  # fp32 optimizer state
+UNCAPPED = 2**50  # bytes per rank when asking how small the busiest rank can get
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -160,7 +161,7 @@ class CompressionPlanner:
     batch_size: int = 512
     compute_device: str = "cpu"
     local_world_size: int | None = None
-    constraints: dict[str, ParameterConstraints] | None = field(default=None)
+    constraints: dict[str, ParameterConstraints] | None = None
 
     def __post_init__(self) -> None:
         self.memory_per_rank = parse_bytes(self.memory_per_rank)
@@ -218,17 +219,18 @@ class CompressionPlanner:
 
     # --- ladder and sharding ---------------------------------------------------------------------
 
-    def _rung(self, config: EmbeddingBagConfig, storage: str, rows: int, n: int, largest: int) -> _Rung:
-        params = (config.num_parameters() if isinstance(config, CompositionalEmbeddingBagConfig)
-                  else config.num_embeddings * config.embedding_dim)
-        subs = config.sub_table_configs() if isinstance(config, CompositionalEmbeddingBagConfig) else [config]
+    def _rung(self, config: EmbeddingBagConfig, storage: str) -> _Rung:
+        compositional = isinstance(config, CompositionalEmbeddingBagConfig)
+        subs = config.sub_table_configs() if compositional else [config]
+        params = config.num_parameters() if compositional else config.num_embeddings * config.embedding_dim
         state = sum(s.num_embeddings * optimizer_state_floats_per_row(self.optimizer, s.embedding_dim) for s in subs)
-        return _Rung(config, storage, -(-n // largest), params * DATA_TYPE_NUM_BITS[config.data_type] // 8,
-                     state * STATE_BYTES)
+        largest = max(s.num_embeddings for s in subs)
+        return _Rung(config, storage, -(-config.num_embeddings // largest),
+                     params * DATA_TYPE_NUM_BITS[config.data_type] // 8, state * STATE_BYTES)
 
     def _ladder(self, table: EmbeddingBagConfig) -> list[_Rung]:
         n = table.num_embeddings
-        ladder = [self._rung(table, "full", n, n, n)]
+        ladder = [self._rung(table, "full")]
         if n <= self.threshold:
             return ladder
         schemes: list[tuple[str, QuotientRemainder | MixedRadix]] = [
@@ -238,10 +240,7 @@ class CompressionPlanner:
             radix = MixedRadix.balanced(n, 3)
             schemes.append((f"mixed_radix{list(radix.radices)}", radix))
         for label, scheme in schemes:
-            config = compress([table], scheme, combine=self.combine)[0]
-            assert isinstance(config, CompositionalEmbeddingBagConfig)
-            sizes = config.sub_table_sizes()
-            rung = self._rung(config, f"{label}/{self.combine}", sum(sizes), n, max(sizes))
+            rung = self._rung(compress([table], scheme, combine=self.combine)[0], f"{label}/{self.combine}")
             if rung.bytes < ladder[-1].bytes:
                 ladder.append(rung)
         return ladder
@@ -275,7 +274,7 @@ class CompressionPlanner:
     def _infeasible(self, rungs: list[_Rung], model_fn: Callable[..., nn.Module] | None) -> str:
         where = f"memory_per_rank={format_bytes(self.memory_per_rank)} x {self.world_size} ranks"
         try:
-            busiest = max(_bytes_per_rank(self._propose([r.config for r in rungs], model_fn, None),
+            busiest = max(_bytes_per_rank(self._propose([r.config for r in rungs], model_fn, UNCAPPED),
                                           self.optimizer).values())
         except PlannerError as e:
             return f"{where}: the tables cannot be placed even at the largest allowed compression: {e}"
@@ -300,7 +299,8 @@ class CompressionPlanner:
                 reason = f"stays full: {n:,} rows <= threshold {self.threshold:,}"
             elif not mine:
                 nxt = ladders[i][1]
-                reason = (f"stays full: its next rung ({nxt.storage}) saves {format_bytes(ladders[i][0].bytes - nxt.bytes)} "
+                saves = format_bytes(ladders[i][0].bytes - nxt.bytes)
+                reason = (f"stays full: its next rung ({nxt.storage}) saves {saves} "
                           f"for +{weights[i] * math.log(nxt.collisions):.4f} cost, less per unit of cost than the "
                           f"{found} steps that met the budget")
             else:
@@ -320,7 +320,9 @@ class CompressionPlanner:
                                self.headroom, cost, found)
 
 
-def _traffic_shares(tables: Sequence[EmbeddingBagConfig], traffic: Mapping[str, float | torch.Tensor] | None) -> list[float]:
+def _traffic_shares(
+    tables: Sequence[EmbeddingBagConfig], traffic: Mapping[str, float | torch.Tensor] | None
+) -> list[float]:
     names = [t.name for t in tables]
     if len(set(names)) != len(names):
         raise ValueError(f"table names must be unique, got {names}")
@@ -379,9 +381,11 @@ def _bytes_per_rank(result: PlannerResult, optimizer: str) -> dict[int, int]:
             continue
         split = config.partition.row_split()
         assert split is not None  # the sharder rejects row-wise sharding without a row split
-        replicated = sum(s.num_embeddings * (s.embedding_dim * DATA_TYPE_NUM_BITS[s.data_type] // 8
-                                              + optimizer_state_floats_per_row(optimizer, s.embedding_dim) * STATE_BYTES)
-                         for j, s in enumerate(config.sub_table_configs()) if j != split[0])
+        replicated = sum(
+            s.num_embeddings * (s.embedding_dim * DATA_TYPE_NUM_BITS[s.data_type] // 8
+                                + optimizer_state_floats_per_row(optimizer, s.embedding_dim) * STATE_BYTES)
+            for j, s in enumerate(config.sub_table_configs()) if j != split[0]
+        )
         for shard in option.shards:
             assert shard.rank is not None
             out[shard.rank] += math.ceil(replicated * (1 - shard.size[0] / config.num_embeddings))

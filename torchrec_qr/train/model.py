@@ -53,7 +53,8 @@ def table_configs(cfg: TrainingConfig, num_embeddings: list[int]) -> list[Embedd
     """The tables the model stores: full, hashed (shrunk) or compositional."""
     e = cfg.embeddings
     if e.kind == "auto":
-        raise ValueError("embeddings.kind=auto: tables depend on the world size and budget; use torchrec_qr.plan.budget_plan")
+        raise ValueError("embeddings.kind=auto: the tables depend on the world size and budget; "
+                         "use torchrec_qr.plan.budget_plan")
     full = logical_tables(num_embeddings, cfg.model.embedding_dim)
     if e.kind == "full":
         return full
