@@ -66,11 +66,13 @@ def budget_plan(
     ``plan_model`` does). Deterministic: a run resumed at the same world size gets the same tables and plan.
     """
     e = cfg.embeddings
+    if e.memory_per_rank is None:
+        raise ValueError("embeddings.memory_per_rank: kind=auto needs a budget per rank, e.g. 8GiB")
     logical = logical_tables(sizes, cfg.model.embedding_dim)
     types = cfg.sharding.sharding_types
     allowed = {t.name: list(types) for t in logical} if types else {}
     planner = CompressionPlanner(
-        world_size, e.memory_per_rank or "", optimizer=cfg.optimizer.sparse.type, threshold=e.threshold,
+        world_size, e.memory_per_rank, optimizer=cfg.optimizer.sparse.type, threshold=e.threshold,
         combine=e.combine, batch_size=batch_size or max(1, cfg.data.global_batch_size // world_size),
         compute_device=device_type, local_world_size=local_world_size,
         constraints={n: ParameterConstraints(sharding_types=t) for n, t in allowed.items()} or None,
