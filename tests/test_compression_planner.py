@@ -1,6 +1,7 @@
 """The compression planner: every rank fits its budget (bytes recomputed here from the plan's shards), a larger
 budget never compresses more, infeasible budgets raise with a reachable minimum, plans pass the plan checks,
-and a world-size-2 training run with ``embeddings.kind=auto`` trains on what it chose."""
+DMP shards with them (forward equal to the unsharded module), and a world-size-2 training run with
+``embeddings.kind=auto`` trains on what it chose."""
 
 from __future__ import annotations
 
@@ -13,15 +14,21 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from dist_harness import run_ranks
+from sharding_cases import batch
 from torchrec_qr import CompositionalEmbeddingBagCollection, CompositionalEmbeddingBagConfig, QuotientRemainder
 from torchrec_qr.distributed import CompressionPlan, CompressionPlanner, parse_bytes
 from torchrec_qr.distributed.plan_checks import validate_plan
-from torchrec_qr.distributed.plan_io import load_plan_yaml
+from torchrec_qr.distributed.planner import default_sharders
 from torchrec_qr.plan import main
 from torchrec_qr.train.config import ConfigError, load_config, validate
 
@@ -209,6 +216,27 @@ def test_config_rules_for_auto() -> None:
         validate(load_config(config, ["embeddings.kind=auto", "embeddings.memory_per_rank=lots"]), 2, False)
     with pytest.raises(ConfigError, match="embeddings.memory_per_rank: applies to embeddings.kind=auto"):
         validate(load_config(config, ["embeddings.memory_per_rank=1GiB"]), 2, cuda_available=False)
+
+
+def _dmp_forward(rank: int, world_size: int, result: CompressionPlan) -> float:
+    """DMP over the bare collection with the planner's plan (module path ""), weights from an unsharded copy:
+    the largest difference of the pooled outputs on this rank's batch."""
+    torch.manual_seed(0)
+    ref = CompositionalEmbeddingBagCollection(result.tables)
+    dmp = DistributedModelParallel(CompositionalEmbeddingBagCollection(result.tables, device="meta"),
+                                   env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
+                                   plan=result.plan, sharders=default_sharders())
+    dmp.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()})
+    kjt = batch(rank, weighted=False, tabs=result.tables)
+    out, expected = dmp(kjt), ref(kjt)
+    return max((out[k] - expected[k]).abs().max().item() for k in expected.keys())
+
+
+def test_plan_shards_with_dmp_at_world_size_2() -> None:
+    result = CompressionPlanner(2, "2MiB", threshold=100, batch_size=4).plan(_tables([200_000, 30_000, 5_000, 50]))
+    kinds = {c.name: (c.storage, c.sharding_type) for c in result.choices}
+    assert kinds["t0"][0].startswith("qr(") and kinds["t3"][0] == "full", kinds
+    assert max(run_ranks(_dmp_forward, 2, result)) < 1e-6
 
 
 def test_training_app_with_kind_auto_at_world_size_2(tmp_path: Path) -> None:

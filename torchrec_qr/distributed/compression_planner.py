@@ -13,8 +13,9 @@ then balanced k=3 mixed radix (only where QR's smallest does not fit). Quality c
 Search: from all-full, each step moves the one table whose next rung saves the most bytes (parameters and
 optimizer state) per unit of added cost. The sequence of steps does not depend on the budget; the budget
 only decides where it stops: at the first step where TorchRec's planner, with each rank capped at
-``memory_per_rank`` less ``headroom``, places every shard and every rank's estimate fits. A larger budget
-therefore never compresses a table more. Everything is deterministic (ties go to the earlier table).
+``memory_per_rank`` less ``headroom``, places every shard and every rank's estimate fits (found by galloping
+then bisecting, which takes more compression to never make placement harder). A larger budget therefore
+never compresses a table more. Everything is deterministic (ties go to the earlier table).
 """
 
 from __future__ import annotations
@@ -88,11 +89,22 @@ class _Rung:
 
 @dataclass(frozen=True)
 class TableChoice:
-    """What the planner chose for one logical table, and why."""
+    """What the planner chose for one logical table, and why.
+
+    Args:
+        storage: ``full``, ``qr(c=16)/mult``, ``mixed_radix[358, 358, 358]/mult``, ...; ``collisions``: ids
+            sharing a row of its largest sub-table; ``param_bytes`` / ``optimizer_bytes``: one copy of it;
+            ``traffic_share``: its weight in the cost; ``sharding_type``, ``ranks``: where the plan puts it.
+
+    Example::
+
+        for c in CompressionPlanner(world_size=2, memory_per_rank="1GiB").plan(tables).choices:
+            print(f"{c.name}: {c.storage} on {c.ranks} ({c.reason})")
+    """
 
     name: str
     rows: int
-    storage: str  # full | qr(c=16)/mult | mixed_radix[369, 369, 368]/mult
+    storage: str
     collisions: int
     param_bytes: int
     optimizer_bytes: int
@@ -104,11 +116,21 @@ class TableChoice:
 
 @dataclass
 class CompressionPlan:
-    """The stored tables (input order), what was chosen per table, the sharding plan and its estimates.
+    """The stored tables, what was chosen per table, the sharding plan and its estimates.
 
-    ``bytes_per_rank``: TorchRec's storage estimate per rank (table shards, fused optimizer state, lookup
-    input/output buffers) plus the sub-tables a row-wise compositional table replicates on each rank. Not
-    counted (``headroom`` is for them): dense parameters and their optimizer, activations, the framework.
+    Args:
+        tables: the configs to build the collection from (input order; full tables stay plain).
+        bytes_per_rank: TorchRec's storage estimate per rank (table shards, fused optimizer state, lookup
+            input/output buffers) plus the sub-tables a row-wise compositional table replicates on each rank.
+            Not counted (``headroom`` is for them): dense parameters and their optimizer, activations, the
+            framework.
+        quality_cost: ``sum_t w_t * ln(collisions_t)``; ``steps``: compression steps taken.
+
+    Example::
+
+        result = CompressionPlanner(world_size=2, memory_per_rank="1GiB").plan(tables)  # module path ""
+        ebc = CompositionalEmbeddingBagCollection(result.tables, device="meta")
+        dmp = DistributedModelParallel(ebc, plan=result.plan, sharders=default_sharders(fused_params))
     """
 
     tables: list[EmbeddingBagConfig]
@@ -119,10 +141,6 @@ class CompressionPlan:
     headroom: float
     quality_cost: float
     steps: int
-
-    def stored_bytes(self) -> int:
-        """Parameters and optimizer state of all tables (one copy each)."""
-        return sum(c.param_bytes + c.optimizer_bytes for c in self.choices)
 
 
 @dataclass
