@@ -176,6 +176,10 @@ def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
 
 def test_bad_tables_and_traffic() -> None:
     planner = CompressionPlanner(2, "1GiB")
+    with pytest.raises(ValueError, match="tables: give at least one EmbeddingBagConfig"):
+        planner.plan([])
+    with pytest.raises(ValueError, match="table names must be unique"):
+        planner.plan(_tables([10]) + _tables([20]))
     with pytest.raises(ValueError, match=r"traffic: .* unknown \['t9'\], missing \['t1'\]"):
         planner.plan(_tables([10, 20]), traffic={"t0": 1.0, "t9": 2.0})
     compressed = CompositionalEmbeddingBagCollection(

@@ -342,6 +342,8 @@ def _traffic_shares(
     tables: Sequence[EmbeddingBagConfig], traffic: Mapping[str, float | torch.Tensor] | None
 ) -> list[float]:
     names = [t.name for t in tables]
+    if not names:
+        raise ValueError("tables: give at least one EmbeddingBagConfig to plan")
     if len(set(names)) != len(names):
         raise ValueError(f"table names must be unique, got {names}")
     if traffic is None:
