@@ -132,7 +132,7 @@ def _summary(cfg: TrainingConfig, tables: list[EmbeddingBagConfig], world_size: 
 
 
 def _choices(budget: CompressionPlan) -> list[str]:
-    """One line per logical table, then the budget per rank."""
+    """One line per logical table, then the totals."""
     width = max(len(c.storage) for c in budget.choices)
     lines = [
         f"{c.name:<10} {c.rows:>13,} rows  {c.storage:<{width}}  params {format_bytes(c.param_bytes):>10}  "
