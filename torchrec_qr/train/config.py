@@ -91,9 +91,12 @@ class EmbeddingsConfig:
     ``combine=path`` keeps partition 1's table and maps its rows through per-class functions (``path``:
     kind linear|mlp, hidden, activation, bias). ``hot_rows=K`` (compositional only; 0 = off): each compressed
     table keeps its K most frequent training ids (capped by its size) in rows of their own (``HotIds``).
+    ``auto``: per table full or compositional (``combine`` mult or add) so that every rank fits
+    ``memory_per_rank`` (e.g. ``8GiB``), chosen with the sharding plan by
+    ``torchrec_qr.distributed.compression_planner`` for the world size the run starts at.
     """
 
-    kind: Literal["full", "hash", "compositional"] = "full"
+    kind: Literal["full", "hash", "compositional", "auto"] = "full"
     scheme: Literal["qr", "mixed_radix", "chinese_remainder"] = "qr"
     collisions: int = 4
     num_partitions: int = 2
@@ -102,6 +105,7 @@ class EmbeddingsConfig:
     threshold: int = 0
     path: PathFunction = field(default_factory=PathFunction)
     hot_rows: int = 0
+    memory_per_rank: str | None = None
 
 
 @dataclass
@@ -425,6 +429,11 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
                     "of 4, which fused TBE kernels need; raise model.embedding_dim or use mult/add"
                 )
 
+    if e.kind == "auto":
+        _check_auto(errors, cfg)
+    elif e.memory_per_rank is not None:
+        errors.append(f"embeddings.memory_per_rank: applies to embeddings.kind=auto, got kind={e.kind!r}")
+
     if o.sparse.type == "adam" and not on_gpu:
         errors.append(
             "optimizer.sparse.type: fused 'adam' needs a GPU in fbgemm 1.8; on CPU use sgd, adagrad or "
@@ -455,6 +464,23 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
 
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors) if len(errors) > 1 else errors[0])
+
+
+def _check_auto(errors: list[str], cfg: TrainingConfig) -> None:
+    from torchrec_qr.distributed.compression_planner import parse_bytes  # imports this module's package
+
+    e = cfg.embeddings
+    if e.memory_per_rank is None:
+        errors.append("embeddings.memory_per_rank: embeddings.kind=auto needs a budget per rank, e.g. 8GiB")
+    else:
+        try:
+            parse_bytes(e.memory_per_rank)
+        except ValueError as err:
+            errors.append(f"embeddings.memory_per_rank: {err}")
+    if e.combine not in ("mult", "add"):
+        errors.append(f"embeddings.combine: kind=auto sizes mult or add tables, got {e.combine!r}")
+    if cfg.sharding.plan_file is not None:
+        errors.append("sharding.plan_file: kind=auto chooses tables and plan together for the budget; drop plan_file")
 
 
 def num_steps(cfg: TrainingConfig, train_rows: int) -> tuple[int, int]:

@@ -58,6 +58,9 @@ def table_configs(
     Without counts the hot ids are placeholders (the first ids): right shapes for plans and plan checks, which
     need no data; training passes the counts, and a checkpoint load restores its saved lists."""
     e = cfg.embeddings
+    if e.kind == "auto":
+        raise ValueError("embeddings.kind=auto: the tables depend on the world size and budget; "
+                         "use torchrec_qr.plan.budget_plan")
     full = logical_tables(num_embeddings, cfg.model.embedding_dim)
     if e.kind == "full":
         return full
@@ -78,7 +81,7 @@ def table_configs(
 def build_model(cfg: TrainingConfig, tables: list[EmbeddingBagConfig], dense_device: torch.device) -> DLRMTrain:
     """DLRMTrain (DLRM + BCE-with-logits loss) with embedding tables on ``meta``."""
     meta = torch.device("meta")
-    if cfg.embeddings.kind == "compositional":
+    if cfg.embeddings.kind in ("compositional", "auto"):
         ebc = CompositionalEmbeddingBagCollection(tables, is_weighted=False, device=meta)
     else:
         ebc = EmbeddingBagCollection(tables=tables, is_weighted=False, device=meta)
