@@ -40,7 +40,7 @@ from torchrec_qr import (
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import make_batches, parse_variants  # noqa: E402
+from common import allocator_state, make_batches, parse_variants  # noqa: E402
 
 VARIANTS = ("plain", "fused", "qr", "qr_fused")
 
@@ -133,7 +133,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, dim={args.dim}, "
         f"ids/feature={args.multi_hot}, QR collisions={args.collisions} (mult, per_id), SGD lr={args.lr}, "
-        f"warmup={args.warmup}, median of {args.iters} steps, load average {os.getloadavg()[0]:.1f}"
+        f"warmup={args.warmup}, median of {args.iters} steps, {allocator_state()}, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     header = (f"{'layout':>13} | {'variant':<8} | {'ms/step':>9} | {'min..max':>17} | {'vs plain':>8} | "
               f"{'vs fused':>8} | {'param MB':>9} | {'compression':>11}")

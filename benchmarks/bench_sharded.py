@@ -65,7 +65,7 @@ from torchrec_qr import CompositionalEmbeddingBagCollection, QuotientRemainder, 
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CollectiveCounter, git_state, make_batches, parse_variants  # noqa: E402
+from common import CollectiveCounter, allocator_state, git_state, make_batches, parse_variants  # noqa: E402
 from naive_compositional import NaiveCompositionalModel, naive_table_configs  # noqa: E402
 
 VARIANTS = ("plain", "naive", "qr", "qr_pooled", "qr_add", "qr_concat", "qr_sqrt")
@@ -263,7 +263,8 @@ def main() -> None:
             print(*a, flush=True)
 
     say(f"torch {torch.__version__}, torchrec_qr at {git_state()}, backend {dist.get_backend()}, world size {ws}, "
-        f"device {device.type}, threads/rank {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+        f"device {device.type}, threads/rank {torch.get_num_threads()}, {allocator_state()}, "
+        f"load average {os.getloadavg()[0]:.1f}")
     bag_sizes = [int(x) for x in str(args.ids_per_feature).split(",") if x]
     all_results = {}
     for ids_per_feature in bag_sizes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-__all__ = ["CollectiveCounter", "git_state", "make_batches", "parse_variants"]
+__all__ = ["CollectiveCounter", "allocator_state", "git_state", "make_batches", "parse_variants"]
 
 
 def git_state() -> str:
@@ -23,6 +24,12 @@ def git_state() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def allocator_state() -> str:
+    """Whether glibc keeps freed memory for reuse (``launch/cpu_allocator.sh``): it changes CPU step times a lot."""
+    tuned = os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    return "malloc tuned (launch/cpu_allocator.sh)" if tuned else "malloc default"
 
 
 def make_batches(num_tables: int, rows: int, batch: int, ids_per_bag: int, count: int, seed: int,
