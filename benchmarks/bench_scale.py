@@ -29,7 +29,7 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
+import sys
 import time
 from typing import Any
 
@@ -51,6 +51,9 @@ from torchrec_qr import CompositionalEmbeddingBagCollection, QuotientRemainder, 
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
 from torchrec_qr.distributed.compression_planner import CompressionPlan, CompressionPlanner
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import git_state  # noqa: E402
+
 # MLPerf DLRM v1 (Criteo Terabyte) rows per categorical feature, cat_0..cat_25, as in TorchRec's DLRM example
 # (--num_embeddings_per_feature): 177,944,275 rows in total.
 MLPERF_CARDINALITIES = [
@@ -58,16 +61,6 @@ MLPERF_CARDINALITIES = [
     4, 974, 14, 48937457, 11316796, 40094537, 452104, 12606, 104, 35,
 ]
 EBC_PATH = "model.sparse_arch.embedding_bag_collection"
-
-
-def git_state() -> str:
-    """``<commit>[-dirty]`` of the checkout the library is imported from (results depend on it)."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def memory_kib() -> dict[str, int]:
