@@ -34,7 +34,7 @@ from torchrec.datasets.criteo import (
     INT_FEATURE_COUNT,
 )
 
-__all__ = ["CriteoArrays", "parse_criteo_tsv", "load_criteo_file", "load_criteo_splits", "find_criteo_files"]
+__all__ = ["CriteoArrays", "iter_criteo_tsv", "parse_criteo_tsv", "load_criteo_file", "load_criteo_splits", "find_criteo_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +228,22 @@ def parse_criteo_tsv(
     if counter[0]:
         logger.warning("%s: skipped %d malformed lines", path, counter[0])
     return CriteoArrays(dense, sparse, labels, num_malformed=counter[0])
+
+
+def iter_criteo_tsv(
+    path: str | os.PathLike,
+    *,
+    max_ind_range: int | None = None,
+    cardinalities: Sequence[int] | None = None,
+    chunk_bytes: int = 16 << 20,
+) -> Iterator[CriteoArrays]:
+    """Parse one file chunk by chunk (memory stays at one chunk), for streaming consumers such as scoring.
+
+    The first malformed line raises a ValueError naming the file and its 1-based line number.
+    """
+    moduli = _moduli(max_ind_range, cardinalities)
+    for dense, sparse, labels in _iter_parsed(Path(path), moduli, False, chunk_bytes, [0]):
+        yield CriteoArrays(dense, sparse, labels)
 
 
 def _write_npy(path: Path, raw: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:

@@ -1,0 +1,164 @@
+"""The training app's models as serving artifacts: build from a run's config, fill from its checkpoint,
+quantize, export; and the reverse, an export directory back to a model that scores batches.
+
+The served model is the run's ``DLRM`` (``DLRMTrain.model``): ``model(dense, kjt)`` returns logits
+``[B, 1]``. Inputs are preprocessed as in training (DLRM's dense transform, the run's ``max_ind_range`` /
+cardinality moduli, and for hashed tables the run's ``id mod rows``): ``InputSpec`` carries those settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_qr.distributed.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
+from torchrec_qr.inference.artifact import CONFIG, load_artifact, storage_report, write_artifact
+from torchrec_qr.inference.modules import DTYPES, quantize_inference_model
+from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
+from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
+from torchrec_qr.train.config import CRITEO_NUM_DENSE, CRITEO_NUM_SPARSE, TrainingConfig, config_to_dict, load_config
+from torchrec_qr.train.data import HashIds
+from torchrec_qr.train.model import build_model, table_configs
+
+__all__ = ["InputSpec", "export_run", "float_model", "load_serving_model", "logical_rows"]
+
+logger = logging.getLogger(__name__)
+
+_PROBE_BATCH = 8
+
+
+@dataclass
+class InputSpec:
+    """How raw Criteo lines become model input, as the run's training did."""
+
+    max_ind_range: int | None
+    cardinalities: list[int] | None  # per-feature moduli applied while parsing (Criteo source only)
+    hash_rows: dict[str, int] | None  # hashed tables: feature -> rows (ids are taken mod rows)
+
+    @staticmethod
+    def of(cfg: TrainingConfig) -> "InputSpec":
+        d = cfg.data
+        cardinalities = d.num_embeddings_per_feature if d.source == "criteo" else None
+        hashed = None
+        if cfg.embeddings.kind == "hash":
+            hashed = {t.feature_names[0]: t.num_embeddings for t in table_configs(cfg, logical_rows(cfg))}
+        return InputSpec(d.max_ind_range, list(cardinalities) if cardinalities else None, hashed)
+
+    def transform(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        return HashIds(self.hash_rows).kjt(kjt) if self.hash_rows else kjt
+
+
+def logical_rows(cfg: TrainingConfig) -> list[int]:
+    """Each categorical feature's id range, as the training app derives it from the data config."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return list(d.synthetic.cardinalities)
+    if d.num_embeddings_per_feature:
+        return list(d.num_embeddings_per_feature)
+    if d.max_ind_range is None:
+        raise ValueError("data.max_ind_range or data.num_embeddings_per_feature must be set for Criteo data")
+    return [d.max_ind_range] * CRITEO_NUM_SPARSE
+
+
+def float_model(cfg: TrainingConfig) -> nn.Module:
+    """The run's ``DLRMTrain`` on CPU with real (randomly initialized) tables, ready for a checkpoint.
+
+    The training app builds tables on ``meta`` (DMP allocates the shards); here each embedding collection
+    is rebuilt on CPU from its own configs.
+    """
+    model = build_model(cfg, table_configs(cfg, logical_rows(cfg)), torch.device("cpu"))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (EmbeddingBagCollection, CompositionalEmbeddingBagCollection)) and module.device.type == "meta":
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, attr, type(module)(module.embedding_bag_configs(), is_weighted=module.is_weighted(), device="cpu"))
+    return model
+
+
+def _quantized(model: nn.Module, dtype: str) -> nn.Module:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
+    return quantize_inference_model(model, DTYPES[dtype]).eval()
+
+
+def _table_manifest(cfg: TrainingConfig, model: nn.Module) -> list[dict[str, Any]]:
+    """Per logical table: how it is stored, its physical tables (dtype, bytes), and fp32 full-table bytes."""
+    stored = {r["name"]: r for r in storage_report(model)}
+    out = []
+    for t in table_configs(cfg, logical_rows(cfg)):
+        if isinstance(t, CompositionalEmbeddingBagConfig):
+            kind = f"compositional {type(t.partition).__name__} {t.combine}"
+            physical = [stored[s.name] for s in t.sub_table_configs()]
+        else:
+            kind, physical = ("hashed" if cfg.embeddings.kind == "hash" else "full"), [stored[t.name]]
+        out.append({
+            "name": t.name, "features": list(t.feature_names), "rows": t.num_embeddings, "dim": t.embedding_dim,
+            "stored_as": kind, "storage": physical, "bytes": sum(p["bytes"] for p in physical),
+        })
+    return out
+
+
+def _probe(cfg: TrainingConfig, keys: list[str]) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+    """A fixed batch: in-range ids (one per feature and sample) and random dense rows."""
+    g = torch.Generator().manual_seed(0)
+    model_rows = {t.feature_names[0]: t.num_embeddings for t in table_configs(cfg, logical_rows(cfg))}
+    values = torch.cat([torch.randint(model_rows[k], (_PROBE_BATCH,), generator=g) for k in keys])
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys, values, torch.ones(len(keys) * _PROBE_BATCH, dtype=torch.int32))
+    return torch.rand(_PROBE_BATCH, CRITEO_NUM_DENSE, generator=g), kjt
+
+
+def export_run(run: str | Path, out: str | Path, dtype: str = "int8", checkpoint: str | Path | None = None) -> Path:
+    """Quantize a training run's latest checkpoint (any world size) and write a serving artifact.
+
+    Raises ValueError for an unknown dtype, a run without config or checkpoint, or a checkpoint that does
+    not match the config (the message names the table entry); FileExistsError if ``out`` exists.
+    """
+    run = Path(run)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
+    if Path(out).exists():
+        raise FileExistsError(f"{out} exists: choose another --out, or remove it first")
+    config_path = run / CONFIG
+    if not config_path.is_file():
+        raise ValueError(f"{run}: no {CONFIG}; pass a run directory written by python -m torchrec_qr.train")
+    cfg = load_config(config_path)
+    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run / "checkpoints"
+    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(root)
+    if path is None:
+        raise ValueError(f"{root}: no complete checkpoint; train with checkpoint.at_end=true or pass --checkpoint")
+    train_model = float_model(cfg)
+    load_checkpoint(path, train_model, restore_rng=False)
+    model = _quantized(train_model.model, dtype)
+    keys = [f for t in table_configs(cfg, logical_rows(cfg)) for f in t.feature_names]
+    tables = _table_manifest(cfg, model)
+    manifest = {
+        "dtype": dtype,
+        "run": str(run),
+        "checkpoint": str(path),
+        "step": checkpoint_step(path),
+        "input": asdict(InputSpec.of(cfg)),
+        "tables": tables,
+        "total_bytes": sum(t["bytes"] for t in tables),
+        "fp32_full_bytes": sum(4 * t["rows"] * t["dim"] for t in tables),
+        "config": config_to_dict(cfg),
+    }
+    return write_artifact(out, model, manifest, _probe(cfg, keys), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def load_serving_model(path: str | Path, prefer_torchscript: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """An export directory's model (TorchScript when present, else rebuilt from the config and the
+    quantized state dict), verified against its probe; and its manifest."""
+
+    def rebuild(manifest: dict[str, Any]) -> nn.Module:
+        cfg = load_config(Path(path) / CONFIG)
+        return _quantized(float_model(cfg).model, manifest["dtype"])
+
+    return load_artifact(path, rebuild, prefer_torchscript)
