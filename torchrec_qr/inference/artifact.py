@@ -31,6 +31,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTable
 from torch import nn
 from torch.export import Dim
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.tensor_types import UInt2Tensor, UInt4Tensor
 
 __all__ = [
     "FORMAT",
@@ -165,7 +166,8 @@ def load_artifact(
         model: nn.Module = torch.jit.load(str(root / SCRIPTED), map_location="cpu")
     else:
         model = rebuild(manifest)
-        model.load_state_dict(torch.load(root / WEIGHTS, map_location="cpu", weights_only=True))
+        with torch.serialization.safe_globals([UInt4Tensor, UInt2Tensor]):  # TorchRec's int4/int2 table buffers
+            model.load_state_dict(torch.load(root / WEIGHTS, map_location="cpu", weights_only=True))
     model.eval()
     probe = torch.load(root / PROBE, map_location="cpu", weights_only=True)
     got = _probe_logits(model, probe, manifest["feature_names"])
