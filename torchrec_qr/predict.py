@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
-from torchmetrics.functional.classification import binary_auroc
 from tqdm import tqdm
 
 from torchrec_qr.data.criteo import iter_criteo_tsv
-from torchrec_qr.data.dataloader import make_batch
-from torchrec_qr.inference.serving import InputSpec, load_serving_model
+from torchrec_qr.inference.serving import InputSpec, load_serving_model, log_loss_auc, score_rows
 
 EXIT_ERROR = 2
 
@@ -36,33 +32,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
-
-
-def score(model: torch.nn.Module, spec: InputSpec, keys: list[str], data: Path, batch_size: int,
-          progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and labels of every line of ``data``, in order."""
-    probs, labels = [], []
-    with torch.no_grad(), tqdm(unit=" lines", disable=not progress, file=sys.stderr) as bar:
-        for chunk in iter_criteo_tsv(data, max_ind_range=spec.max_ind_range, cardinalities=spec.cardinalities):
-            for start in range(0, len(chunk), batch_size):
-                part = chunk.slice(start, start + batch_size)
-                batch = make_batch(part.dense, part.sparse, part.labels, keys)
-                logits = model(batch.dense_features, spec.transform(batch.sparse_features))
-                probs.append(torch.sigmoid(logits.reshape(-1)).double().numpy())
-                labels.append(part.labels)
-                bar.update(len(part))
-    if not probs:
-        return np.zeros(0), np.zeros(0, dtype=np.float32)
-    return np.concatenate(probs), np.concatenate(labels)
-
-
-def metrics(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Log loss and AUC (nan when the labels hold one class only)."""
-    p = np.clip(probs, 1e-12, 1 - 1e-12)
-    log_loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
-    if labels.min() == labels.max():
-        return log_loss, math.nan
-    return log_loss, float(binary_auroc(torch.from_numpy(probs), torch.from_numpy(labels).long()))
 
 
 def _write_atomic(path: Path, probs: np.ndarray) -> None:
@@ -92,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{args.data}: no such file")
         model, manifest = load_serving_model(args.model)
         spec = InputSpec(**manifest["input"])
-        probs, labels = score(model, spec, manifest["feature_names"], Path(args.data), args.batch_size,
-                              not args.no_progress)
+        chunks = iter_criteo_tsv(args.data, max_ind_range=spec.max_ind_range, cardinalities=spec.cardinalities)
+        with tqdm(unit=" lines", disable=args.no_progress, file=sys.stderr) as bar:
+            probs, labels = score_rows(model, spec, manifest["feature_names"], chunks, args.batch_size, bar.update)
         if out is not None:
             _write_atomic(out, probs)
     except (ValueError, OSError) as e:
@@ -103,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is None:
         sys.stdout.writelines(f"{p:.6f}\n" for p in probs)
     if len(probs):
-        log_loss, auc = metrics(probs, labels)
+        log_loss, auc = log_loss_auc(probs, labels)
         print(f"Scored {len(probs):,} lines of {args.data} with {args.model} ({manifest['dtype']}): "
               f"log loss {log_loss:.5f}  AUC {auc:.5f}" + (f"  -> {out}" if out else ""), file=report)
     else:

@@ -9,16 +9,22 @@ cardinality moduli, and for hashed tables the run's ``id mod rows``): ``InputSpe
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
+from torchmetrics.functional.classification import binary_auroc
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_qr.data.criteo import CriteoArrays
+from torchrec_qr.data.dataloader import make_batch
 from torchrec_qr.distributed.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
 from torchrec_qr.inference.artifact import CONFIG, load_artifact, storage_report, write_artifact
 from torchrec_qr.inference.modules import DTYPES, quantize_inference_model
@@ -28,7 +34,15 @@ from torchrec_qr.train.config import CRITEO_NUM_DENSE, CRITEO_NUM_SPARSE, Traini
 from torchrec_qr.train.data import HashIds
 from torchrec_qr.train.model import build_model, table_configs
 
-__all__ = ["InputSpec", "export_run", "float_model", "load_serving_model", "logical_rows"]
+__all__ = [
+    "InputSpec",
+    "export_run",
+    "float_model",
+    "load_serving_model",
+    "log_loss_auc",
+    "logical_rows",
+    "score_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +176,38 @@ def load_serving_model(path: str | Path, prefer_torchscript: bool = True) -> tup
         return _quantized(float_model(cfg).model, manifest["dtype"])
 
     return load_artifact(path, rebuild, prefer_torchscript)
+
+
+def score_rows(
+    model: nn.Module,
+    spec: InputSpec,
+    keys: list[str],
+    chunks: Iterable[CriteoArrays],
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Click probabilities (float64) and labels of every row of ``chunks``, in order, scored in batches;
+    ``on_batch(rows)`` after each batch (progress)."""
+    probs, labels = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            for start in range(0, len(chunk), batch_size):
+                part = chunk.slice(start, start + batch_size)
+                batch = make_batch(part.dense, part.sparse, part.labels, keys)
+                logits = model(batch.dense_features, spec.transform(batch.sparse_features))
+                probs.append(torch.sigmoid(logits.reshape(-1)).double().numpy())
+                labels.append(np.asarray(part.labels, dtype=np.float32))
+                if on_batch is not None:
+                    on_batch(len(part))
+    if not probs:
+        return np.zeros(0), np.zeros(0, dtype=np.float32)
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def log_loss_auc(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Log loss and AUC (nan when the labels hold one class only)."""
+    p = np.clip(probs, 1e-12, 1 - 1e-12)
+    log_loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    if labels.min() == labels.max():
+        return log_loss, math.nan
+    return log_loss, float(binary_auroc(torch.from_numpy(probs), torch.from_numpy(labels).long()))
