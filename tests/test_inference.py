@@ -138,6 +138,9 @@ def test_quantized_lookups_match_dequantized_rows_composed_here(dtype, pooling, 
         out = q(kjt)
         assert out.keys() == module(kjt).keys() and out.length_per_key() == module(kjt).length_per_key()
         torch.testing.assert_close(out.values(), reference_forward(deq, tables, bags, weights), atol=1e-5, rtol=1e-4)
+    ids = torch.arange(0, 60, 7)
+    expected = torch.stack([reference_row(deq, tables[1], int(i)) for i in ids])
+    torch.testing.assert_close(q.embedding_rows("mult", ids), expected, atol=1e-6, rtol=1e-5)
     if dtype != "fp32":  # quantization really happened: the float rows differ from the stored ones
         assert not torch.equal(deq[f"{TABLES}mult__p0.weight"], sd[f"{TABLES}mult__p0.weight"])
 

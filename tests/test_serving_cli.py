@@ -34,6 +34,19 @@ def trained(tmp_path_factory) -> tuple[Path, dict, Path]:
     return out / "tiny", summary, test
 
 
+@pytest.fixture(scope="module")
+def hashed(tmp_path_factory) -> tuple[Path, dict, Path]:
+    """A hashed-table run at world size 1 (no torchrun): serving must hash ids as training did."""
+    out, cache = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("data")
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "synthetic_hash.yaml")
+    result = _run([sys.executable, "-m", "torchrec_qr.train", "--config", config, *_tiny(out, cache, "hash")], 300)
+    summary = _summary(out / "hash", result)
+    lines = next(cache.glob("synthetic-*/day_2.tsv")).read_bytes().splitlines(keepends=True)
+    test = tmp_path_factory.mktemp("tsv") / "test.tsv"
+    test.write_bytes(b"".join(lines[len(lines) // 2 :]))
+    return out / "hash", summary, test
+
+
 def _export(run: Path, out: Path, dtype: str) -> dict:
     rc, stdout, stderr = _run([sys.executable, "-m", "torchrec_qr.export", "--run", str(run), "--dtype", dtype,
                                "--out", str(out)], timeout=300)
@@ -81,6 +94,17 @@ def test_export_then_predict_matches_training_metrics(trained, tmp_path, dtype, 
         stdout, stderr = _predict(tmp_path / "model", test, None)
         np.testing.assert_array_equal(np.array(stdout.split(), dtype=float), probs)
         assert _reported(stderr) == (log_loss, auc)
+
+
+def test_hashed_run_serves_with_its_hashing(hashed, tmp_path):
+    run, summary, test = hashed
+    manifest = _export(run, tmp_path / "model", "fp32")
+    assert manifest["input"]["hash_rows"]["cat_25"] == 3000  # ceil(12000 / 4)
+    assert {t["stored_as"] for t in manifest["tables"]} == {"full", "hashed"}
+    stdout, _ = _predict(tmp_path / "model", test, tmp_path / "preds.tsv")
+    log_loss, auc = _reported(stdout)
+    assert log_loss == pytest.approx(summary["metrics"]["test"]["log_loss"], abs=1e-4)
+    assert auc == pytest.approx(summary["metrics"]["test"]["auc"], abs=1e-4)
 
 
 def _fails(main, argv: list[str], capsys, *expected: str) -> None:

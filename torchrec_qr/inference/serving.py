@@ -32,7 +32,7 @@ from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmb
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
 from torchrec_qr.train.config import CRITEO_NUM_DENSE, CRITEO_NUM_SPARSE, TrainingConfig, config_to_dict, load_config
 from torchrec_qr.train.data import HashIds
-from torchrec_qr.train.model import build_model, table_configs
+from torchrec_qr.train.model import build_model, logical_tables, table_configs
 
 __all__ = [
     "InputSpec",
@@ -104,18 +104,19 @@ def _quantized(model: nn.Module, dtype: str) -> nn.Module:
 
 
 def _table_manifest(cfg: TrainingConfig, model: nn.Module) -> list[dict[str, Any]]:
-    """Per logical table: how it is stored, its physical tables (dtype, bytes), and fp32 full-table bytes."""
+    """Per logical table: how it is stored, its physical tables (dtype, bytes)."""
     stored = {r["name"]: r for r in storage_report(model)}
+    rows = logical_rows(cfg)
     out = []
-    for t in table_configs(cfg, logical_rows(cfg)):
+    for logical, t in zip(logical_tables(rows, cfg.model.embedding_dim), table_configs(cfg, rows)):
         if isinstance(t, CompositionalEmbeddingBagConfig):
             kind = f"compositional {type(t.partition).__name__} {t.combine}"
             physical = [stored[s.name] for s in t.sub_table_configs()]
         else:
-            kind, physical = ("hashed" if cfg.embeddings.kind == "hash" else "full"), [stored[t.name]]
+            kind, physical = ("hashed" if t.num_embeddings < logical.num_embeddings else "full"), [stored[t.name]]
         out.append({
-            "name": t.name, "features": list(t.feature_names), "rows": t.num_embeddings, "dim": t.embedding_dim,
-            "stored_as": kind, "storage": physical, "bytes": sum(p["bytes"] for p in physical),
+            "name": t.name, "features": list(t.feature_names), "rows": logical.num_embeddings,
+            "dim": t.embedding_dim, "stored_as": kind, "storage": physical, "bytes": sum(p["bytes"] for p in physical),
         })
     return out
 
