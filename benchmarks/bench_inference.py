@@ -6,9 +6,9 @@
 2. Test log loss and AUC of the float model (the run's checkpoint, unsharded) and of each dtype, on the
    run's test split.
 3. Scoring throughput of the int8 compositional model vs an int8 plain-EBC model of the same logical tables
-   (full tables, TorchRec's QuantEmbeddingBagCollection; random weights: only speed is compared), timed
-   round-robin over the same test batches, median of ``--rounds``; the load average is printed before and
-   after, since a shared machine slows both sides unevenly.
+   (full tables, TorchRec's QuantEmbeddingBagCollection; random weights: only speed is compared), whole
+   model and embedding collection alone, alternating batch by batch over the same test batches, median of
+   ``--rounds``; the load average is printed before and after, since a shared machine slows runs unevenly.
 """
 
 from __future__ import annotations
@@ -102,22 +102,30 @@ def main() -> None:
         batch = make_batch(part.dense, part.sparse, part.labels, keys)
         batches.append((batch.dense_features, batch.sparse_features))
     rows = sum(d.shape[0] for d, _ in batches)
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    print(f"\n== throughput: {len(batches)} batches of {args.batch}, {args.rounds} rounds round-robin; before: {_load()} ==")
+    # The whole model, and its embedding collection alone (what the compositional forward adds).
+    calls = {name: (lambda d, k, m=m: m(d, k)) for name, m in contenders.items()}
+    calls.update({f"{name}, collection only": (lambda d, k, m=m: m.sparse_arch.embedding_bag_collection(k))
+                  for name, m in contenders.items()})
+    times = {name: [0.0] * args.rounds for name in calls}
+    print(f"\n== throughput: {len(batches)} batches of {args.batch}, {args.rounds} rounds, contenders alternating "
+          f"batch by batch; before: {_load()} ==")
     with torch.no_grad():
-        for name, m in contenders.items():  # warm-up (TorchRec's QuantEBC caches its feature order)
-            m(*batches[0])
-        for _ in range(args.rounds):
-            for name, m in contenders.items():
-                start = time.perf_counter()
-                for dense, kjt in batches:
-                    m(dense, kjt)
-                times[name].append(time.perf_counter() - start)
+        for call in calls.values():  # warm-up (TorchRec's QuantEBC caches its feature order)
+            call(*batches[0])
+        for r in range(args.rounds):
+            for i, (dense, kjt) in enumerate(batches):
+                order = list(calls.items()) if (r + i) % 2 == 0 else list(calls.items())[::-1]
+                for name, call in order:
+                    start = time.perf_counter()
+                    call(dense, kjt)
+                    times[name][r] += time.perf_counter() - start
     rate = {name: rows / statistics.median(t) for name, t in times.items()}
     for name, r in rate.items():
-        print(f"{name:<20} {r:>12,.0f} samples/s (median of {args.rounds})")
-    print(f"compositional / plain EBC throughput: {rate['compositional int8'] / rate['plain EBC int8']:.2f}x "
-          f"(measured under load; after: {_load()})")
+        print(f"{name:<36} {r:>12,.0f} samples/s (median of {args.rounds})")
+    for suffix in ("", ", collection only"):
+        ratio = rate[f"compositional int8{suffix}"] / rate[f"plain EBC int8{suffix}"]
+        print(f"compositional / plain EBC{suffix}: {ratio:.2f}x")
+    print(f"(measured under load on a shared machine; after: {_load()})")
 
 
 if __name__ == "__main__":

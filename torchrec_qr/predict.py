@@ -25,7 +25,8 @@ EXIT_ERROR = 2
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m torchrec_qr.predict", description=__doc__.splitlines()[2])
+    parser = argparse.ArgumentParser(prog="python -m torchrec_qr.predict",
+                                     description="Score Criteo TSV lines with an exported model.")
     parser.add_argument("--model", required=True, help="export directory (python -m torchrec_qr.export)")
     parser.add_argument("--data", required=True, help="Criteo TSV file (optionally .gz)")
     parser.add_argument("--out", help="file to write, one probability per line (must not exist; default stdout)")

@@ -106,7 +106,8 @@ class QuantBatchedEmbeddingBags(nn.Module):
         for group in self._groups:
             emb = IntNBitTableBatchedEmbeddingBagsCodegen(
                 embedding_specs=[
-                    (t.name, t.num_embeddings, t.embedding_dim, data_type_to_sparse_type(self.data_types[t.name]), location)
+                    (t.name, t.num_embeddings, t.embedding_dim, data_type_to_sparse_type(self.data_types[t.name]),
+                     location)
                     for t in group
                 ],
                 feature_table_map=[i for i, t in enumerate(group) for _ in t.feature_names],
@@ -148,7 +149,7 @@ class QuantBatchedEmbeddingBags(nn.Module):
 
     def table_bytes(self) -> dict[str, int]:
         """Bytes each table occupies in its kernel (padded rows, scale/bias included)."""
-        return {name: holder.weight.numel() * holder.weight.element_size() for name, holder in self.embedding_bags.items()}
+        return {name: h.weight.numel() * h.weight.element_size() for name, h in self.embedding_bags.items()}
 
     def table_weights(self) -> dict[str, torch.Tensor]:
         """Each table's dequantized ``[rows, dim]`` float rows (what the kernel pools)."""

@@ -89,11 +89,12 @@ def float_model(cfg: TrainingConfig) -> nn.Module:
     is rebuilt on CPU from its own configs.
     """
     model = build_model(cfg, table_configs(cfg, logical_rows(cfg)), torch.device("cpu"))
+    collections = (EmbeddingBagCollection, CompositionalEmbeddingBagCollection)
     for name, module in list(model.named_modules()):
-        if isinstance(module, (EmbeddingBagCollection, CompositionalEmbeddingBagCollection)) and module.device.type == "meta":
+        if isinstance(module, collections) and module.device.type == "meta":
             parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, attr, type(module)(module.embedding_bag_configs(), is_weighted=module.is_weighted(), device="cpu"))
+            cpu = type(module)(module.embedding_bag_configs(), is_weighted=module.is_weighted(), device="cpu")
+            setattr(model.get_submodule(parent_name), attr, cpu)
     return model
 
 
