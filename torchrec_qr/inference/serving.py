@@ -171,7 +171,8 @@ def export_run(run: str | Path, out: str | Path, dtype: str = "int8", checkpoint
 
 def load_serving_model(path: str | Path, prefer_torchscript: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """An export directory's model (TorchScript when present, else rebuilt from the config and the
-    quantized state dict), verified against its probe; and its manifest."""
+    quantized state dict: the rebuild briefly allocates the float tables it quantizes), verified against
+    its probe; and its manifest."""
 
     def rebuild(manifest: dict[str, Any]) -> nn.Module:
         cfg = load_config(Path(path) / CONFIG)
