@@ -20,6 +20,7 @@ import yaml
 from test_train_run import _run, _summary, _tiny, _torchrun
 
 from torchrec_qr import export, predict
+from torchrec_qr.data.criteo import iter_criteo_tsv
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +152,28 @@ def test_predict_bad_inputs(trained, tmp_path, capsys):
     _fails(predict.main, ["--model", str(model), "--data", str(test), "--out", str(tmp_path / "p2")], capsys,
            "weights.pt: missing or altered")
     shutil.rmtree(model)
+
+
+def test_predict_unlabeled_lines(trained, tmp_path, capsys):
+    """Criteo's test files have no label field: same probabilities as the labeled lines, no metrics."""
+    run, _, test = trained
+    model = tmp_path / "model"
+    assert export.main(["--run", str(run), "--out", str(model)]) == 0
+    lines = test.read_text().splitlines(keepends=True)[:300]
+    labeled, unlabeled = tmp_path / "labeled.tsv", tmp_path / "unlabeled.tsv"
+    labeled.write_text("".join(lines))
+    unlabeled.write_text("".join(line.split("\t", 1)[1] for line in lines))
+    (a,), (b,) = iter_criteo_tsv(labeled), iter_criteo_tsv(unlabeled, labeled=False)
+    np.testing.assert_array_equal(a.sparse, b.sparse)
+    np.testing.assert_array_equal(a.dense, b.dense)
+    assert not b.labels.any()
+    for path, out in ((labeled, "a.tsv"), (unlabeled, "b.tsv")):
+        assert predict.main(["--model", str(model), "--data", str(path), "--out", str(tmp_path / out)]) == 0
+    report = capsys.readouterr().out
+    assert "(no labels: no log loss or AUC)" in report and report.count("  AUC 0.") == 1
+    assert (tmp_path / "a.tsv").read_text() == (tmp_path / "b.tsv").read_text()
+    broken = tmp_path / "broken.tsv"
+    fields = lines[4].split("\t")[1:]
+    fields[20] = "xyz"  # column 21 of an unlabeled line: cat_7
+    broken.write_text("".join(line.split("\t", 1)[1] for line in lines[:4]) + "\t".join(fields))
+    _fails(predict.main, ["--model", str(model), "--data", str(broken)], capsys, f"{broken}:5: column 21 (cat_7)")

@@ -1,14 +1,16 @@
 """``python -m torchrec_qr.predict --model DIR --data file.tsv [--out preds.tsv]``.
 
-Scores Criteo-format lines (label, 13 integers, 26 hex ids) with an exported model, in batches, and writes
-one click probability per input line, in order: to ``--out`` (written to a temporary file, renamed only
-when every line was scored) or, without it, to stdout once every line was scored. Prints the log loss and
-AUC against the lines' labels. A malformed line stops scoring with its file:line; nothing is written.
+Scores Criteo-format lines (label, 13 integers, 26 hex ids; or without the label, as in Criteo's test files)
+with an exported model, in batches, and writes one click probability per input line, in order: to ``--out``
+(written to a temporary file, renamed only when every line was scored) or, without it, to stdout once every
+line was scored. Prints the log loss and AUC when the lines have labels. A malformed line stops scoring with
+its file:line; nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import logging
 import os
 import sys
@@ -16,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from torchrec.datasets.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
 from tqdm import tqdm
 
 from torchrec_qr.data.criteo import iter_criteo_tsv
@@ -33,6 +36,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
+
+
+def has_labels(path: Path) -> bool:
+    """Whether the file's lines start with a label: its first line does not have the label-less field count."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        first = f.readline()
+    return first.count(b"\t") != INT_FEATURE_COUNT + CAT_FEATURE_COUNT - 1
 
 
 def _write_atomic(path: Path, probs: np.ndarray) -> None:
@@ -62,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{args.data}: no such file")
         model, manifest = load_serving_model(args.model)
         spec = InputSpec(**manifest["input"])
-        chunks = iter_criteo_tsv(args.data, max_ind_range=spec.max_ind_range, cardinalities=spec.cardinalities)
+        labeled = has_labels(Path(args.data))
+        chunks = iter_criteo_tsv(args.data, max_ind_range=spec.max_ind_range, cardinalities=spec.cardinalities,
+                                 labeled=labeled)
         with tqdm(unit=" lines", disable=args.no_progress, file=sys.stderr) as bar:
             probs, labels = score_rows(model, spec, manifest["feature_names"], chunks, args.batch_size, bar.update)
         if out is not None:
@@ -73,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     report = sys.stdout if out is not None else sys.stderr
     if out is None:
         sys.stdout.writelines(f"{p:.6f}\n" for p in probs)
-    if len(probs):
+    scored = f"Scored {len(probs):,} lines of {args.data} with {args.model} ({manifest['dtype']})"
+    if len(probs) and labeled:
         log_loss, auc = log_loss_auc(probs, labels)
-        print(f"Scored {len(probs):,} lines of {args.data} with {args.model} ({manifest['dtype']}): "
-              f"log loss {log_loss:.5f}  AUC {auc:.5f}" + (f"  -> {out}" if out else ""), file=report)
-    else:
-        print(f"{args.data}: no lines to score", file=report)
+        scored += f": log loss {log_loss:.5f}  AUC {auc:.5f}"
+    elif len(probs):
+        scored += " (no labels: no log loss or AUC)"
+    print(scored + (f"  -> {out}" if out else ""), file=report)
     return 0
 
 
