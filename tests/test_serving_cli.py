@@ -127,7 +127,8 @@ def test_export_bad_inputs(trained, tmp_path, capsys):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["embeddings"]["collisions"] = 8
     (other / "config.yaml").write_text(yaml.safe_dump(cfg))
-    _fails(export.main, ["--run", str(other), "--out", str(out)], capsys, "t_cat_", "__p0.weight", "shape")
+    _fails(export.main, ["--run", str(other), "--out", str(out)], capsys,
+           "does not match", "t_cat_", "__p0.weight", "shape")
     assert not out.exists() and not list(tmp_path.glob(".model*"))
     out.mkdir()
     _fails(export.main, ["--run", str(run), "--out", str(out)], capsys, f"{out} exists")

@@ -77,12 +77,18 @@ class QuantCompositionalEmbeddingBagCollection(CompositionalEmbeddingBagCollecti
 
     Example::
 
+        tables = compress(
+            [EmbeddingBagConfig(name="t1", num_embeddings=1_000_000, embedding_dim=64, feature_names=["f1"])],
+            partition=QuotientRemainder(collisions=100),
+        )
+        cebc = CompositionalEmbeddingBagCollection(tables)
         cebc.qconfig = QuantConfig(
             activation=torch.quantization.PlaceholderObserver.with_args(dtype=torch.float),
             weight=torch.quantization.PlaceholderObserver.with_args(dtype=torch.int8),
         )
         qcebc = QuantCompositionalEmbeddingBagCollection.from_float(cebc)
-        kt = qcebc(kjt)  # same keys and dims as cebc(kjt)
+        kt = qcebc(KeyedJaggedTensor.from_lengths_sync(["f1"], torch.tensor([3, 999_999]), torch.tensor([1, 1])))
+        kt["f1"].shape  # torch.Size([2, 64]), as cebc's; qcebc.table_bytes(): {'t1__p0': 800000, 't1__p1': 8000}
     """
 
     def __init__(

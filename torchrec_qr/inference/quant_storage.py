@@ -76,10 +76,12 @@ class QuantBatchedEmbeddingBags(nn.Module):
 
     Example::
 
-        storage = QuantBatchedEmbeddingBags.from_float(
-            cebc._embedding_bag_collection, {t.name: DataType.INT8 for t in cebc._embedding_bag_collection.tables},
-            is_weighted=False,
+        float_storage = BatchedEmbeddingBags(
+            [EmbeddingBagConfig(name="t1", num_embeddings=100, embedding_dim=16, feature_names=["f1"])]
         )
+        storage = QuantBatchedEmbeddingBags.from_float(float_storage, {"t1": DataType.INT8}, is_weighted=False)
+        storage(KeyedJaggedTensor.from_lengths_sync(["f1"], torch.tensor([3, 7]), torch.tensor([1, 1]))).shape
+        # torch.Size([2, 16]); storage.table_bytes(): {'t1': 3200}
     """
 
     def __init__(

@@ -151,7 +151,11 @@ def export_run(run: str | Path, out: str | Path, dtype: str = "int8", checkpoint
     if path is None:
         raise ValueError(f"{root}: no complete checkpoint; train with checkpoint.at_end=true or pass --checkpoint")
     train_model = float_model(cfg)
-    load_checkpoint(path, train_model, restore_rng=False)
+    try:
+        load_checkpoint(path, train_model, restore_rng=False)
+    except ValueError as e:
+        raise ValueError(f"the checkpoint does not match {config_path} (edited config, or another run's "
+                         f"checkpoint?): {e}") from e
     model = _quantized(train_model.model, dtype)
     keys = [f for t in table_configs(cfg, logical_rows(cfg)) for f in t.feature_names]
     tables = _table_manifest(cfg, model)
