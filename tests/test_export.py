@@ -11,9 +11,9 @@ import random
 
 import pytest
 import torch
-from conftest import make_kjt, random_bags
+from conftest import make_kjt, random_bags, random_weights
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.models.dlrm import DLRM
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from test_inference import mixed_tables, quantized
@@ -57,11 +57,15 @@ def model_and_batch(compositional: bool, batch: int = 3, seed: int = 0):
     return model, torch.randn(batch, 3), kjt
 
 
-def test_quantized_storage_scripts_and_round_trips(tmp_path):
-    q = quantized(CompositionalEmbeddingBagCollection(tables(), is_weighted=False), "int8")
+@pytest.mark.parametrize("weighted", [False, True])
+def test_quantized_storage_scripts_and_round_trips(tmp_path, weighted):
+    ts = tables() + [t for t in mixed_tables(PoolingType.MEAN) if t.name == "add"]  # two pooling groups
+    ts[-1].name, ts[-1].feature_names = "add_mean", ["a_mean"]
+    q = quantized(CompositionalEmbeddingBagCollection(ts, is_weighted=weighted), "int8")
     storage = StorageOnly(q._embedding_bag_collection)
     physical = {f: t.num_embeddings for t in q._embedding_bag_collection.tables for f in t.feature_names}
-    kjt = make_kjt(random_bags(random.Random(0), physical, 4))
+    bags = random_bags(random.Random(0), physical, 4)
+    kjt = make_kjt(bags, random_weights(random.Random(1), bags) if weighted else None)
     scripted = script_model(storage)
     torch.jit.save(scripted, str(tmp_path / "s.pt"))
     loaded = torch.jit.load(str(tmp_path / "s.pt"))

@@ -174,7 +174,8 @@ class QuantBatchedEmbeddingBags(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         per_group = features.split(self._features_per_group) if len(self._groups) > 1 else [features]
         outs: list[torch.Tensor] = []
-        for kjt, emb in zip(per_group, self._emb_modules):
+        for i, emb in enumerate(self._emb_modules):  # indexed, not zipped: fx cannot iterate a traced split
+            kjt = per_group[i]
             indices, offsets = _unwrap_kjt(kjt)
             outs.append(
                 emb(indices=indices, offsets=offsets, per_sample_weights=kjt.weights() if self._is_weighted else None)
