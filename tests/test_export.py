@@ -117,7 +117,7 @@ def _artifact_round_trip(tmp_path, compositional: bool):
     expected = q(dense5, kjt5)
     manifest = json.loads((out / "manifest.json").read_text())
     for prefer in ([True, False] if manifest["torchscript"] else [False]):
-        loaded, m = load_artifact(out, rebuild, prefer_torchscript=prefer)
+        loaded, _ = load_artifact(out, rebuild, prefer_torchscript=prefer)
         assert torch.equal(loaded(dense5, kjt5), expected)
     return out, manifest, rebuild
 
@@ -127,6 +127,14 @@ def test_artifact_round_trip_state_dict_and_checks(tmp_path):
     assert set(manifest["sha256"]) >= {"weights.pt", "probe.pt", "config.yaml"}
     with pytest.raises(FileExistsError, match="exists"):
         write_artifact(out, nn.Linear(1, 1), {}, (torch.zeros(1, 3), make_kjt({"g": [[1]]})), "")
+
+    def drifted(manifest):  # a model that loads the weights but computes something else
+        model = rebuild(manifest)
+        model.register_forward_hook(lambda module, inputs, output: output + 1e-3)
+        return model
+
+    with pytest.raises(ArtifactError, match="does not reproduce the exported logits"):
+        load_artifact(out, drifted)
     probe = torch.load(out / "probe.pt")
     probe["logits"] += 1
     torch.save(probe, out / "probe.pt")
