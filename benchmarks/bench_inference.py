@@ -2,7 +2,8 @@
 
     python benchmarks/bench_inference.py --run runs/<name> [--threads 1] [--batch 4096] [--rounds 5]
 
-1. Bytes per table (FBGEMM int-N kernels, rows padded to 16 bytes) at fp32 / fp16 / int8 / int4.
+1. Bytes per table (FBGEMM int-N kernels, rows padded to 16 bytes) at fp32 / fp16 / int8 / int4, and int8
+   with row alignment 1 (unpadded rows, which FBGEMM's CPU kernels take).
 2. Test log loss and AUC of the float model (the run's checkpoint, unsharded) and of each dtype, on the
    run's test split.
 3. Scoring throughput of the int8 compositional model vs an int8 plain-EBC model of the same logical tables
@@ -83,8 +84,10 @@ def main() -> None:
     load_checkpoint(latest_checkpoint(run / "checkpoints"), trained, restore_rng=False)
     dlrm = trained.model.eval()
     models = {d: quantize_inference_model(copy.deepcopy(dlrm), DTYPES[d]).eval() for d in DTYPES}
-    print(f"run {run}, {_load()}, {args.threads} thread(s)\n\n== bytes per table ==")
-    _bytes_table(models, cfg)
+    packed = quantize_inference_model(copy.deepcopy(dlrm), torch.int8, row_alignment=1)
+    print(f"run {run}, {_load()}, {args.threads} thread(s)\n\n== bytes per table (rows padded to 16 bytes; "
+          "int8/a1: row alignment 1, CPU kernels) ==")
+    _bytes_table({**models, "int8/a1": packed}, cfg)
 
     print(f"\n== test split ({len(splits.test):,} rows) ==")
     base = log_loss_auc(*score_rows(dlrm, spec, keys, [splits.test], 8192))

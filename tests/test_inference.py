@@ -184,6 +184,15 @@ def test_bad_inputs_name_the_table():
         quantize_inference_model(module)
 
 
+def dlrm_tables():
+    """``mixed_tables`` at one width (DLRM's interaction needs it)."""
+    return [t for t in mixed_tables() if t.name != "plain"] + [
+        EmbeddingBagConfig(name="plain", num_embeddings=13, embedding_dim=D, feature_names=["g"])]
+
+
+SIDE = [EmbeddingBagConfig(name="side", num_embeddings=20, embedding_dim=D, feature_names=["s"])]
+
+
 def dlrm(tables, ebc_tables):
     """A DLRM whose sparse arch holds a compositional collection, plus a plain EBC elsewhere in the model."""
     model = DLRM(embedding_bag_collection=CompositionalEmbeddingBagCollection(tables), dense_in_features=3,
@@ -194,9 +203,8 @@ def dlrm(tables, ebc_tables):
 
 @pytest.mark.parametrize("entry", ["torchrec", "ours"])
 def test_quantize_inference_model_converts_every_collection(entry):
-    tables = [t for t in mixed_tables() if t.name != "plain"] + [
-        EmbeddingBagConfig(name="plain", num_embeddings=13, embedding_dim=D, feature_names=["g"])]
-    model = dlrm(tables, [EmbeddingBagConfig(name="side", num_embeddings=20, embedding_dim=D, feature_names=["s"])])
+    tables = dlrm_tables()
+    model = dlrm(tables, SIDE)
     kjt = make_kjt(random_bags(random.Random(1), {f: t.num_embeddings for t in tables for f in t.feature_names}, 3))
     dense = torch.randn(3, 3)
     expected = model(dense, kjt)
@@ -216,3 +224,18 @@ def test_quantize_inference_model_converts_every_collection(entry):
     assert all(model.state_dict()[k].dtype == torch.uint8 for k in table_keys)
     assert {n.split(".")[0] for n, _ in cebc.named_parameters()} == {"_path_functions"}
     torch.testing.assert_close(model(dense, kjt), expected, atol=0.02, rtol=0.05)
+
+
+def test_row_alignment_sets_bytes_not_values():
+    tables = dlrm_tables()
+    models = {}
+    for alignment in (16, 1):
+        torch.manual_seed(0)
+        models[alignment] = quantize_inference_model(dlrm(tables, SIDE), row_alignment=alignment)
+    small, padded = (models[a].sparse_arch.embedding_bag_collection for a in (1, 16))
+    assert small.table_bytes()["mult__p0"] == 15 * (D + 4) and padded.table_bytes()["mult__p0"] == 15 * 16
+    kjt = make_kjt(random_bags(random.Random(2), {f: t.num_embeddings for t in tables for f in t.feature_names}, 4))
+    dense = torch.randn(4, 3)
+    assert torch.equal(models[1](dense, kjt), models[16](dense, kjt))
+    with pytest.raises(ValueError, match="row_alignment"):
+        quantize_inference_model(dlrm(tables, SIDE), row_alignment=0)

@@ -48,9 +48,9 @@ def hashed(tmp_path_factory) -> tuple[Path, dict, Path]:
     return out / "hash", summary, test
 
 
-def _export(run: Path, out: Path, dtype: str) -> dict:
+def _export(run: Path, out: Path, dtype: str, row_alignment: int = 16) -> dict:
     rc, stdout, stderr = _run([sys.executable, "-m", "torchrec_qr.export", "--run", str(run), "--dtype", dtype,
-                               "--out", str(out)], timeout=300)
+                               "--out", str(out), "--row-alignment", str(row_alignment)], timeout=300)
     assert rc == 0, stderr[-3000:]
     assert f"to {out} as {dtype}" in stdout
     return json.loads((out / "manifest.json").read_text())
@@ -69,14 +69,15 @@ def _reported(text: str) -> tuple[float, float]:
     return float(words[words.index("loss") + 1]), float(words[words.index("AUC") + 1])
 
 
-@pytest.mark.parametrize("dtype, tol", [("fp32", 1e-4), ("int8", 1e-3)])
-def test_export_then_predict_matches_training_metrics(trained, tmp_path, dtype, tol):
+# D=16 rows: fp32 64 B; int8 16 + 4 B scale/bias (unpadded with row alignment 1)
+@pytest.mark.parametrize("dtype, tol, row_alignment, row_bytes", [("fp32", 1e-4, 16, 64), ("int8", 1e-3, 1, 20)])
+def test_export_then_predict_matches_training_metrics(trained, tmp_path, dtype, tol, row_alignment, row_bytes):
     run, summary, test = trained
-    manifest = _export(run, tmp_path / "model", dtype)
+    manifest = _export(run, tmp_path / "model", dtype, row_alignment)
+    assert manifest["row_alignment"] == row_alignment
     assert manifest["step"] == summary["steps"] and manifest["checkpoint"].endswith(f"step_{summary['steps']:06d}")
     assert manifest["config"] == yaml.safe_load((run / "config.yaml").read_text())
     assert len(manifest["tables"]) == 26 and {p["dtype"] for t in manifest["tables"] for p in t["storage"]} == {dtype.upper()}
-    row_bytes = {"fp32": 64, "int8": 32}[dtype]  # D=16: 64 B; int8: 16 + 4 B scale/bias padded to 32
     for t in manifest["tables"]:
         assert t["bytes"] == sum(p["rows"] * row_bytes for p in t["storage"])
     qr = next(t for t in manifest["tables"] if t["name"] == "t_cat_25")

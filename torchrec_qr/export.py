@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from torchrec_qr.inference.modules import DTYPES
+from torchrec_qr.inference.quant_storage import DEFAULT_ROW_ALIGNMENT
 from torchrec_qr.inference.serving import export_run
 from torchrec_qr.train.memory import format_bytes
 
@@ -28,6 +29,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="int8", help=f"embedding weight dtype: {' | '.join(DTYPES)} (default int8)")
     parser.add_argument("--out", required=True, help="export directory to create (must not exist)")
     parser.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+    parser.add_argument("--row-alignment", type=int, default=DEFAULT_ROW_ALIGNMENT,
+                        help="pad rows to a multiple of this many bytes (default 16, as TorchRec; 1 is smallest on CPU)")
     return parser.parse_args(argv)
 
 
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     try:
-        out = export_run(args.run, args.out, args.dtype, args.checkpoint)
+        out = export_run(args.run, args.out, args.dtype, args.checkpoint, args.row_alignment)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR

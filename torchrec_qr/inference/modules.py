@@ -19,7 +19,8 @@ from torch import nn
 from torchrec.inference.modules import DEFAULT_QUANT_MAPPING, trim_torch_package_prefix_from_typename
 from torchrec.inference.modules import quantize_inference_model as _torchrec_quantize_inference_model
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, QuantConfig, dtype_to_data_type
-from torchrec.quant.embedding_modules import MODULE_ATTR_ROW_ALIGNMENT_INT
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.quant.embedding_modules import MODULE_ATTR_ROW_ALIGNMENT_INT, quant_prep_customize_row_alignment
 
 from torchrec_qr.inference.quant_storage import DEFAULT_ROW_ALIGNMENT, QuantBatchedEmbeddingBags
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
@@ -170,18 +171,26 @@ def quantize_inference_model(
     dtype: torch.dtype = torch.int8,
     per_table_weight_dtype: Mapping[str, torch.dtype] | None = None,
     quantization_mapping: Mapping[str, type[nn.Module]] | None = None,
+    row_alignment: int = DEFAULT_ROW_ALIGNMENT,
 ) -> nn.Module:
     """TorchRec's ``quantize_inference_model`` with ``QUANT_MAPPING``: every EBC, EC and compositional
     collection in ``model`` swapped for its quantized class, in place; returns ``model``.
 
     ``per_table_weight_dtype`` overrides ``dtype`` by table name (a compositional table's logical name
-    covers its sub-tables). Raises a ValueError if any compositional collection is left in float.
+    covers its sub-tables). ``row_alignment``: rows are padded to a multiple of this many bytes (16, TorchRec's
+    default, suits GPU kernels; FBGEMM's CPU kernels take 1, e.g. 20 instead of 32 bytes for an int8 row of
+    D=16). Raises a ValueError if any compositional collection is left in float.
     """
     if isinstance(model, CompositionalEmbeddingBagCollection):
         raise TypeError("quantize_inference_model swaps submodules: pass the model holding the collection, or "
                         "call QuantCompositionalEmbeddingBagCollection.from_float on the collection itself")
     if dtype not in DTYPES.values():
         raise ValueError(f"weight dtype {dtype} is not supported; use one of {DTYPES}")
+    if row_alignment < 1:
+        raise ValueError(f"row_alignment must be a positive number of bytes, got {row_alignment}")
+    quant_prep_customize_row_alignment(
+        model, [EmbeddingBagCollection, EmbeddingCollection, CompositionalEmbeddingBagCollection], row_alignment
+    )
     _torchrec_quantize_inference_model(
         model,
         quantization_mapping=dict(quantization_mapping or QUANT_MAPPING),

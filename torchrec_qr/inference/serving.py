@@ -28,6 +28,7 @@ from torchrec_qr.data.dataloader import make_batch
 from torchrec_qr.distributed.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
 from torchrec_qr.inference.artifact import CONFIG, load_artifact, storage_report, write_artifact
 from torchrec_qr.inference.modules import DTYPES, quantize_inference_model
+from torchrec_qr.inference.quant_storage import DEFAULT_ROW_ALIGNMENT
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
 from torchrec_qr.train.config import CRITEO_NUM_DENSE, CRITEO_NUM_SPARSE, TrainingConfig, config_to_dict, load_config
@@ -98,10 +99,10 @@ def float_model(cfg: TrainingConfig) -> nn.Module:
     return model
 
 
-def _quantized(model: nn.Module, dtype: str) -> nn.Module:
+def _quantized(model: nn.Module, dtype: str, row_alignment: int) -> nn.Module:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
-    return quantize_inference_model(model, DTYPES[dtype]).eval()
+    return quantize_inference_model(model, DTYPES[dtype], row_alignment=row_alignment).eval()
 
 
 def _table_manifest(cfg: TrainingConfig, model: nn.Module) -> list[dict[str, Any]]:
@@ -131,7 +132,13 @@ def _probe(cfg: TrainingConfig, keys: list[str]) -> tuple[torch.Tensor, KeyedJag
     return torch.rand(_PROBE_BATCH, CRITEO_NUM_DENSE, generator=g), kjt
 
 
-def export_run(run: str | Path, out: str | Path, dtype: str = "int8", checkpoint: str | Path | None = None) -> Path:
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    dtype: str = "int8",
+    checkpoint: str | Path | None = None,
+    row_alignment: int = DEFAULT_ROW_ALIGNMENT,
+) -> Path:
     """Quantize a training run's latest checkpoint (any world size) and write a serving artifact.
 
     Raises ValueError for an unknown dtype, a run without config or checkpoint, or a checkpoint that does
@@ -156,11 +163,12 @@ def export_run(run: str | Path, out: str | Path, dtype: str = "int8", checkpoint
     except ValueError as e:
         raise ValueError(f"the checkpoint does not match {config_path} (edited config, or another run's "
                          f"checkpoint?): {e}") from e
-    model = _quantized(train_model.model, dtype)
+    model = _quantized(train_model.model, dtype, row_alignment)
     keys = [f for t in table_configs(cfg, logical_rows(cfg)) for f in t.feature_names]
     tables = _table_manifest(cfg, model)
     manifest = {
         "dtype": dtype,
+        "row_alignment": row_alignment,
         "run": str(run),
         "checkpoint": str(path),
         "step": checkpoint_step(path),
@@ -180,7 +188,7 @@ def load_serving_model(path: str | Path, prefer_torchscript: bool = True) -> tup
 
     def rebuild(manifest: dict[str, Any]) -> nn.Module:
         cfg = load_config(Path(path) / CONFIG)
-        return _quantized(float_model(cfg).model, manifest["dtype"])
+        return _quantized(float_model(cfg).model, manifest["dtype"], manifest["row_alignment"])
 
     return load_artifact(path, rebuild, prefer_torchscript)
 
