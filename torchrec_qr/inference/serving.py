@@ -52,11 +52,23 @@ _PROBE_BATCH = 8
 
 @dataclass
 class InputSpec:
-    """How raw Criteo lines become model input, as the run's training did."""
+    """How raw Criteo lines become model input, as the run's training did.
+
+    Args:
+        max_ind_range: ids are taken modulo this while parsing (None: as parsed).
+        cardinalities: per-feature moduli applied while parsing (Criteo source only).
+        hash_rows: hashed tables: feature -> rows; ids are taken mod rows before the lookup.
+
+    Example::
+
+        spec = InputSpec.of(load_config("runs/<name>/config.yaml"))
+        chunks = iter_criteo_tsv("day_23.tsv", max_ind_range=spec.max_ind_range, cardinalities=spec.cardinalities)
+        probs, labels = score_rows(model, spec, manifest["feature_names"], chunks, batch_size=4096)
+    """
 
     max_ind_range: int | None
-    cardinalities: list[int] | None  # per-feature moduli applied while parsing (Criteo source only)
-    hash_rows: dict[str, int] | None  # hashed tables: feature -> rows (ids are taken mod rows)
+    cardinalities: list[int] | None
+    hash_rows: dict[str, int] | None
 
     @staticmethod
     def of(cfg: TrainingConfig) -> "InputSpec":
