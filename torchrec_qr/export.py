@@ -30,7 +30,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="export directory to create (must not exist)")
     parser.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
     parser.add_argument("--row-alignment", type=int, default=DEFAULT_ROW_ALIGNMENT,
-                        help="pad rows to a multiple of this many bytes (default 16, as TorchRec; 1 is smallest on CPU)")
+                        help="pad rows to this many bytes (default 16, as TorchRec; 1 is smallest on CPU)")
     return parser.parse_args(argv)
 
 
