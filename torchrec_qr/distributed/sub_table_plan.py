@@ -33,6 +33,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from torchrec_qr.modules.composition import pools_first
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
+from torchrec_qr.modules.partitions import HotIds
 
 __all__ = [
     "ROW_TYPES",
@@ -59,9 +60,11 @@ def row_split_stride(table: CompositionalEmbeddingBagConfig) -> tuple[int, int]:
     assert table.partition is not None
     split = table.partition.row_split()
     if split is None:
+        why = (" (its hot ids keep rows of their own wherever they lie in the id range, so no block of ids owns a "
+               "contiguous range of rows)" if isinstance(table.partition, HotIds) else "")
         raise ValueError(
             f"table {table.name!r}: row_wise needs a partition whose largest class is id // stride "
-            f"(QuotientRemainder or MixedRadix); {table.partition!r} has none: shard it table_wise or column_wise"
+            f"(QuotientRemainder or MixedRadix); {table.partition!r} has none{why}: shard it table_wise or column_wise"
         )
     if table.combine == "path" and split[0] != 0:
         raise ValueError(
