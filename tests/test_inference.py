@@ -20,6 +20,7 @@ from torchrec.modules.embedding_configs import DataType, QuantConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
 from torchrec_qr import CompositionalEmbeddingBagCollection, CompositionalEmbeddingBagConfig, PathFunction, QuotientRemainder
+from torchrec_qr.modules.fused_compositional_embedding_modules import FusedCompositionalEmbeddingBagCollection
 from torchrec_qr.inference import (
     DTYPES,
     QUANT_MAPPING,
@@ -239,3 +240,17 @@ def test_row_alignment_sets_bytes_not_values():
     assert torch.equal(models[1](dense, kjt), models[16](dense, kjt))
     with pytest.raises(ValueError, match="row_alignment"):
         quantize_inference_model(dlrm(tables, SIDE), row_alignment=0)
+
+
+def test_fused_collection_is_converted_too():
+    tables = dlrm_tables()
+    fused = FusedCompositionalEmbeddingBagCollection(tables, optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": 0.1})
+    kjt = make_kjt(random_bags(random.Random(3), {f: t.num_embeddings for t in tables for f in t.feature_names}, 4))
+    before = fused(kjt).values()
+    before.sum().backward()  # one fused update: the quantized rows must be the trained ones
+    expected = fused(kjt).values()
+    assert (expected - before).abs().max() > 0.1
+    model = torch.nn.ModuleDict({"ebc": fused})
+    torchrec_quantize_inference_model(model, quantization_mapping=QUANT_MAPPING)
+    assert type(model["ebc"]) is QuantCompositionalEmbeddingBagCollection
+    torch.testing.assert_close(model["ebc"](kjt).values(), expected, atol=0.02, rtol=0.02)

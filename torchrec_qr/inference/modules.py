@@ -6,11 +6,12 @@ pooling, path functions, which stay float) is the float module's own code, so qu
 collections differ only in the rows their kernels return.
 
 TorchRec's ``quantize_inference_model`` swaps modules by type name through a mapping that knows only
-EmbeddingBagCollection and EmbeddingCollection; ``QUANT_MAPPING`` adds ours.
+EmbeddingBagCollection and EmbeddingCollection; ``QUANT_MAPPING`` adds ours (plain and fused-optimizer).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 
@@ -24,6 +25,7 @@ from torchrec.quant.embedding_modules import MODULE_ATTR_ROW_ALIGNMENT_INT, quan
 
 from torchrec_qr.inference.quant_storage import DEFAULT_ROW_ALIGNMENT, QuantBatchedEmbeddingBags
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
+from torchrec_qr.modules.fused_compositional_embedding_modules import FusedCompositionalEmbeddingBagCollection
 from torchrec_qr.modules.embedding_configs import SUB_TABLE_SEPARATOR
 
 __all__ = [
@@ -76,6 +78,8 @@ class QuantCompositionalEmbeddingBagCollection(CompositionalEmbeddingBagCollecti
         row_alignment: rows are padded to a multiple of this many bytes.
         storage: an already filled quantized storage (``from_float`` passes one); None: zeros.
 
+    Path functions and hot-id lists (``HotIds`` tables) are the float module's, copied by ``from_float``.
+
     Example::
 
         tables = compress(
@@ -102,14 +106,12 @@ class QuantCompositionalEmbeddingBagCollection(CompositionalEmbeddingBagCollecti
         row_alignment: int = DEFAULT_ROW_ALIGNMENT,
         storage: QuantBatchedEmbeddingBags | None = None,
     ) -> None:
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        # Shapes only: the float storage is replaced below, the path functions are filled by the caller.
-        super().__init__(tables, is_weighted=is_weighted, device="meta", validate_ids=validate_ids)
-        physical = self._embedding_bag_collection.tables
-        self._embedding_bag_collection = storage if storage is not None else QuantBatchedEmbeddingBags(
-            physical, data_types, is_weighted, device, row_alignment
-        )
-        self._path_functions.to_empty(device=device)
+        def quantized_storage(physical: list[EmbeddingBagConfig], dev: torch.device | str | None) -> nn.Module:
+            if storage is not None:
+                return storage
+            return QuantBatchedEmbeddingBags(physical, data_types, is_weighted, dev, row_alignment)
+
+        super().__init__(tables, is_weighted, device, validate_ids, storage=quantized_storage)
 
     @classmethod
     def from_float(
@@ -136,10 +138,11 @@ class QuantCompositionalEmbeddingBagCollection(CompositionalEmbeddingBagCollecti
             getattr(module, MODULE_ATTR_ROW_ALIGNMENT_INT, DEFAULT_ROW_ALIGNMENT),
         )
         quant = cls(
-            module.embedding_bag_configs(), module.is_weighted(), data_types, module.device,
+            copy.deepcopy(module.embedding_bag_configs()), module.is_weighted(), data_types, module.device,
             validate_ids=module.validate_ids, storage=storage,
         )
         quant._path_functions.load_state_dict(module._path_functions.state_dict())
+        quant._hot_ids.load_state_dict(module._hot_ids.state_dict())
         logger.info("quantized %d tables: %s", len(data_types), {k: v.name for k, v in data_types.items()})
         return quant
 
@@ -160,9 +163,10 @@ class QuantCompositionalEmbeddingBagCollection(CompositionalEmbeddingBagCollecti
 
 QUANT_MAPPING: dict[str, type[nn.Module]] = {
     **DEFAULT_QUANT_MAPPING,
-    trim_torch_package_prefix_from_typename(
-        torch.typename(CompositionalEmbeddingBagCollection)
-    ): QuantCompositionalEmbeddingBagCollection,
+    **{
+        trim_torch_package_prefix_from_typename(torch.typename(float_type)): QuantCompositionalEmbeddingBagCollection
+        for float_type in (CompositionalEmbeddingBagCollection, FusedCompositionalEmbeddingBagCollection)
+    },
 }
 
 
@@ -197,7 +201,9 @@ def quantize_inference_model(
         per_table_weight_dtype=dict(per_table_weight_dtype) if per_table_weight_dtype else None,
         quantization_dtype=dtype,
     )
-    left = [n for n, m in model.named_modules() if type(m) is CompositionalEmbeddingBagCollection]
+    quantized = QuantCompositionalEmbeddingBagCollection
+    left = [n for n, m in model.named_modules()
+            if isinstance(m, CompositionalEmbeddingBagCollection) and not isinstance(m, quantized)]
     if left:
         raise ValueError(f"compositional collections left in float: {left}; the mapping lacks their type")
     return model

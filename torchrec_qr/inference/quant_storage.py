@@ -102,6 +102,7 @@ class QuantBatchedEmbeddingBags(nn.Module):
         for t in self.tables:
             _check_table(t, self.data_types[t.name])
         self._features_per_group = [sum(t.num_features() for t in g) for g in self._groups]
+        self._num_groups = len(self._groups)
         location = EmbeddingLocation.HOST if self._device.type == "cpu" else EmbeddingLocation.DEVICE
         self._emb_modules = nn.ModuleList()
         self.embedding_bags = nn.ModuleDict()
@@ -172,7 +173,7 @@ class QuantBatchedEmbeddingBags(nn.Module):
         return out
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        per_group = features.split(self._features_per_group) if len(self._groups) > 1 else [features]
+        per_group = features.split(self._features_per_group) if self._num_groups > 1 else [features]
         outs: list[torch.Tensor] = []
         for i, emb in enumerate(self._emb_modules):  # indexed, not zipped: fx cannot iterate a traced split
             kjt = per_group[i]
