@@ -19,7 +19,13 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import DataType, QuantConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
-from torchrec_qr import CompositionalEmbeddingBagCollection, CompositionalEmbeddingBagConfig, PathFunction, QuotientRemainder
+from torchrec_qr import (
+    CompositionalEmbeddingBagCollection,
+    CompositionalEmbeddingBagConfig,
+    PathFunction,
+    QuotientRemainder,
+    compress,
+)
 from torchrec_qr.modules.fused_compositional_embedding_modules import FusedCompositionalEmbeddingBagCollection
 from torchrec_qr.inference import (
     DTYPES,
@@ -254,3 +260,21 @@ def test_fused_collection_is_converted_too():
     torchrec_quantize_inference_model(model, quantization_mapping=QUANT_MAPPING)
     assert type(model["ebc"]) is QuantCompositionalEmbeddingBagCollection
     torch.testing.assert_close(model["ebc"](kjt).values(), expected, atol=0.02, rtol=0.02)
+
+
+def test_hot_ids_table_keeps_its_hot_ids():
+    """A HotIds table: the quantized module composes with the float module's hot-id list; its output equals
+    the float module's on dequantized rows."""
+    tables = compress([EmbeddingBagConfig(name="hot", num_embeddings=500, embedding_dim=D, feature_names=["h"])],
+                      partition=QuotientRemainder(8), hot_ids={"hot": [3, 77, 499]})
+    module = CompositionalEmbeddingBagCollection(tables, is_weighted=True)
+    q = quantized(module, "int8")
+    assert torch.equal(q.state_dict()["_hot_ids.hot"], torch.tensor([3, 77, 499]))
+    deq = {k: dequantized(v, "int8") if k.startswith(TABLES) else v for k, v in module.state_dict().items()}
+    reference = copy.deepcopy(module)
+    reference.load_state_dict(deq)
+    rng = random.Random(4)
+    bags = random_bags(rng, {"h": 500}, 6)
+    bags["h"][0] = [3, 77, 499, 5]
+    kjt = make_kjt(bags, random_weights(rng, bags))
+    torch.testing.assert_close(q(kjt).values(), reference(kjt).values(), atol=1e-6, rtol=1e-5)
