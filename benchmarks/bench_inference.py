@@ -33,23 +33,29 @@ from torchrec_qr.data.dataloader import make_batch  # noqa: E402
 from torchrec_qr.distributed.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from torchrec_qr.inference import DTYPES, quantize_inference_model  # noqa: E402
 from torchrec_qr.inference.artifact import storage_report  # noqa: E402
-from torchrec_qr.inference.serving import InputSpec, float_model, log_loss_auc, logical_rows, score_rows  # noqa: E402
+from torchrec_qr.inference.serving import (  # noqa: E402
+    InputSpec,
+    float_model,
+    log_loss_auc,
+    run_tables,
+    saved_world_size,
+    score_rows,
+)
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig  # noqa: E402
 from torchrec_qr.train.config import load_config  # noqa: E402
 from torchrec_qr.train.data import prepare_splits  # noqa: E402
-from torchrec_qr.train.model import table_configs  # noqa: E402
 
 
 def _load() -> str:
     return "load average %.2f, %.2f, %.2f" % os.getloadavg()
 
 
-def _bytes_table(models: dict[str, torch.nn.Module], cfg) -> None:
+def _bytes_table(models: dict[str, torch.nn.Module], tables) -> None:
     reports = {d: {r["name"]: r["bytes"] for r in storage_report(m)} for d, m in models.items()}
     print(f"{'table':<10} {'rows':>10} {'stored as':<14}" + "".join(f"{d:>12}" for d in models) + f"{'fp32 full':>12}")
     totals = dict.fromkeys(models, 0)
     full_total = 0
-    for t in table_configs(cfg, logical_rows(cfg)):
+    for t in tables:
         compositional = isinstance(t, CompositionalEmbeddingBagConfig)
         names = [s.name for s in t.sub_table_configs()] if compositional else [t.name]
         row = {d: sum(reports[d][n] for n in names) for d in models}
@@ -77,17 +83,19 @@ def main() -> None:
     run = Path(args.run)
     cfg = load_config(run / "config.yaml")
     splits = prepare_splits(cfg, 0, 0, lambda: None)
-    keys = [f for t in table_configs(cfg, splits.num_embeddings) for f in t.feature_names]
-    spec = InputSpec.of(cfg)
+    checkpoint = latest_checkpoint(run / "checkpoints")
+    tables = run_tables(cfg, saved_world_size(checkpoint))
+    keys = [f for t in tables for f in t.feature_names]
+    spec = InputSpec.of(cfg, tables)
 
-    trained = float_model(cfg)
-    load_checkpoint(latest_checkpoint(run / "checkpoints"), trained, restore_rng=False)
+    trained = float_model(cfg, tables)
+    load_checkpoint(checkpoint, trained, restore_rng=False)
     dlrm = trained.model.eval()
     models = {d: quantize_inference_model(copy.deepcopy(dlrm), DTYPES[d]).eval() for d in DTYPES}
     packed = quantize_inference_model(copy.deepcopy(dlrm), torch.int8, row_alignment=1)
     print(f"run {run}, {_load()}, {args.threads} thread(s)\n\n== bytes per table (rows padded to 16 bytes; "
           "int8/a1: row alignment 1, CPU kernels) ==")
-    _bytes_table({**models, "int8/a1": packed}, cfg)
+    _bytes_table({**models, "int8/a1": packed}, tables)
 
     print(f"\n== test split ({len(splits.test):,} rows) ==")
     base = log_loss_auc(*score_rows(dlrm, spec, keys, [splits.test], 8192))
@@ -97,8 +105,8 @@ def main() -> None:
         print(f"{d:<6} log loss {ll:.5f} ({ll - base[0]:+.5f})  AUC {auc:.5f} ({auc - base[1]:+.5f})")
 
     full_cfg = dataclasses.replace(cfg, embeddings=dataclasses.replace(cfg.embeddings, kind="full"))
-    contenders = {"compositional int8": models["int8"],
-                  "plain EBC int8": quantize_inference_model(float_model(full_cfg).model.eval(), torch.int8)}
+    plain = float_model(full_cfg, run_tables(full_cfg, 1)).model.eval()
+    contenders = {"compositional int8": models["int8"], "plain EBC int8": quantize_inference_model(plain, torch.int8)}
     batches = []
     for b in range(args.throughput_batches):
         part = splits.test.slice(b * args.batch, (b + 1) * args.batch)

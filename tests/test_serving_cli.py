@@ -48,6 +48,22 @@ def hashed(tmp_path_factory) -> tuple[Path, dict, Path]:
     return out / "hash", summary, test
 
 
+@pytest.fixture(scope="module")
+def auto(tmp_path_factory) -> tuple[Path, dict, Path]:
+    """An ``embeddings.kind=auto`` run at world size 2: its tables depend on the world size and budget."""
+    out, cache = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("data")
+    sizes = "[10,12,15,20,30,40,50,70,100,130,170,220,300,400,500,700,900,1200,1600,2000,3000,4000,5000,7000,9000,"
+    sizes += "120000]"
+    args = _tiny(out, cache, "auto") + [f"data.synthetic.cardinalities={sizes}", "train.max_steps=6",
+                                        "embeddings.kind=auto", "embeddings.memory_per_rank=6MiB"]
+    result = _torchrun(args)
+    summary = _summary(out / "auto", result)
+    lines = next(cache.glob("synthetic-*/day_2.tsv")).read_bytes().splitlines(keepends=True)
+    test = tmp_path_factory.mktemp("tsv") / "test.tsv"
+    test.write_bytes(b"".join(lines[len(lines) // 2 :]))
+    return out / "auto", summary, test
+
+
 def _export(run: Path, out: Path, dtype: str, row_alignment: int = 16) -> dict:
     rc, stdout, stderr = _run([sys.executable, "-m", "torchrec_qr.export", "--run", str(run), "--dtype", dtype,
                                "--out", str(out), "--row-alignment", str(row_alignment)], timeout=300)
@@ -103,6 +119,21 @@ def test_hashed_run_serves_with_its_hashing(hashed, tmp_path):
     manifest = _export(run, tmp_path / "model", "fp32")
     assert manifest["input"]["hash_rows"]["cat_25"] == 3000  # ceil(12000 / 4)
     assert {t["stored_as"] for t in manifest["tables"]} == {"full", "hashed"}
+    stdout, _ = _predict(tmp_path / "model", test, tmp_path / "preds.tsv")
+    log_loss, auc = _reported(stdout)
+    assert log_loss == pytest.approx(summary["metrics"]["test"]["log_loss"], abs=1e-4)
+    assert auc == pytest.approx(summary["metrics"]["test"]["auc"], abs=1e-4)
+
+
+def test_auto_run_exports_the_tables_it_trained(auto, tmp_path):
+    run, summary, test = auto
+    manifest = _export(run, tmp_path / "model", "fp32")
+    assert manifest["world_size"] == 2
+    trained = {t["table"]: t["stored_as"] for t in summary["tables"]}
+    exported = {t["name"]: t["stored_as"] for t in manifest["tables"]}
+    assert trained["t_cat_25"].startswith("qr(") and exported["t_cat_25"].startswith("compositional")
+    full = [n for n, kind in trained.items() if kind == "full"]
+    assert full and [n for n, kind in exported.items() if kind == "full"] == full
     stdout, _ = _predict(tmp_path / "model", test, tmp_path / "preds.tsv")
     log_loss, auc = _reported(stdout)
     assert log_loss == pytest.approx(summary["metrics"]["test"]["log_loss"], abs=1e-4)

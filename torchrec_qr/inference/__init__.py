@@ -27,7 +27,8 @@ from torchrec_qr.inference.serving import (
     float_model,
     load_serving_model,
     log_loss_auc,
-    logical_rows,
+    run_tables,
+    saved_world_size,
     score_rows,
 )
 
@@ -45,9 +46,10 @@ __all__ = [
     "load_artifact",
     "load_serving_model",
     "log_loss_auc",
-    "logical_rows",
     "physical_data_types",
     "quantize_inference_model",
+    "run_tables",
+    "saved_world_size",
     "score_rows",
     "script_model",
     "storage_report",

@@ -8,6 +8,7 @@ cardinality moduli, and for hashed tables the run's ``id mod rows``): ``InputSpe
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ import torch
 import yaml
 from torch import nn
 from torchmetrics.functional.classification import binary_auroc
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -31,7 +33,8 @@ from torchrec_qr.inference.modules import DTYPES, quantize_inference_model
 from torchrec_qr.inference.quant_storage import DEFAULT_ROW_ALIGNMENT
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
-from torchrec_qr.train.config import CRITEO_NUM_DENSE, CRITEO_NUM_SPARSE, TrainingConfig, config_to_dict, load_config
+from torchrec_qr.plan import budget_plan, num_embeddings
+from torchrec_qr.train.config import CRITEO_NUM_DENSE, TrainingConfig, config_to_dict, load_config
 from torchrec_qr.train.data import HashIds
 from torchrec_qr.train.model import build_model, logical_tables, table_configs
 
@@ -41,7 +44,8 @@ __all__ = [
     "float_model",
     "load_serving_model",
     "log_loss_auc",
-    "logical_rows",
+    "run_tables",
+    "saved_world_size",
     "score_rows",
 ]
 
@@ -61,7 +65,8 @@ class InputSpec:
 
     Example::
 
-        spec = InputSpec.of(load_config("runs/<name>/config.yaml"))
+        cfg = load_config("runs/<name>/config.yaml")
+        spec = InputSpec.of(cfg, run_tables(cfg, world_size=2))
         chunks = iter_criteo_tsv("day_23.tsv", max_ind_range=spec.max_ind_range, cardinalities=spec.cardinalities)
         probs, labels = score_rows(model, spec, manifest["feature_names"], chunks, batch_size=4096)
     """
@@ -71,37 +76,38 @@ class InputSpec:
     hash_rows: dict[str, int] | None
 
     @staticmethod
-    def of(cfg: TrainingConfig) -> "InputSpec":
+    def of(cfg: TrainingConfig, tables: list[EmbeddingBagConfig]) -> "InputSpec":
         d = cfg.data
         cardinalities = d.num_embeddings_per_feature if d.source == "criteo" else None
-        hashed = None
-        if cfg.embeddings.kind == "hash":
-            hashed = {t.feature_names[0]: t.num_embeddings for t in table_configs(cfg, logical_rows(cfg))}
+        hashed = {t.feature_names[0]: t.num_embeddings for t in tables} if cfg.embeddings.kind == "hash" else None
         return InputSpec(d.max_ind_range, list(cardinalities) if cardinalities else None, hashed)
 
     def transform(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         return HashIds(self.hash_rows).kjt(kjt) if self.hash_rows else kjt
 
 
-def logical_rows(cfg: TrainingConfig) -> list[int]:
-    """Each categorical feature's id range, as the training app derives it from the data config."""
-    d = cfg.data
-    if d.source == "synthetic":
-        return list(d.synthetic.cardinalities)
-    if d.num_embeddings_per_feature:
-        return list(d.num_embeddings_per_feature)
-    if d.max_ind_range is None:
-        raise ValueError("data.max_ind_range or data.num_embeddings_per_feature must be set for Criteo data")
-    return [d.max_ind_range] * CRITEO_NUM_SPARSE
+def run_tables(cfg: TrainingConfig, world_size: int) -> list[EmbeddingBagConfig]:
+    """The tables a run trained, as the training app chooses them without reading data.
+
+    ``embeddings.kind=auto`` runs plan storage for their world size (deterministic, so the saving world size,
+    on one host, gives the run's tables back; a checkpoint that does not match is refused when loaded);
+    ``HotIds`` tables get placeholder hot ids, which a checkpoint or quantized state dict replaces with the
+    trained lists.
+    """
+    sizes = num_embeddings(cfg)
+    if cfg.embeddings.kind == "auto":
+        return budget_plan(cfg, sizes, world_size, local_world_size=world_size).tables
+    return table_configs(cfg, sizes)
 
 
-def float_model(cfg: TrainingConfig) -> nn.Module:
-    """The run's ``DLRMTrain`` on CPU with real (randomly initialized) tables, ready for a checkpoint.
+def float_model(cfg: TrainingConfig, tables: list[EmbeddingBagConfig]) -> nn.Module:
+    """The run's ``DLRMTrain`` over ``tables`` on CPU with real (randomly initialized) tables, ready for a
+    checkpoint.
 
     The training app builds tables on ``meta`` (DMP allocates the shards); here each embedding collection
     is rebuilt on CPU from its own configs.
     """
-    model = build_model(cfg, table_configs(cfg, logical_rows(cfg)), torch.device("cpu"))
+    model = build_model(cfg, tables, torch.device("cpu"))
     collections = (EmbeddingBagCollection, CompositionalEmbeddingBagCollection)
     for name, module in list(model.named_modules()):
         if isinstance(module, collections) and module.device.type == "meta":
@@ -117,12 +123,11 @@ def _quantized(model: nn.Module, dtype: str, row_alignment: int) -> nn.Module:
     return quantize_inference_model(model, DTYPES[dtype], row_alignment=row_alignment).eval()
 
 
-def _table_manifest(cfg: TrainingConfig, model: nn.Module) -> list[dict[str, Any]]:
+def _table_manifest(cfg: TrainingConfig, tables: list[EmbeddingBagConfig], model: nn.Module) -> list[dict[str, Any]]:
     """Per logical table: how it is stored, its physical tables (dtype, bytes)."""
     stored = {r["name"]: r for r in storage_report(model)}
-    rows = logical_rows(cfg)
     out = []
-    for logical, t in zip(logical_tables(rows, cfg.model.embedding_dim), table_configs(cfg, rows)):
+    for logical, t in zip(logical_tables(num_embeddings(cfg), cfg.model.embedding_dim), tables):
         if isinstance(t, CompositionalEmbeddingBagConfig):
             kind = f"compositional {type(t.partition).__name__} {t.combine}"
             physical = [stored[s.name] for s in t.sub_table_configs()]
@@ -135,11 +140,12 @@ def _table_manifest(cfg: TrainingConfig, model: nn.Module) -> list[dict[str, Any
     return out
 
 
-def _probe(cfg: TrainingConfig, keys: list[str]) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+def _probe(tables: list[EmbeddingBagConfig]) -> tuple[torch.Tensor, KeyedJaggedTensor]:
     """A fixed batch: in-range ids (one per feature and sample) and random dense rows."""
     g = torch.Generator().manual_seed(0)
-    model_rows = {t.feature_names[0]: t.num_embeddings for t in table_configs(cfg, logical_rows(cfg))}
-    values = torch.cat([torch.randint(model_rows[k], (_PROBE_BATCH,), generator=g) for k in keys])
+    keys = [f for t in tables for f in t.feature_names]
+    values = torch.cat([torch.randint(t.num_embeddings, (_PROBE_BATCH,), generator=g)
+                        for t in tables for _ in t.feature_names])
     kjt = KeyedJaggedTensor.from_lengths_sync(keys, values, torch.ones(len(keys) * _PROBE_BATCH, dtype=torch.int32))
     return torch.rand(_PROBE_BATCH, CRITEO_NUM_DENSE, generator=g), kjt
 
@@ -169,28 +175,36 @@ def export_run(
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(root)
     if path is None:
         raise ValueError(f"{root}: no complete checkpoint; train with checkpoint.at_end=true or pass --checkpoint")
-    train_model = float_model(cfg)
+    tables = run_tables(cfg, saved_world_size(path))
+    train_model = float_model(cfg, tables)
     try:
         load_checkpoint(path, train_model, restore_rng=False)
     except ValueError as e:
         raise ValueError(f"the checkpoint does not match {config_path} (edited config, or another run's "
                          f"checkpoint?): {e}") from e
     model = _quantized(train_model.model, dtype, row_alignment)
-    keys = [f for t in table_configs(cfg, logical_rows(cfg)) for f in t.feature_names]
-    tables = _table_manifest(cfg, model)
+    report = _table_manifest(cfg, tables, model)
     manifest = {
         "dtype": dtype,
         "row_alignment": row_alignment,
         "run": str(run),
         "checkpoint": str(path),
         "step": checkpoint_step(path),
-        "input": asdict(InputSpec.of(cfg)),
-        "tables": tables,
-        "total_bytes": sum(t["bytes"] for t in tables),
-        "fp32_full_bytes": sum(4 * t["rows"] * t["dim"] for t in tables),
+        "world_size": saved_world_size(path),
+        "input": asdict(InputSpec.of(cfg, tables)),
+        "tables": report,
+        "total_bytes": sum(t["bytes"] for t in report),
+        "fp32_full_bytes": sum(4 * t["rows"] * t["dim"] for t in report),
         "config": config_to_dict(cfg),
     }
-    return write_artifact(out, model, manifest, _probe(cfg, keys), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return write_artifact(out, model, manifest, _probe(tables), config_yaml)
+
+
+def saved_world_size(checkpoint: Path) -> int:
+    """The world size a checkpoint was saved at (its ``meta.json``; 1 if absent)."""
+    meta = checkpoint / "meta.json"
+    return int(json.loads(meta.read_text()).get("world_size", 1)) if meta.is_file() else 1
 
 
 def load_serving_model(path: str | Path, prefer_torchscript: bool = True) -> tuple[nn.Module, dict[str, Any]]:
@@ -200,7 +214,8 @@ def load_serving_model(path: str | Path, prefer_torchscript: bool = True) -> tup
 
     def rebuild(manifest: dict[str, Any]) -> nn.Module:
         cfg = load_config(Path(path) / CONFIG)
-        return _quantized(float_model(cfg).model, manifest["dtype"], manifest["row_alignment"])
+        model = float_model(cfg, run_tables(cfg, manifest["world_size"])).model
+        return _quantized(model, manifest["dtype"], manifest["row_alignment"])
 
     return load_artifact(path, rebuild, prefer_torchscript)
 
