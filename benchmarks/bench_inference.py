@@ -64,7 +64,8 @@ def _bytes_table(models: dict[str, torch.nn.Module], tables) -> None:
             totals[d] += row[d]
         full_total += full
         kind = "compositional" if compositional else "full"
-        print(f"{t.name:<10} {t.num_embeddings:>10,} {kind:<14}" + "".join(f"{row[d]:>12,}" for d in models) + f"{full:>12,}")
+        cells = "".join(f"{row[d]:>12,}" for d in models)
+        print(f"{t.name:<10} {t.num_embeddings:>10,} {kind:<14}{cells}{full:>12,}")
     print(f"{'total':<36}" + "".join(f"{totals[d]:>12,}" for d in models) + f"{full_total:>12,}")
     print("compression vs fp32 full tables: " + ", ".join(f"{d} {full_total / totals[d]:.1f}x" for d in models))
 

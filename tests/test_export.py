@@ -49,8 +49,8 @@ def model_and_batch(compositional: bool, batch: int = 3, seed: int = 0):
     ts = tables()
     torch.manual_seed(seed)
     ebc = CompositionalEmbeddingBagCollection(ts) if compositional else EmbeddingBagCollection(
-        [EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=D, feature_names=t.feature_names)
-         for t in ts])
+        [EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=D,
+                            feature_names=t.feature_names) for t in ts])
     model = DLRM(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[D],
                  over_arch_layer_sizes=[4, 1]).eval()
     kjt = make_kjt({f: [[i] for i in ids] for f, ids in

@@ -124,7 +124,8 @@ def quantized(module, dtype: str, per_table=None):
     return QuantCompositionalEmbeddingBagCollection.from_float(module)
 
 
-@pytest.mark.parametrize("pooling, weighted", [(PoolingType.SUM, False), (PoolingType.SUM, True), (PoolingType.MEAN, True)])
+@pytest.mark.parametrize("pooling, weighted",
+                         [(PoolingType.SUM, False), (PoolingType.SUM, True), (PoolingType.MEAN, True)])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "int4"])
 def test_quantized_lookups_match_dequantized_rows_composed_here(dtype, pooling, weighted):
     tables = mixed_tables(pooling)
@@ -250,7 +251,8 @@ def test_row_alignment_sets_bytes_not_values():
 
 def test_fused_collection_is_converted_too():
     tables = dlrm_tables()
-    fused = FusedCompositionalEmbeddingBagCollection(tables, optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": 0.1})
+    fused = FusedCompositionalEmbeddingBagCollection(tables, optimizer_type=torch.optim.SGD,
+                                                     optimizer_kwargs={"lr": 0.1})
     kjt = make_kjt(random_bags(random.Random(3), {f: t.num_embeddings for t in tables for f in t.feature_names}, 4))
     before = fused(kjt).values()
     before.sum().backward()  # one fused update: the quantized rows must be the trained ones

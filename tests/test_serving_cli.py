@@ -73,7 +73,8 @@ def _export(run: Path, out: Path, dtype: str, row_alignment: int = 16) -> dict:
 
 
 def _predict(model: Path, data: Path, out: Path | None) -> tuple[str, str]:
-    cmd = [sys.executable, "-m", "torchrec_qr.predict", "--model", str(model), "--data", str(data), "--batch-size", "256"]
+    cmd = [sys.executable, "-m", "torchrec_qr.predict", "--model", str(model), "--data", str(data),
+           "--batch-size", "256"]
     rc, stdout, stderr = _run(cmd + (["--out", str(out)] if out else []), timeout=300)
     assert rc == 0, stderr[-3000:]
     return stdout, stderr
@@ -93,7 +94,8 @@ def test_export_then_predict_matches_training_metrics(trained, tmp_path, dtype, 
     assert manifest["row_alignment"] == row_alignment
     assert manifest["step"] == summary["steps"] and manifest["checkpoint"].endswith(f"step_{summary['steps']:06d}")
     assert manifest["config"] == yaml.safe_load((run / "config.yaml").read_text())
-    assert len(manifest["tables"]) == 26 and {p["dtype"] for t in manifest["tables"] for p in t["storage"]} == {dtype.upper()}
+    assert len(manifest["tables"]) == 26
+    assert {p["dtype"] for t in manifest["tables"] for p in t["storage"]} == {dtype.upper()}
     for t in manifest["tables"]:
         assert t["bytes"] == sum(p["rows"] * row_bytes for p in t["storage"])
     qr = next(t for t in manifest["tables"] if t["name"] == "t_cat_25")
@@ -150,7 +152,8 @@ def _fails(main, argv: list[str], capsys, *expected: str) -> None:
 def test_export_bad_inputs(trained, tmp_path, capsys):
     run, _, _ = trained
     out = tmp_path / "model"
-    _fails(export.main, ["--run", str(run), "--dtype", "int3", "--out", str(out)], capsys, "unknown dtype 'int3'", "int8")
+    _fails(export.main, ["--run", str(run), "--dtype", "int3", "--out", str(out)], capsys,
+           "unknown dtype 'int3'", "int8")
     _fails(export.main, ["--run", str(tmp_path), "--out", str(out)], capsys, "no config.yaml")
     # a checkpoint that does not match its config: the run's checkpoints under a config with other collisions
     other = tmp_path / "other"
