@@ -34,7 +34,7 @@ from torchrec.datasets.criteo import (
     INT_FEATURE_COUNT,
 )
 
-__all__ = ["CriteoArrays", "parse_criteo_tsv", "load_criteo_file", "load_criteo_splits", "find_criteo_files"]
+__all__ = ["CriteoArrays", "iter_criteo_tsv", "parse_criteo_tsv", "load_criteo_file", "load_criteo_splits", "find_criteo_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,33 +143,41 @@ def _iter_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[bytes, int]]:
 
 
 def _parse_chunk(
-    data: bytes, path: Path, lines_before: int, moduli: np.ndarray | None, skip_malformed: bool
+    data: bytes, path: Path, lines_before: int, moduli: np.ndarray | None, skip_malformed: bool, labeled: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Tokenize and convert one chunk; returns (dense, sparse, labels, malformed line count)."""
+    """Tokenize and convert one chunk; returns (dense, sparse, labels, malformed line count).
+
+    ``labeled=False``: lines lack the label field (Criteo's test files); labels come back as 0.
+    """
+    fields = _NUM_FIELDS if labeled else _NUM_FIELDS - 1
     buf = np.frombuffer(data, dtype=np.uint8)
     newlines = np.flatnonzero(buf == 10)
     line_starts = np.concatenate([[0], newlines[:-1] + 1])
     tabs = np.flatnonzero(buf == 9)
     tabs_per_line = np.diff(np.searchsorted(tabs, newlines), prepend=0)
-    good = tabs_per_line == _NUM_FIELDS - 1
+    good = tabs_per_line == fields - 1
     if not skip_malformed and not good.all():
         i = int(np.argmin(good))
         found = int(tabs_per_line[i]) + 1
         raise ValueError(
-            f"{path}:{lines_before + i + 1}: expected {_NUM_FIELDS} tab-separated fields (label, "
+            f"{path}:{lines_before + i + 1}: expected {fields} tab-separated fields ({'label, ' if labeled else ''}"
             f"{INT_FEATURE_COUNT} integers, {CAT_FEATURE_COUNT} hex ids), found {found}. {_FIX_HINT}"
         )
     lines = np.flatnonzero(good)
     if len(lines) < len(newlines):
         tabs = tabs[np.repeat(good, tabs_per_line)]
-    seps = tabs.reshape(-1, _NUM_FIELDS - 1)
+    seps = tabs.reshape(-1, fields - 1)
     starts = np.concatenate([line_starts[lines, None], seps + 1], axis=1)
     ends = np.concatenate([seps, newlines[lines, None]], axis=1)
+    if not labeled:  # an empty virtual label column keeps the column layout of labeled lines
+        starts, ends = np.concatenate([starts[:, :1], starts], axis=1), np.concatenate([starts[:, :1], ends], axis=1)
     ends[:, -1] -= (ends[:, -1] > starts[:, -1]) & (buf[ends[:, -1] - 1] == 13)  # tolerate CRLF
     lengths = ends - starts
 
     label_char = buf[starts[:, 0]]
     bad_label = (lengths[:, 0] != 1) | ((label_char != ord("0")) & (label_char != ord("1")))
+    if not labeled:
+        bad_label[:] = False
     dense, bad_dense = _parse_numbers(buf, starts[:, 1:14], lengths[:, 1:14], hexadecimal=False)
     sparse, bad_hex = _parse_numbers(buf, starts[:, 14:], lengths[:, 14:], hexadecimal=True)
     if moduli is not None:
@@ -185,22 +193,25 @@ def _parse_chunk(
         if col > INT_FEATURE_COUNT and moduli is None:
             kind += " (values >= 2**63 need max_ind_range)"
         raise ValueError(
-            f"{path}:{lines_before + lines[row] + 1}: column {col + 1} ({_COLUMN_NAMES[col]}) "
+            f"{path}:{lines_before + lines[row] + 1}: column {col + int(labeled)} ({_COLUMN_NAMES[col]}) "
             f"must be {kind}, got {text!r}. {_FIX_HINT}"
         )
     keep = ~bad_rows
     dense_out = np.log1p(np.maximum(dense[keep], 0), dtype=np.float32)
     labels = (label_char[keep] == ord("1")).astype(np.float32)
+    if not labeled:
+        labels[:] = 0
     malformed = int(len(newlines) - len(lines) + bad_rows.sum())
     return dense_out, sparse[keep].astype(np.int64), labels, malformed
 
 
 def _iter_parsed(
-    path: Path, moduli: np.ndarray | None, skip_malformed: bool, chunk_bytes: int, counter: list[int]
+    path: Path, moduli: np.ndarray | None, skip_malformed: bool, chunk_bytes: int, counter: list[int],
+    labeled: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Parsed chunks of one file; adds the malformed-line count of each chunk to counter[0]."""
     for data, lines_before in _iter_chunks(path, chunk_bytes):
-        dense, sparse, labels, malformed = _parse_chunk(data, path, lines_before, moduli, skip_malformed)
+        dense, sparse, labels, malformed = _parse_chunk(data, path, lines_before, moduli, skip_malformed, labeled)
         counter[0] += malformed
         yield dense, sparse, labels
 
@@ -228,6 +239,24 @@ def parse_criteo_tsv(
     if counter[0]:
         logger.warning("%s: skipped %d malformed lines", path, counter[0])
     return CriteoArrays(dense, sparse, labels, num_malformed=counter[0])
+
+
+def iter_criteo_tsv(
+    path: str | os.PathLike,
+    *,
+    max_ind_range: int | None = None,
+    cardinalities: Sequence[int] | None = None,
+    labeled: bool = True,
+    chunk_bytes: int = 16 << 20,
+) -> Iterator[CriteoArrays]:
+    """Parse one file chunk by chunk (memory stays at one chunk), for streaming consumers such as scoring.
+
+    ``labeled=False`` reads lines without the label field (Criteo's test files; labels are 0). The first
+    malformed line raises a ValueError naming the file and its 1-based line number.
+    """
+    moduli = _moduli(max_ind_range, cardinalities)
+    for dense, sparse, labels in _iter_parsed(Path(path), moduli, False, chunk_bytes, [0], labeled):
+        yield CriteoArrays(dense, sparse, labels)
 
 
 def _write_npy(path: Path, raw: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
