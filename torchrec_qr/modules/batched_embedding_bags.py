@@ -120,6 +120,8 @@ class BatchedEmbeddingBags(nn.Module):
         self._register_state_dict_hook(_present_tables)
         self._register_load_state_dict_pre_hook(_load_tables, with_module=True)
 
+    __jit_unused_properties__ = ["fused_optimizer"]
+
     def feature_names(self) -> list[str]:
         return [f for t in self.tables for f in t.feature_names]
 
@@ -153,9 +155,10 @@ class BatchedEmbeddingBags(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         if self._device.type == "meta":
             raise RuntimeError("a collection on the meta device has no weights: shard it with DMP or build it on cpu/cuda")
-        per_group = features.split(self._features_per_group) if len(self._groups) > 1 else [features]
-        outs = []
-        for kjt, emb in zip(per_group, self._emb_modules):
+        per_group = features.split(self._features_per_group) if len(self._features_per_group) > 1 else [features]
+        outs: list[torch.Tensor] = []
+        for i, emb in enumerate(self._emb_modules):  # indexed, not zipped: TorchScript unrolls module lists
+            kjt = per_group[i]
             weights = kjt.weights_or_none()
             outs.append(
                 emb(
