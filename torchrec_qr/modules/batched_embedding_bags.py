@@ -27,6 +27,8 @@ from torchrec.modules.fused_embedding_modules import EmbeddingFusedOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_qr.modules import tbe_fake_kernels  # noqa: F401  (registers the fake kernel torch.export needs)
+
 __all__ = ["BatchedEmbeddingBags", "group_by_pooling"]
 
 _POOLING_MODES = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
