@@ -1,7 +1,7 @@
 """Storage for the unsharded collection: all physical tables in FBGEMM TBE kernels.
 
 One TBE per pooling type holds every table's rows, so a whole collection is looked up in one (or two) kernel
-calls instead of one ``nn.EmbeddingBag`` per table: ``DenseTableBatchedEmbeddingBagsCodegen`` (one flat
+calls instead of one ``nn.EmbeddingBag`` per table: ``DenseTableBatchedEmbeddingBagsCodegen`` (as ``ServableDenseTBE``: one flat
 parameter, trained by any dense optimizer) or, given an optimizer, ``SplitTableBatchedEmbeddingBagsCodegen``
 with the optimizer fused into its backward (as TorchRec's ``FusedEmbeddingBagCollection``): no dense
 gradient of the tables is ever materialized. The state dict presents each table as
@@ -18,7 +18,6 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     ComputeDevice,
-    DenseTableBatchedEmbeddingBagsCodegen,
     SplitTableBatchedEmbeddingBagsCodegen,
 )
 from torch import nn
@@ -27,7 +26,7 @@ from torchrec.modules.fused_embedding_modules import EmbeddingFusedOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_qr.modules import tbe_fake_kernels  # noqa: F401  (registers the fake kernel torch.export needs)
+from torchrec_qr.modules.dense_tbe import ServableDenseTBE
 
 __all__ = ["BatchedEmbeddingBags", "group_by_pooling"]
 
@@ -103,7 +102,7 @@ class BatchedEmbeddingBags(nn.Module):
                 )
             else:
                 self._emb_modules.append(
-                    DenseTableBatchedEmbeddingBagsCodegen(
+                    ServableDenseTBE(
                         specs,
                         feature_table_map=feature_table_map,
                         pooling_mode=_POOLING_MODES[group[0].pooling],
