@@ -220,3 +220,12 @@ def test_scripted_rejects_variable_batch_and_missing_weights() -> None:
     )
     with pytest.raises(torch.jit.Error, match="variable-batch"):
         module(vbe)
+
+
+def test_serving_path_adds_no_state() -> None:
+    """The indexers' buffers (explicit class maps) stay out of the state dict: checkpoints are unchanged."""
+    module = CompositionalEmbeddingBagCollection(_tables("mult", "per_id", "SUM"))
+    assert module._scripted.indexers[-1].class_maps.shape == (2, 24)
+    keys = set(module.state_dict())
+    assert keys == {f"_embedding_bag_collection.embedding_bags.{name}.weight"
+                    for name in module._embedding_bag_collection.table_weights()}

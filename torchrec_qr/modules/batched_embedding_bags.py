@@ -1,8 +1,9 @@
 """Storage for the unsharded collection: all physical tables in FBGEMM TBE kernels.
 
 One TBE per pooling type holds every table's rows, so a whole collection is looked up in one (or two) kernel
-calls instead of one ``nn.EmbeddingBag`` per table: ``DenseTableBatchedEmbeddingBagsCodegen`` (as ``ServableDenseTBE``: one flat
-parameter, trained by any dense optimizer) or, given an optimizer, ``SplitTableBatchedEmbeddingBagsCodegen``
+calls instead of one ``nn.EmbeddingBag`` per table: ``DenseTableBatchedEmbeddingBagsCodegen`` (one flat
+parameter, trained by any dense optimizer; held as ``ServableDenseTBE``, which TorchScript can save and
+torch.export can trace) or, given an optimizer, ``SplitTableBatchedEmbeddingBagsCodegen``
 with the optimizer fused into its backward (as TorchRec's ``FusedEmbeddingBagCollection``): no dense
 gradient of the tables is ever materialized. The state dict presents each table as
 ``embedding_bags.{name}.weight``, the keys TorchRec's ``ShardedEmbeddingBagCollection`` uses, so unsharded

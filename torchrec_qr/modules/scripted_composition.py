@@ -54,25 +54,22 @@ class ScriptedComposition(nn.Module):
         device: torch.device | str | None,
     ) -> None:
         super().__init__()
-        self.unsupported = _unsupported(tables)
+        indexers, self.unsupported = _indexers(tables, device)
         self.features = list(feature_names)
         self.weighted = is_weighted
         self.lookup_keys = list(storage_feature_names)
-        self.indexers = nn.ModuleList()
-        # One class computation per compositional (table, feature): which input it reads, which indexer.
+        self.indexers = nn.ModuleList(indexers.values())
+        # One class computation per compositional (table, feature): the input it reads, its table's indexer.
         self.class_inputs: List[int] = []
+        self.class_indexers: List[int] = []
         class_of: dict[tuple[str, str], int] = {}
-        if not self.unsupported:
-            by_name = {t.name: t for t in tables}
-            for s in plan.expand_slots:
-                key = (s.table, s.feature)
-                if s.partition_index is None or key in class_of:
-                    continue
-                partition = by_name[s.table].partition
-                assert partition is not None
-                class_of[key] = len(self.class_inputs)
-                self.class_inputs.append(self.features.index(s.feature))
-                self.indexers.append(partition.indexer().to(device))
+        for s in plan.expand_slots:
+            key = (s.table, s.feature)
+            if s.partition_index is None or key in class_of or s.table not in indexers:
+                continue
+            class_of[key] = len(self.class_inputs)
+            self.class_inputs.append(self.features.index(s.feature))
+            self.class_indexers.append(list(indexers).index(s.table))
         # Expand slots, in the storage's order.
         self.slot_input = [self.features.index(s.feature) for s in plan.expand_slots]
         self.slot_classes = [class_of.get((s.table, s.feature), -1) for s in plan.expand_slots]
@@ -107,8 +104,10 @@ class ScriptedComposition(nn.Module):
     ) -> KeyedJaggedTensor:
         """The storage's input KJT (as ``CompositionPlan.expand``)."""
         classes: List[torch.Tensor] = []
-        for i, indexer in enumerate(self.indexers):
-            classes.append(indexer(values[self.class_inputs[i]]))
+        for i in range(len(self.class_inputs)):
+            for k, indexer in enumerate(self.indexers):  # a module list is indexed by unrolling only
+                if self.class_indexers[i] == k:
+                    classes.append(indexer(values[self.class_inputs[i]]))
         ids: List[torch.Tensor] = []
         for s in range(len(self.slot_input)):
             c = self.slot_classes[s]
@@ -133,21 +132,23 @@ class ScriptedComposition(nn.Module):
         )
 
 
-def _unsupported(tables: List[EmbeddingBagConfig]) -> str:
+def _indexers(tables: List[EmbeddingBagConfig], device: torch.device | str | None) -> tuple[dict[str, nn.Module], str]:
+    """Each compositional table's indexer by table name, and why the collection cannot be served ("" if it can)."""
+    indexers: dict[str, nn.Module] = {}
     for t in tables:
         if not isinstance(t, CompositionalEmbeddingBagConfig):
             continue
         if t.combine == "path":
-            return (
+            return {}, (
                 f"table {t.name!r} has combine='path': path tables run eagerly only (no TorchScript, fx + "
                 "TorchScript or torch.export path yet); use combine='mult', 'add' or 'concat' to serve"
             )
+        assert t.partition is not None
         try:
-            assert t.partition is not None
-            t.partition.indexer()
+            indexers[t.name] = t.partition.indexer().to(device)
         except NotImplementedError as e:
-            return f"table {t.name!r}: {e}"
-    return ""
+            return {}, f"table {t.name!r}: {e}"
+    return indexers, ""
 
 
 @torch.fx.wrap
