@@ -171,15 +171,37 @@ def test_fused_storage_scripts() -> None:
     torch.testing.assert_close(torch.jit.script(module)(kjt).values(), module(kjt).values(), rtol=1e-6, atol=1e-6)
 
 
-def test_path_tables_are_rejected_clearly() -> None:
-    tables = [CompositionalEmbeddingBagConfig(name="t", num_embeddings=20, embedding_dim=DIM, feature_names=["f"],
-                                              partition=QuotientRemainder(4), combine="path", path=PathFunction.linear())]
-    module = CompositionalEmbeddingBagCollection(tables)
-    with pytest.raises(TypeError, match="combine='path'.*run eagerly only"):
-        torch.jit.script(module)
-    with pytest.raises(TypeError, match="combine='path'"):
-        torchrec.fx.symbolic_trace(_dlrm(module))
-    module(make_kjt({"f": [[1, 2], []]}))  # eager still works
+@pytest.mark.parametrize("pooling,weighted", [("SUM", False), ("MEAN", True)])
+def test_path_tables_serve(pooling: str, weighted: bool, tmp_path) -> None:
+    kind = PoolingType[pooling]
+    tables = [
+        EmbeddingBagConfig(name="t_plain", num_embeddings=7, embedding_dim=DIM, feature_names=["f_a"], pooling=kind),
+        CompositionalEmbeddingBagConfig(name="t_lin", num_embeddings=50, embedding_dim=DIM, feature_names=["f_b", "f_c"],
+                                        pooling=kind, partition=QuotientRemainder(7), combine="path"),
+        CompositionalEmbeddingBagConfig(name="t_mlp", num_embeddings=30, embedding_dim=DIM, feature_names=["f_d"],
+                                        pooling=kind, partition=MixedRadix((3, 3, 4)), combine="path",
+                                        path=PathFunction.mlp((5,), activation="tanh")),
+        CompositionalEmbeddingBagConfig(name="t_qr", num_embeddings=24, embedding_dim=DIM, feature_names=["f_e"],
+                                        pooling=kind, partition=QuotientRemainder(5), combine="mult"),
+    ]
+    module = CompositionalEmbeddingBagCollection(tables, is_weighted=weighted)
+    scripted = torch.jit.script(module)
+    torch.jit.save(scripted, str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    model = _dlrm(module)
+    traced = torch.jit.script(torchrec.fx.symbolic_trace(model))
+    kjt_shapes = [{0: Dim.AUTO}, {0: Dim.AUTO} if weighted else None, {0: Dim.AUTO}, None, None, None]
+    exported = torch.export.export(model, (torch.randn(4, 3), _batch(0, 4, weighted)),
+                                   dynamic_shapes=({0: Dim.AUTO}, kjt_shapes), strict=False)
+    for seed, batch in [(1, 6), (2, 3)]:
+        kjt, dense = _batch(seed, batch, weighted), torch.randn(batch, 3)
+        eager = module(kjt)
+        for key, expected in _reference(module, kjt).items():
+            torch.testing.assert_close(eager[key], expected, rtol=1e-5, atol=1e-6)
+        for served in (scripted(kjt), loaded(kjt)):
+            torch.testing.assert_close(served.values(), eager.values(), rtol=1e-6, atol=1e-6)
+        for served_model in (traced, exported.module()):
+            torch.testing.assert_close(served_model(dense, kjt), model(dense, kjt), rtol=1e-6, atol=1e-6)
 
 
 class _Reversed(Partition):

@@ -4,7 +4,7 @@ No ``from __future__ import annotations`` here: fx copies ``forward``'s annotati
 TorchScript must resolve, so they stay real types.
 """
 
-from typing import Callable
+from typing import Callable, List
 
 import torch
 from torch import nn
@@ -57,12 +57,12 @@ def _pooled_embeddings(features: KeyedJaggedTensor, module: "CompositionalEmbedd
     return module._plan.compose(features, looked_up)
 
 
-def _opaque_call(module: nn.Module, arg: object) -> object:
-    """``module(arg)``; under fx symbolic tracing one ``call_module`` node instead of the module's body, so the
-    GraphModule keeps the module as it is (and TorchScript compiles it as it is)."""
-    if isinstance(arg, torch.fx.Proxy):
-        return arg.tracer.create_proxy("call_module", arg.tracer.path_of_module(module), (arg,), {})
-    return module(arg)
+def _opaque_call(module: nn.Module, *args: object) -> object:
+    """``module(*args)``; under fx symbolic tracing one ``call_module`` node instead of the module's body, so
+    the GraphModule keeps the module as it is (and TorchScript compiles it as it is)."""
+    if isinstance(args[0], torch.fx.Proxy):
+        return args[0].tracer.create_proxy("call_module", args[0].tracer.path_of_module(module), args, {})
+    return module(*args)
 
 
 class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -91,7 +91,7 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     Serving: ``torch.jit.script``, ``torchrec.fx.symbolic_trace`` (then script) and ``torch.export`` take
     ``ScriptedComposition``, the same function in TorchScript-able code (no id-range checks); eager calls
-    take the training path. Path tables and variable-batch inputs are eager only.
+    take the training path. Variable-batch inputs are eager only.
 
     Example::
 
@@ -162,18 +162,27 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self._training_forward(features)
 
     def _serving_forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """The ``ScriptedComposition`` path; the storage is one opaque call under fx tracing."""
+        """The ``ScriptedComposition`` path; storage and path functions are opaque calls under fx tracing."""
         inputs = self._scripted.inputs(features)
         values, lengths, weights, batch = inputs[0], inputs[1], inputs[2], inputs[3]
-        lookup = self._scripted.lookup_input(values, lengths, weights, batch)
+        lookup, classes = self._scripted.lookup_input(values, lengths, weights, batch)
         if torch.jit.is_scripting():
             looked_up = self._embedding_bag_collection(lookup)
         else:
             looked_up = _opaque_call(self._embedding_bag_collection, lookup)
+        path_rows: List[torch.Tensor] = []
+        for p in range(len(self._scripted.path_tables)):
+            rows, table_classes = self._scripted.path_input(p, looked_up, values, classes)
+            for name, functions in self._path_functions.items():  # module dicts are indexed by unrolling only
+                if name == self._scripted.path_tables[p]:
+                    if torch.jit.is_scripting():
+                        path_rows.append(functions(rows, table_classes))
+                    else:
+                        path_rows.append(_opaque_call(functions, rows, table_classes))
         return KeyedTensor(
             keys=self._embedding_names,
             length_per_key=self._embedding_dims,
-            values=self._scripted.compose(looked_up, values, lengths, weights, batch),
+            values=self._scripted.compose(looked_up, values, lengths, weights, batch, path_rows),
         )
 
     @torch.jit.unused

@@ -10,11 +10,10 @@ per-id weights, MEAN divided by the bag length); ``tests/test_scripted_compositi
 the eager module on the same weights. It is differentiable but not tuned for training.
 
 Under fx symbolic tracing the data-dependent steps are ``torch.fx.wrap`` leaves (free functions TorchScript
-compiles), the partition indexers are traced through, and the storage becomes one ``call_module`` node, so
-the traced graph scripts with whatever storage module (dense, fused or quantized TBE) the collection holds.
+compiles), the partition indexers are traced through, and the storage and each path table's functions become
+one ``call_module`` node each, so the traced graph scripts with whatever storage module (dense, fused or
+quantized TBE) the collection holds. Path functions serve through their own per-id branch (``PathFunctions``).
 """
-
-from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
@@ -44,6 +43,31 @@ class ScriptedComposition(nn.Module):
     raises it.
     """
 
+    # Attribute types for TorchScript (a list may be empty, so its element type cannot be inferred); real
+    # types, not strings: this file has no ``from __future__ import annotations``.
+    features: List[str]
+    lookup_keys: List[str]
+    class_inputs: List[int]
+    class_indexers: List[int]
+    slot_input: List[int]
+    slot_classes: List[int]
+    slot_partition: List[int]
+    slot_per_id: List[bool]
+    slot_unit_weights: List[bool]
+    block_start: List[int]
+    block_width: List[int]
+    out_input: List[int]
+    out_combine: List[str]
+    out_blocks: List[List[int]]
+    out_per_id: List[bool]
+    out_mean: List[bool]
+    out_pool_first: List[bool]
+    out_path: List[int]
+    path_tables: List[str]
+    path_classes: List[int]
+    path_inputs: List[int]
+    path_columns: List[int]
+
     def __init__(
         self,
         plan: CompositionPlan,
@@ -60,8 +84,8 @@ class ScriptedComposition(nn.Module):
         self.lookup_keys = list(storage_feature_names)
         self.indexers = nn.ModuleList(indexers.values())
         # One class computation per compositional (table, feature): the input it reads, its table's indexer.
-        self.class_inputs: List[int] = []
-        self.class_indexers: List[int] = []
+        self.class_inputs = []
+        self.class_indexers = []
         class_of: dict[tuple[str, str], int] = {}
         for s in plan.expand_slots:
             key = (s.table, s.feature)
@@ -89,6 +113,14 @@ class ScriptedComposition(nn.Module):
         self.out_per_id = [s.per_id for s in plan.compose_slots]
         self.out_mean = [s.mean for s in plan.compose_slots]
         self.out_pool_first = [s.pool_first for s in plan.compose_slots]
+        # Path outputs: their table (whose functions the collection holds) and class computation.
+        path_slots = [i for i, s in enumerate(plan.compose_slots) if s.combine == "path"]
+        self.out_path = [path_slots.index(i) if i in path_slots else -1 for i in range(len(plan.compose_slots))]
+        self.path_tables = [plan.compose_slots[i].table for i in path_slots]
+        self.path_classes = [class_of.get((plan.compose_slots[i].table, plan.compose_slots[i].feature), -1)
+                             for i in path_slots]
+        self.path_inputs = [self.out_input[i] for i in path_slots]
+        self.path_columns = [plan.compose_slots[i].blocks[0] for i in path_slots]
 
     @torch.jit.unused
     def check_supported(self) -> None:
@@ -101,8 +133,8 @@ class ScriptedComposition(nn.Module):
 
     def lookup_input(
         self, values: List[torch.Tensor], lengths: List[torch.Tensor], weights: List[torch.Tensor], batch: int
-    ) -> KeyedJaggedTensor:
-        """The storage's input KJT (as ``CompositionPlan.expand``)."""
+    ) -> Tuple[KeyedJaggedTensor, List[torch.Tensor]]:
+        """The storage's input KJT (as ``CompositionPlan.expand``) and each class computation's classes."""
         classes: List[torch.Tensor] = []
         for i in range(len(self.class_inputs)):
             for k, indexer in enumerate(self.indexers):  # a module list is indexed by unrolling only
@@ -112,10 +144,19 @@ class ScriptedComposition(nn.Module):
         for s in range(len(self.slot_input)):
             c = self.slot_classes[s]
             ids.append(values[self.slot_input[s]] if c < 0 else classes[c][self.slot_partition[s]])
-        return _lookup_kjt(
+        lookup = _lookup_kjt(
             self.lookup_keys, ids, self.slot_input, self.slot_per_id, self.slot_unit_weights,
             lengths, weights, self.weighted, batch,
         )
+        return lookup, classes
+
+    def path_input(
+        self, p: int, looked_up: torch.Tensor, values: List[torch.Tensor], classes: List[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Path output p's per-id rows of partition 1 and its ids' classes ``[k, n]``."""
+        b = self.path_columns[p]
+        rows = _per_id_rows(looked_up, values[self.path_inputs[p]], self.block_start[b], self.block_width[b])
+        return rows, classes[self.path_classes[p]]
 
     def compose(
         self,
@@ -124,11 +165,14 @@ class ScriptedComposition(nn.Module):
         lengths: List[torch.Tensor],
         weights: List[torch.Tensor],
         batch: int,
+        path_rows: List[torch.Tensor],
     ) -> torch.Tensor:
-        """``[batch, sum of output dims]`` from the storage output (as ``CompositionPlan.compose``)."""
+        """``[batch, sum of output dims]`` from the storage output (as ``CompositionPlan.compose``), given
+        each path output's per-id rows (``path_input`` passed through the table's functions)."""
         return _compose(
             looked_up, values, lengths, weights, batch, self.block_start, self.block_width, self.out_input,
-            self.out_combine, self.out_blocks, self.out_per_id, self.out_mean, self.out_pool_first,
+            self.out_combine, self.out_blocks, self.out_per_id, self.out_mean, self.out_pool_first, self.out_path,
+            path_rows,
         )
 
 
@@ -138,11 +182,6 @@ def _indexers(tables: List[EmbeddingBagConfig], device: torch.device | str | Non
     for t in tables:
         if not isinstance(t, CompositionalEmbeddingBagConfig):
             continue
-        if t.combine == "path":
-            return {}, (
-                f"table {t.name!r} has combine='path': path tables run eagerly only (no TorchScript, fx + "
-                "TorchScript or torch.export path yet); use combine='mult', 'add' or 'concat' to serve"
-            )
         assert t.partition is not None
         try:
             indexers[t.name] = t.partition.indexer().to(device)
@@ -222,6 +261,11 @@ def _lookup_kjt(
 
 
 @torch.fx.wrap
+def _per_id_rows(looked_up: torch.Tensor, ids: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    return looked_up[: ids.numel(), start : start + width]
+
+
+@torch.fx.wrap
 def _compose(
     looked_up: torch.Tensor,
     values: List[torch.Tensor],
@@ -236,6 +280,8 @@ def _compose(
     out_per_id: List[bool],
     out_mean: List[bool],
     out_pool_first: List[bool],
+    out_path: List[int],
+    path_rows: List[torch.Tensor],
 ) -> torch.Tensor:
     outs: List[torch.Tensor] = []
     for s in range(len(out_input)):
@@ -247,7 +293,9 @@ def _compose(
         n = values[i].numel()
         w: Optional[torch.Tensor] = weights[i] if len(weights) > 0 else None
         parts = [b[:n] for b in blocks]
-        if out_pool_first[s]:  # per-id weights enter the first factor only, as on the kernel-pooled path
+        if out_path[s] >= 0:
+            outs.append(_pool(path_rows[out_path[s]], lengths[i], w, batch, out_mean[s]))
+        elif out_pool_first[s]:  # per-id weights enter the first factor only, as on the kernel-pooled path
             pooled: List[torch.Tensor] = []
             for j in range(len(parts)):
                 pooled.append(_pool(parts[j], lengths[i], w if j == 0 else None, batch, out_mean[s]))
