@@ -12,7 +12,7 @@ import torch
 import torchrec
 from torch.export import Dim
 from torchrec.models.dlrm import DLRM
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from conftest import make_kjt, permuted_qr, random_bags, random_weights
@@ -251,3 +251,20 @@ def test_serving_path_adds_no_state() -> None:
     keys = set(module.state_dict())
     assert keys == {f"_embedding_bag_collection.embedding_bags.{name}.weight"
                     for name in module._embedding_bag_collection.table_weights()}
+
+
+def test_empty_features_and_fp16_tables_script() -> None:
+    """A feature with only empty bags (and a batch with none at all) composes to zeros; FP16 sub-tables serve."""
+    tables = _tables("mult", "per_id", "mixed")
+    for t in tables:
+        t.data_type = DataType.FP16
+    module = CompositionalEmbeddingBagCollection(tables, is_weighted=True)
+    scripted = torch.jit.script(module)
+    rng = random.Random(0)
+    bags = random_bags(rng, ID_RANGE, 4)
+    bags["f_b"] = [[], [], [], []]
+    for kjt in (make_kjt(bags, random_weights(rng, bags)),
+                make_kjt({f: [[]] * 3 for f in ID_RANGE}, {f: [[]] * 3 for f in ID_RANGE})):
+        eager = module(kjt)
+        torch.testing.assert_close(scripted(kjt).values(), eager.values(), rtol=1e-6, atol=1e-6)
+        assert not eager["f_b"].any()
