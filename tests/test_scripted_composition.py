@@ -109,7 +109,8 @@ class _Model(torch.nn.Module):
 
 
 CONFIGS = [
-    pytest.param(combine, composition, pooling, weighted, id=f"{combine}-{composition}-{pooling}-{'w' if weighted else 'u'}")
+    pytest.param(combine, composition, pooling, weighted,
+                 id=f"{combine}-{composition}-{pooling}-{'w' if weighted else 'u'}")
     for combine, composition in [("mult", "per_id"), ("mult", "pooled"), ("add", "per_id"), ("concat", "per_id")]
     for pooling, weighted in [("SUM", False), ("MEAN", False), ("MEAN", True), ("mixed", True)]
 ]
@@ -176,8 +177,9 @@ def test_path_tables_serve(pooling: str, weighted: bool, tmp_path) -> None:
     kind = PoolingType[pooling]
     tables = [
         EmbeddingBagConfig(name="t_plain", num_embeddings=7, embedding_dim=DIM, feature_names=["f_a"], pooling=kind),
-        CompositionalEmbeddingBagConfig(name="t_lin", num_embeddings=50, embedding_dim=DIM, feature_names=["f_b", "f_c"],
-                                        pooling=kind, partition=QuotientRemainder(7), combine="path"),
+        CompositionalEmbeddingBagConfig(name="t_lin", num_embeddings=50, embedding_dim=DIM,
+                                        feature_names=["f_b", "f_c"], pooling=kind, partition=QuotientRemainder(7),
+                                        combine="path"),
         CompositionalEmbeddingBagConfig(name="t_mlp", num_embeddings=30, embedding_dim=DIM, feature_names=["f_d"],
                                         pooling=kind, partition=MixedRadix((3, 3, 4)), combine="path",
                                         path=PathFunction.mlp((5,), activation="tanh")),

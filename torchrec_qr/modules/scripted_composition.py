@@ -104,8 +104,7 @@ class ScriptedComposition(nn.Module):
             (s.table, s.feature) in plan.pooled_mult and bool(s.partition_index) for s in plan.expand_slots
         ]
         # Compose slots, in output order; blocks are column ranges of the storage output.
-        starts = [sum(plan.block_widths[:b]) for b in range(len(plan.block_widths))]
-        self.block_start = starts
+        self.block_start = [sum(plan.block_widths[:b]) for b in range(len(plan.block_widths))]
         self.block_width = list(plan.block_widths)
         self.out_input = [self.features.index(s.feature) for s in plan.compose_slots]
         self.out_combine = [s.combine for s in plan.compose_slots]
@@ -127,7 +126,9 @@ class ScriptedComposition(nn.Module):
         if self.unsupported:
             raise TypeError(self.unsupported)
 
-    def inputs(self, features: KeyedJaggedTensor) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], int]:
+    def inputs(
+        self, features: KeyedJaggedTensor
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], int]:
         """Per input feature: ids, bag lengths, weights (none when unweighted); and the batch size."""
         return _split_features(features, self.features, self.weighted)
 
