@@ -32,12 +32,6 @@ def _ours(tables: list[EmbeddingBagConfig], **kwargs) -> torch.nn.Module:
 IMPLS = [pytest.param(_torchrec, id="torchrec"), pytest.param(_ours, id="torchrec_qr")]
 
 
-def _not_yet(reason: str) -> list:
-    """Our implementation fails this behaviour today: strict xfail, so the day it passes the test says so."""
-    return [pytest.param(_torchrec, id="torchrec"),
-            pytest.param(_ours, id="torchrec_qr", marks=pytest.mark.xfail(strict=True, reason=reason))]
-
-
 def _tables(dim: int = 8, **kwargs) -> list[EmbeddingBagConfig]:
     return [
         EmbeddingBagConfig(name="t1", num_embeddings=20, embedding_dim=dim, feature_names=["f1", "f3"], **kwargs),
@@ -126,7 +120,7 @@ def test_fx_symbolic_trace_of_dlrm(make: Factory) -> None:
     assert all(p.grad is not None for p in model.over_arch.parameters())
 
 
-@pytest.mark.parametrize("make", _not_yet("the composition is Python, not TorchScript"))
+@pytest.mark.parametrize("make", IMPLS)
 def test_fx_trace_then_torchscript(make: Factory) -> None:
     module = make(_tables())
     scripted = torch.jit.script(torchrec.fx.symbolic_trace(module))

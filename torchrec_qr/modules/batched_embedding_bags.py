@@ -2,7 +2,8 @@
 
 One TBE per pooling type holds every table's rows, so a whole collection is looked up in one (or two) kernel
 calls instead of one ``nn.EmbeddingBag`` per table: ``DenseTableBatchedEmbeddingBagsCodegen`` (one flat
-parameter, trained by any dense optimizer) or, given an optimizer, ``SplitTableBatchedEmbeddingBagsCodegen``
+parameter, trained by any dense optimizer; held as ``ServableDenseTBE``, which TorchScript can save and
+torch.export can trace) or, given an optimizer, ``SplitTableBatchedEmbeddingBagsCodegen``
 with the optimizer fused into its backward (as TorchRec's ``FusedEmbeddingBagCollection``): no dense
 gradient of the tables is ever materialized. The state dict presents each table as
 ``embedding_bags.{name}.weight``, the keys TorchRec's ``ShardedEmbeddingBagCollection`` uses, so unsharded
@@ -18,7 +19,6 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     ComputeDevice,
-    DenseTableBatchedEmbeddingBagsCodegen,
     SplitTableBatchedEmbeddingBagsCodegen,
 )
 from torch import nn
@@ -26,6 +26,8 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.modules.fused_embedding_modules import EmbeddingFusedOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_qr.modules.dense_tbe import ServableDenseTBE
 
 __all__ = ["BatchedEmbeddingBags", "group_by_pooling"]
 
@@ -100,7 +102,7 @@ class BatchedEmbeddingBags(nn.Module):
                 )
             else:
                 self._emb_modules.append(
-                    DenseTableBatchedEmbeddingBagsCodegen(
+                    ServableDenseTBE(
                         specs,
                         feature_table_map=feature_table_map,
                         pooling_mode=_POOLING_MODES[group[0].pooling],
@@ -118,6 +120,8 @@ class BatchedEmbeddingBags(nn.Module):
             ])
         self._register_state_dict_hook(_present_tables)
         self._register_load_state_dict_pre_hook(_load_tables, with_module=True)
+
+    __jit_unused_properties__ = ["fused_optimizer"]
 
     def feature_names(self) -> list[str]:
         return [f for t in self.tables for f in t.feature_names]
@@ -152,9 +156,10 @@ class BatchedEmbeddingBags(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         if self._device.type == "meta":
             raise RuntimeError("a collection on the meta device has no weights: shard it with DMP or build it on cpu/cuda")
-        per_group = features.split(self._features_per_group) if len(self._groups) > 1 else [features]
-        outs = []
-        for kjt, emb in zip(per_group, self._emb_modules):
+        per_group = features.split(self._features_per_group) if len(self._features_per_group) > 1 else [features]
+        outs: list[torch.Tensor] = []
+        for i, emb in enumerate(self._emb_modules):  # indexed, not zipped: TorchScript unrolls module lists
+            kjt = per_group[i]
             weights = kjt.weights_or_none()
             outs.append(
                 emb(

@@ -1,8 +1,10 @@
-"""``CompositionalEmbeddingBagCollection``: a drop-in ``EmbeddingBagCollection`` built from sub-tables."""
+"""``CompositionalEmbeddingBagCollection``: a drop-in ``EmbeddingBagCollection`` built from sub-tables.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: fx copies ``forward``'s annotations into traced code, which
+TorchScript must resolve, so they stay real types.
+"""
 
-from typing import Callable
+from typing import Callable, List
 
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from torchrec_qr.modules.composition import CompositionPlan, _combine
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
 from torchrec_qr.modules.hot_id_buffers import HotIdBuffers
 from torchrec_qr.modules.path_functions import PathFunctions
+from torchrec_qr.modules.scripted_composition import ScriptedComposition
 from torchrec_qr.modules.validation import check_features, check_id_ranges, check_tables
 from torchrec_qr.modules.variable_batch import fixed_batch
 
@@ -55,6 +58,14 @@ def _pooled_embeddings(features: KeyedJaggedTensor, module: "CompositionalEmbedd
     return module._plan.compose(features, looked_up)
 
 
+def _opaque_call(module: nn.Module, *args: object) -> object:
+    """``module(*args)``; under fx symbolic tracing one ``call_module`` node instead of the module's body, so
+    the GraphModule keeps the module as it is (and TorchScript compiles it as it is)."""
+    if isinstance(args[0], torch.fx.Proxy):
+        return args[0].tracer.create_proxy("call_module", args[0].tracer.path_of_module(module), args, {})
+    return module(*args)
+
+
 class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """An ``EmbeddingBagCollection`` whose large tables are stored as compositional sub-tables.
 
@@ -79,6 +90,10 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``_hot_ids.{table}`` for a ``HotIds`` table's hot-id list (see ``HotIdBuffers``).
     The sharded module uses the same keys. Path functions are dense parameters: under DMP they are
     replicated and synced by its data-parallel wrapper, so they need the dense optimizer.
+
+    Serving: ``torch.jit.script``, ``torchrec.fx.symbolic_trace`` (then script) and ``torch.export`` take
+    ``ScriptedComposition``, the same function in TorchScript-able code (no id-range checks); eager calls
+    take the training path. Variable-batch inputs are eager only.
 
     Example::
 
@@ -115,6 +130,16 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._hot_ids = HotIdBuffers(tables, device)  # HotIds tables' lists: state dict keys _hot_ids.{table}
         self._plan = CompositionPlan.for_tables(self._embedding_bag_configs, is_weighted, self._path_functions)
         assert self._plan.physical_feature_names() == self._embedding_bag_collection.feature_names()
+        self._scripted = ScriptedComposition(
+            self._plan, self._embedding_bag_configs, self._feature_names, self._plan.physical_feature_names(),
+            is_weighted, device,
+        )
+
+    __jit_unused_properties__ = ["device"]
+
+    def __prepare_scriptable__(self) -> "CompositionalEmbeddingBagCollection":
+        self._scripted.check_supported()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -132,6 +157,39 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             functions.reset_parameters()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if torch.jit.is_scripting():
+            return self._serving_forward(features)
+        if isinstance(features, torch.fx.Proxy) or torch.compiler.is_exporting():
+            self._scripted.check_supported()
+            return self._serving_forward(features)
+        return self._training_forward(features)
+
+    def _serving_forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """The ``ScriptedComposition`` path; storage and path functions are opaque calls under fx tracing."""
+        inputs = self._scripted.inputs(features)
+        values, lengths, weights, batch = inputs[0], inputs[1], inputs[2], inputs[3]
+        lookup, classes = self._scripted.lookup_input(values, lengths, weights, batch)
+        if torch.jit.is_scripting():
+            looked_up = self._embedding_bag_collection(lookup)
+        else:
+            looked_up = _opaque_call(self._embedding_bag_collection, lookup)
+        path_rows: List[torch.Tensor] = []
+        for p in range(len(self._scripted.path_tables)):
+            rows, table_classes = self._scripted.path_input(p, looked_up, values, classes)
+            for name, functions in self._path_functions.items():  # module dicts are indexed by unrolling only
+                if name == self._scripted.path_tables[p]:
+                    if torch.jit.is_scripting():
+                        path_rows.append(functions(rows, table_classes))
+                    else:
+                        path_rows.append(_opaque_call(functions, rows, table_classes))
+        return KeyedTensor(
+            keys=self._embedding_names,
+            length_per_key=self._embedding_dims,
+            values=self._scripted.compose(looked_up, values, lengths, weights, batch, path_rows),
+        )
+
+    @torch.jit.unused
+    def _training_forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         features = _validate(features, self)
         return KeyedTensor(
             keys=self._embedding_names,

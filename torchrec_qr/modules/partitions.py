@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from torch import nn
+
+from torchrec_qr.modules.partition_indexers import DivModIndexer, LookupIndexer
 
 __all__ = [
     "Partition",
@@ -61,6 +64,14 @@ class Partition(abc.ABC):
     @abc.abstractmethod
     def num_partitions(self) -> int:
         """k, the number of sub-tables."""
+
+    def indexer(self) -> nn.Module:
+        """A TorchScript-able module computing ``indices(ids)`` (``[n] -> LongTensor[k, n]``) for the scripted
+        and exported inference path (see ``partition_indexers``); a scheme without one serves eager only."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no scriptable indexer: implement {type(self).__name__}.indexer() "
+            "(e.g. with torchrec_qr.modules.partition_indexers) to script or export modules using it"
+        )
 
     def row_split(self) -> tuple[int, int] | None:
         """``(j, stride)`` when partition j's class is ``id // stride`` (rows of j follow id blocks).
@@ -122,6 +133,9 @@ class QuotientRemainder(Partition):
         ids = ids.to(torch.int64)
         return torch.stack([torch.div(ids, self.collisions, rounding_mode="floor"), ids % self.collisions])
 
+    def indexer(self) -> nn.Module:
+        return DivModIndexer([self.collisions, 1], [0, self.collisions])
+
     def _collision(self, num_embeddings: int) -> tuple[int, int] | None:
         return None  # (q, r) determines id = q*c + r
 
@@ -160,6 +174,10 @@ class MixedRadix(Partition):
             digits.append(rest % r)
             rest = torch.div(rest, r, rounding_mode="floor")
         return torch.stack(digits)
+
+    def indexer(self) -> nn.Module:
+        """Digit j is ``(id // prod(radices[:j])) % radices[j]``."""
+        return DivModIndexer([math.prod(self.radices[:j]) for j in range(len(self.radices))], list(self.radices))
 
     def row_split(self) -> tuple[int, int] | None:
         """The top digit: ``id // prod(radices[:-1])`` (exact below the scheme's period, as validated)."""
@@ -201,6 +219,9 @@ class ChineseRemainder(Partition):
     def indices(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(torch.int64)
         return torch.stack([ids % m for m in self.moduli])
+
+    def indexer(self) -> nn.Module:
+        return DivModIndexer([1] * len(self.moduli), list(self.moduli))
 
     def _collision(self, num_embeddings: int) -> tuple[int, int] | None:
         # Ids collide iff their difference is a multiple of lcm(moduli); the first pair is (0, lcm).
@@ -256,6 +277,9 @@ class ExplicitPartitions(Partition):
     def indices(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(torch.int64)
         return torch.stack([m.to(ids.device)[ids] for m in self.class_maps])
+
+    def indexer(self) -> nn.Module:
+        return LookupIndexer(torch.stack(self.class_maps))
 
     def __repr__(self) -> str:
         return f"ExplicitPartitions(num_ids={self.class_maps[0].numel()}, k={self.num_partitions})"

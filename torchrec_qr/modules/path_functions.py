@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 import torch
 from torch import nn
@@ -115,12 +115,16 @@ class ClassLayout:
 
 
 class _ClassFunctions(nn.Module):
-    """One partition's bank: layer l's weights stacked by class, ``[C, fan_in, fan_out]`` (biases ``[C, fan_out]``)."""
+    """One partition's bank: layer l's weights stacked by class, ``[C, fan_in, fan_out]`` (biases ``[C, fan_out]``).
+
+    Eager calls run class-tiled ``bmm`` s (``ClassLayout``); TorchScript and ``torch.export``, which cannot
+    take its data-dependent tiling, run one ``bmm`` per id over the gathered class weights (same function).
+    """
 
     def __init__(self, path: PathFunction, dim: int, num_classes: int, device: torch.device | None) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.activation = ACTIVATIONS[path.activation]
+        self.activation = path.activation
         dims = path.layer_dims(dim)
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_classes, i, o, device=device)) for i, o in dims)
         self.biases = nn.ParameterList(
@@ -136,6 +140,28 @@ class _ClassFunctions(nn.Module):
             b.zero_()
 
     def forward(self, x: torch.Tensor, classes: torch.Tensor, grad_scale: float) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._per_id(x, classes)
+        if torch.compiler.is_exporting():
+            return self._per_id(x, classes)
+        return self._tiled(x, classes, grad_scale)
+
+    def _per_id(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        biases: List[torch.Tensor] = []
+        for b in self.biases:  # parameter lists are iterated, not indexed, in TorchScript
+            biases.append(b)
+        layers = 0
+        for w in self.weights:
+            if layers > 0:
+                x = torch.relu(x) if self.activation == "relu" else torch.tanh(x)
+            x = torch.bmm(x.unsqueeze(1), w.index_select(0, classes)).squeeze(1)
+            if len(biases) > 0:
+                x = x + biases[layers].index_select(0, classes)
+            layers += 1
+        return x
+
+    @torch.jit.unused
+    def _tiled(self, x: torch.Tensor, classes: torch.Tensor, grad_scale: float) -> torch.Tensor:
         layout = ClassLayout.of(classes, self.num_classes)
         tiles = layout.tile_class.numel()
         h = x.new_zeros(tiles * layout.length, x.shape[1]).index_copy(0, layout.positions, x)
@@ -146,11 +172,11 @@ class _ClassFunctions(nn.Module):
             if len(self.biases):
                 h = h + scale_grad(self.biases[i], grad_scale)[layout.tile_class].unsqueeze(1)
             if i < last:
-                h = self.activation(h)
+                h = ACTIVATIONS[self.activation](h)
         return h.reshape(-1, h.shape[-1])[layout.positions]
 
 
-class PathFunctions(nn.Module):
+class PathFunctions(nn.ModuleDict):
     """The function banks of one path table: child ``p{j}`` holds partition j's per-class functions.
 
     Args:
@@ -158,14 +184,17 @@ class PathFunctions(nn.Module):
         dim: the embedding dimension D.
         num_classes: classes of partitions 2..k (``sizes[1:]`` of the table's partition).
         device: where the parameters live (``meta``: shapes only).
+
+    A ``ModuleDict`` so TorchScript can iterate the banks (keys, hence state-dict keys, stay ``p{j}``).
     """
 
     def __init__(
         self, path: PathFunction, dim: int, num_classes: list[int], device: torch.device | str | None = None
     ) -> None:
-        super().__init__()
-        for j, c in enumerate(num_classes, start=1):
-            self.add_module(f"p{j}", _ClassFunctions(path, dim, c, torch.device(device) if device else None))
+        super().__init__({
+            f"p{j}": _ClassFunctions(path, dim, c, torch.device(device) if device else None)
+            for j, c in enumerate(num_classes, start=1)
+        })
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -177,8 +206,10 @@ class PathFunctions(nn.Module):
 
         ``grad_scale`` multiplies the gradient of the function parameters only (see ``scale_grad``).
         """
-        for j, bank in enumerate(self.children(), start=1):
+        j = 1
+        for bank in self.values():
             rows = bank(rows, classes[j], grad_scale)
+            j += 1
         return rows
 
 
