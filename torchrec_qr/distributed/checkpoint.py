@@ -11,8 +11,11 @@ Layout of ``root``::
     step_000100/                 complete: this name appears only after every rank finished writing
         .metadata, __*_*.distcp  DCP: "model.*" (model.state_dict()) and "optim.*" (optimizer state)
         extra_rank_00000.pt      per rank: the caller's ``extra`` and the RNG states
-        meta.json                step, world size, fused-kernel optimizer step
+        meta.json                step, world size, fused-kernel optimizer step, size and SHA-256 of every file
     .step_000200.tmp/            being written, or left by a crash: never read, removed by the next save
+
+Loading verifies the checksums first (``checksums``): a damaged checkpoint raises ``CheckpointCorrupt``
+naming the file, and ``latest_intact_checkpoint`` falls back to the newest intact one with a warning.
 
 All ranks must see the same ``root`` (a shared file system when there is more than one host). Checkpoints
 hold pickled Python objects (extras, optimizer hyper-parameters): load only checkpoints you trust.
@@ -58,13 +61,25 @@ from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.shards_wrapper import LocalShardsWrapper
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper, OptimizerWrapper
 
+from torchrec_qr.distributed.checksums import (
+    CheckpointCorrupt,
+    digest_files,
+    files_written_by,
+    read_meta,
+    seal,
+    verify_files,
+)
+
 __all__ = [
+    "CheckpointCorrupt",
     "checkpoint_step",
     "gather_full_state_dict",
     "latest_checkpoint",
+    "latest_intact_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,7 +88,7 @@ OptimizerArg = torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer] | Non
 
 _NAME = re.compile(r"^step_(\d+)$")
 _META = "meta.json"
-_FORMAT = 1
+_FORMAT = 2  # 2: meta.json records and seals file checksums
 
 
 # --------------------------------------------------------------------------------------------- public API
@@ -130,13 +145,15 @@ def save_checkpoint(
 
     payload = {"step": step, "rank": rank, "world_size": world_size, "extra": dict(extra or {}), "rng": _rng_state()}
     local_error: BaseException | None = None
+    digests: dict[str, Any] = {}
     try:
         _write_synced(tmp / _extra_name(rank), payload)
+        digests = digest_files(tmp, files_written_by(tmp, rank))
     except Exception as e:  # reported to every rank below, so no rank waits forever for rank 0
         local_error = e
-    gathered = _all_gather((_picklable(local_error), _fused_kernel_step(optimizer)), process_group)
+    gathered = _all_gather((_picklable(local_error), _fused_kernel_step(optimizer), digests), process_group)
     _raise_first(gathered, rank, local_error, "writing its extras")
-    fused_step = max(s for _, s in gathered)
+    fused_step = max(s for _, s, _ in gathered)
 
     meta = {
         "format": _FORMAT,
@@ -144,6 +161,7 @@ def save_checkpoint(
         "world_size": world_size,
         "fused_optimizer_step": fused_step,
         "optimizers": _structure(optimizers),
+        "files": {name: d for _, _, rank_digests in gathered for name, d in rank_digests.items()},
     }
     _on_rank0(lambda: _publish(root, final, tmp, meta, keep_last), process_group)
     if rank == 0:
@@ -152,22 +170,67 @@ def save_checkpoint(
 
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (``*.tmp`` directories are never listed)."""
+    """Published checkpoints under ``root``, oldest first (``*.tmp`` directories are never listed).
+
+    A ``step_*`` directory appears only once complete, so one found here is either complete or damaged
+    since (``verify_checkpoint`` tells which).
+    """
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _NAME.match(p.name)) and p.is_dir() and (p / ".metadata").is_file()
-    ]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
-    """The complete checkpoint with the highest step under ``root``, or None."""
+    """The published checkpoint with the highest step under ``root``, or None (not verified: see
+    ``latest_intact_checkpoint``)."""
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def verify_checkpoint(path: str | os.PathLike[str], process_group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+    """Check every file of a checkpoint against the sizes and SHA-256 sums recorded when it was saved; call
+    on every rank (they share the hashing). Returns its ``meta.json``; raises ``CheckpointCorrupt`` naming
+    the damaged file. Checkpoints saved before checksums existed are only checked for their files' presence.
+    """
+    path = Path(path)
+    meta = read_meta(path, _META)
+    files = meta.get("files")
+    if files is None:
+        logger.warning("checkpoint %s has no checksums (saved by an older version): not verified", path)
+        files = {}
+        if not (path / ".metadata").is_file():
+            raise CheckpointCorrupt(f"checkpoint {path} is damaged: {path / '.metadata'} is missing")
+    verify_files(path, files, _rank(process_group), _world_size(process_group),
+                 lambda errors: _all_gather(errors, process_group))
+    return meta
+
+
+def latest_intact_checkpoint(
+    root: str | os.PathLike[str], *, strict: bool = False, process_group: dist.ProcessGroup | None = None
+) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies, or None if there is none at all; call on every rank.
+
+    A damaged newer checkpoint is skipped with a warning naming it, or, with ``strict``, raises
+    ``CheckpointCorrupt``. If every checkpoint is damaged, raises naming the newest's damage.
+    """
+    damaged: list[str] = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path, process_group)
+        except CheckpointCorrupt as e:
+            if strict:
+                raise CheckpointCorrupt(f"{e}; not falling back to an older checkpoint (strict): remove {path} "
+                                        "to resume from the previous one") from e
+            damaged.append(str(e))
+            continue
+        if damaged and _rank(process_group) == 0:
+            logger.warning("falling back to %s: %s", path, "; ".join(damaged))
+        return path
+    if damaged:
+        raise CheckpointCorrupt(f"no intact checkpoint under {root}: {'; '.join(damaged)}")
+    return None
 
 
 def checkpoint_step(path: str | os.PathLike[str]) -> int:
@@ -185,6 +248,7 @@ def load_checkpoint(
     *,
     restore_rng: bool = True,
     strict: bool = True,
+    verify: bool = True,
     process_group: dist.ProcessGroup | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint into ``model`` (and ``optimizer``); call on every rank. Returns this rank's ``extra``.
@@ -201,6 +265,7 @@ def load_checkpoint(
         optimizer: the same structure that was passed to ``save_checkpoint`` (None: weights only).
         restore_rng: restore this rank's RNG states (only when the world size is unchanged).
         strict: raise if the checkpoint has model entries this model lacks.
+        verify: check the files' checksums first (``verify_checkpoint``); False if that was just done.
         process_group: group for DCP (default: the default group).
 
     Limitation (TorchRec 1.8): the row-wise optimizer state of a column-wise sharded table (rowwise Adagrad
@@ -211,11 +276,14 @@ def load_checkpoint(
     states are left alone.
     """
     path = Path(path)
+    if verify:
+        meta = verify_checkpoint(path, process_group)
+    else:
+        meta = read_meta(path, _META) if (path / _META).is_file() else {}
     if not (path / ".metadata").is_file():
         raise ValueError(
-            f"{path} is not a complete checkpoint (no DCP .metadata); use latest_checkpoint(root) to find one"
+            f"{path} is not a complete checkpoint (no DCP .metadata); use latest_intact_checkpoint(root) to find one"
         )
-    meta = json.loads((path / _META).read_text()) if (path / _META).is_file() else {}
     saved_ws = int(meta.get("world_size", 1))
     rank, world_size = _rank(process_group), _world_size(process_group)
 
@@ -530,7 +598,7 @@ def _prepare_dir(root: Path, final: Path, tmp: Path, overwrite: bool) -> None:
 
 def _publish(root: Path, final: Path, tmp: Path, meta: dict[str, Any], keep_last: int | None) -> None:
     with open(tmp / _META, "w") as f:
-        json.dump(meta, f, indent=1)
+        json.dump(seal(meta), f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
