@@ -193,3 +193,30 @@ def test_empty_and_non_config_tables():
         CompositionalEmbeddingBagCollection([])
     with pytest.raises(TypeError, match="must be EmbeddingBagConfig"):
         CompositionalEmbeddingBagCollection([{"name": "t"}])
+
+
+@pytest.mark.parametrize("value", [1.7, float("nan")])
+def test_float_ids_are_rejected_not_truncated(module, value):
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f", "f2", "g"], values=torch.tensor([value, 1.0, 2.0]),
+                                              lengths=torch.tensor([1, 1, 1]))
+    with pytest.raises(TypeError, match=r"values are ids and must be torch.int64 or torch.int32, got torch.float32"):
+        module(kjt)
+
+
+def test_structural_checks_read_no_device_data_and_work_on_meta(monkeypatch):
+    from torchrec_qr.modules.validation import check_features, check_id_ranges
+
+    kjt = make_kjt({"f": [[1, 2], []], "g": [[3], [4]]})
+    meta = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().to("meta"), lengths=kjt.lengths().to("meta"))
+
+    def sync(*_):
+        raise AssertionError("a host sync (device read) in a check that must not read data")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    check_features(kjt, ["f", "g"], is_weighted=False)
+    check_features(meta, ["f", "g"], is_weighted=False)
+    check_id_ranges(meta, [comp(), plain()])  # nothing to read on meta: skipped
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="id 12 of feature 'g'"):
+        check_id_ranges(make_kjt({"f": [[1]], "g": [[12]]}), [comp(), plain()])

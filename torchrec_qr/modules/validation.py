@@ -8,6 +8,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 __all__ = ["check_tables", "check_features", "check_id_ranges"]
 
+_ID_DTYPES = (torch.int64, torch.int32)
+
 
 def check_tables(tables: list[EmbeddingBagConfig]) -> None:
     """Unique table names, one table per feature, at least one table."""
@@ -34,7 +36,8 @@ def check_tables(tables: list[EmbeddingBagConfig]) -> None:
 
 
 def check_features(features: KeyedJaggedTensor, feature_names: list[str], is_weighted: bool) -> None:
-    """The KJT carries every feature, weights exactly when the module is weighted, and consistent sizes."""
+    """The KJT carries every feature as integer ids, weights exactly when the module is weighted, and as
+    many weights as ids. Structural only: no device reads (no host sync; works on the meta device)."""
     if not isinstance(features, KeyedJaggedTensor):
         raise TypeError(f"expected a KeyedJaggedTensor, got {type(features).__name__}")
     keys = set(features.keys())
@@ -44,11 +47,27 @@ def check_features(features: KeyedJaggedTensor, feature_names: list[str], is_wei
             f"features {missing} are missing from the input KeyedJaggedTensor (keys: {features.keys()}); "
             "every feature of the collection's tables must be present (use empty bags for none)"
         )
+    values, lengths = features.values(), features.lengths()
+    if values.dtype not in _ID_DTYPES:
+        raise TypeError(
+            f"KeyedJaggedTensor values are ids and must be torch.int64 or torch.int32, got {values.dtype} (features "
+            f"{features.keys()}); a float id would be truncated: convert ids to integers before building the KJT"
+        )
+    if lengths.dtype not in _ID_DTYPES:
+        raise TypeError(f"KeyedJaggedTensor lengths must be torch.int64 or torch.int32, got {lengths.dtype}")
     has_weights = features.weights_or_none() is not None
     if has_weights and not is_weighted:
         raise ValueError("the input has per-id weights but the module is unweighted: build it with is_weighted=True")
     if is_weighted and not has_weights:
         raise ValueError("the module is weighted (is_weighted=True) but the input KeyedJaggedTensor has no weights")
+    if has_weights and features.weights().numel() != values.numel():
+        raise ValueError(
+            f"malformed KeyedJaggedTensor: {features.weights().numel()} weights for {values.numel()} values"
+        )
+
+
+def _check_lengths(features: KeyedJaggedTensor) -> None:
+    """Lengths are non-negative and sum to the number of values (reads them: one device sync)."""
     lengths, values = features.lengths(), features.values()
     total = int(lengths.sum()) if lengths.numel() else 0
     if total != values.numel():
@@ -57,14 +76,14 @@ def check_features(features: KeyedJaggedTensor, feature_names: list[str], is_wei
         )
     if lengths.numel() and int(lengths.min()) < 0:
         raise ValueError("malformed KeyedJaggedTensor: negative lengths")
-    if has_weights and features.weights().numel() != values.numel():
-        raise ValueError(
-            f"malformed KeyedJaggedTensor: {features.weights().numel()} weights for {values.numel()} values"
-        )
 
 
 def check_id_ranges(features: KeyedJaggedTensor, tables: list[EmbeddingBagConfig]) -> None:
-    """Every id lies in ``[0, num_embeddings)`` of its table (one device sync for the whole batch)."""
+    """Lengths match the values and every id lies in ``[0, num_embeddings)`` of its table: what
+    ``validate_ids`` buys, for a few device syncs per batch. Skipped on the meta device (no data)."""
+    if features.values().device.type == "meta":
+        return
+    _check_lengths(features)
     feature_table = {f: t for t in tables for f in t.feature_names}
     keys = [k for k in features.keys() if k in feature_table]
     if not keys:
