@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_qr.modules.embedding_configs import SUB_TABLE_SEPARATOR
+
 __all__ = ["check_tables", "check_features", "check_id_ranges"]
 
 _ID_DTYPES = (torch.int64, torch.int32)
+_SUB_TABLE_NAME = re.compile(re.escape(SUB_TABLE_SEPARATOR) + r"\d+$")
 
 
 def check_tables(tables: list[EmbeddingBagConfig]) -> None:
@@ -24,6 +29,15 @@ def check_tables(tables: list[EmbeddingBagConfig]) -> None:
             raise ValueError("every table config needs a non-empty name")
         if t.name in seen_tables:
             raise ValueError(f"duplicate table name {t.name!r}: table names must be unique")
+        if _SUB_TABLE_NAME.search(t.name):
+            raise ValueError(
+                f"table name {t.name!r} ends like a sub-table's ({SUB_TABLE_SEPARATOR}<j>), which names the sub-tables "
+                f"of compositional tables in the state dict; rename it (e.g. {t.name.replace(SUB_TABLE_SEPARATOR, '_p')!r})"
+            )
+        for field in ("num_embeddings", "embedding_dim"):
+            value = getattr(t, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"table {t.name!r}: {field} must be a positive int, got {value!r}")
         seen_tables.add(t.name)
         if not t.feature_names:
             t.feature_names = [t.name]
@@ -48,6 +62,11 @@ def check_features(features: KeyedJaggedTensor, feature_names: list[str], is_wei
             "every feature of the collection's tables must be present (use empty bags for none)"
         )
     values, lengths = features.values(), features.lengths()
+    if lengths.numel() == 0:
+        raise ValueError(
+            f"the input KeyedJaggedTensor has no bags (batch size 0, keys {features.keys()}): give every feature "
+            "one bag per sample (empty bags are fine), or skip the call for an empty batch"
+        )
     if values.dtype not in _ID_DTYPES:
         raise TypeError(
             f"KeyedJaggedTensor values are ids and must be torch.int64 or torch.int32, got {values.dtype} (features "
