@@ -7,8 +7,10 @@ warning) or, strict, refuses.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from torch import nn
 from dist_harness import run_ranks
 from torchrec_qr.distributed.checkpoint import (
     CheckpointCorrupt,
+    CheckpointWriteError,
     latest_intact_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -118,3 +121,19 @@ def test_every_rank_reaches_the_same_verdict(tmp_path: Path) -> None:
     results = run_ranks(_verify_on_two_ranks, 2, str(tmp_path), timeout=120.0)
     errors = [r["error"] for r in results]
     assert errors[0] is not None and errors[0] == errors[1] and "__0_0.distcp does not match its SHA-256" in errors[0]
+
+
+def _disk_full(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["torch.distributed.checkpoint.filesystem._write_item",
+                                   "torchrec_qr.distributed.checkpoint._write_synced"])
+def test_disk_full_is_named_and_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch, where: str) -> None:
+    first = save_checkpoint(tmp_path, 1, _model())
+    monkeypatch.setattr(where, _disk_full)
+    with pytest.raises(CheckpointWriteError, match=r"step_000002 not written \(earlier checkpoints are intact\): "
+                                                   r"rank 0: .*No space left on device.*\(ENOSPC: the disk holding"):
+        save_checkpoint(tmp_path, 2, _model())
+    monkeypatch.undo()
+    assert latest_intact_checkpoint(tmp_path) == first and not (tmp_path / "step_000002").exists()

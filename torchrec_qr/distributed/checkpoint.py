@@ -36,6 +36,7 @@ Example::
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import logging
 import os
@@ -72,6 +73,7 @@ from torchrec_qr.distributed.checksums import (
 
 __all__ = [
     "CheckpointCorrupt",
+    "CheckpointWriteError",
     "checkpoint_step",
     "gather_full_state_dict",
     "latest_checkpoint",
@@ -83,6 +85,23 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); earlier checkpoints are intact."""
+
+
+def _disk_full_hint(error: BaseException, root: Path) -> str:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return (f" (ENOSPC: the disk holding {root} is full; free space, keep fewer checkpoints with "
+                "keep_last, or write them elsewhere)")
+    return ""
+
+
+def _describe_failures(e: CheckpointException, root: Path) -> str:
+    """Each failed rank's error, not DCP's tracebacks."""
+    return "; ".join(f"rank {r}: {type(err).__name__}: {err}{_disk_full_hint(err, root)}"
+                     for r, (err, _) in sorted(e.failures.items())) or str(e)
+
 
 OptimizerArg = torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer] | None
 
@@ -141,7 +160,8 @@ def save_checkpoint(
     try:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), process_group=process_group)
     except CheckpointException as e:  # a BaseException: `except Exception` in training loops would miss it
-        raise RuntimeError(f"checkpoint {final} not written (earlier checkpoints are intact): {e}") from e
+        raise CheckpointWriteError(f"checkpoint {final} not written (earlier checkpoints are intact): "
+                                   f"{_describe_failures(e, root)}") from e
 
     payload = {"step": step, "rank": rank, "world_size": world_size, "extra": dict(extra or {}), "rng": _rng_state()}
     local_error: BaseException | None = None
@@ -149,7 +169,10 @@ def save_checkpoint(
     try:
         _write_synced(tmp / _extra_name(rank), payload)
         digests = digest_files(tmp, files_written_by(tmp, rank))
-    except Exception as e:  # reported to every rank below, so no rank waits forever for rank 0
+    except OSError as e:  # reported to every rank below, so no rank waits forever for rank 0
+        local_error = CheckpointWriteError(f"checkpoint {final} not written (earlier checkpoints are intact): "
+                                           f"rank {rank}: {e}{_disk_full_hint(e, root)}")
+    except Exception as e:
         local_error = e
     gathered = _all_gather((_picklable(local_error), _fused_kernel_step(optimizer), digests), process_group)
     _raise_first(gathered, rank, local_error, "writing its extras")
@@ -707,7 +730,7 @@ def _raise_first(gathered: list[tuple[Any, ...]], rank: int, own: BaseException 
         raise own
     for r, (error, *_rest) in enumerate(gathered):
         if error is not None:
-            raise RuntimeError(f"checkpoint not published: rank {r} failed {what}: {error}") from error
+            raise CheckpointWriteError(f"checkpoint not published: rank {r} failed {what}: {error}") from error
 
 
 def _on_rank0(fn: Callable[[], None], group: dist.ProcessGroup | None) -> None:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import yaml
 from torch.distributed.rendezvous import rendezvous
 
+from torchrec_qr.distributed.checkpoint import CheckpointWriteError
 from torchrec_qr.train.config import ConfigError, config_to_dict, load_config, validate
 from torchrec_qr.train.memory import format_bytes
 from torchrec_qr.train.sharding import check_plan_file
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     env = _init_distributed(cfg.run.device)
     try:
         summary = train(cfg, env)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:  # bad data or checkpoints, divergence
+    except (ValueError, OSError, TrainingDiverged, CheckpointWriteError) as e:  # data, checkpoints, divergence
         print(f"[rank{env.rank}] error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
