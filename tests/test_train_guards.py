@@ -67,7 +67,7 @@ def test_resume_skips_a_damaged_checkpoint_with_a_warning_or_refuses_when_strict
     first = _train(tmp_path, "r", "train.max_steps=16")
     run = tmp_path / "runs" / "r"
     assert _steps(run) == ["step_000008", "step_000016"], first.stderr[-3000:]
-    reference = _train(tmp_path, "ref", "train.max_steps=20")  # uninterrupted: what resuming must reproduce
+    assert _train(tmp_path, "ref", "train.max_steps=20").returncode == 0  # uninterrupted: what resuming must reproduce
     _flip_largest_piece(run / "checkpoints" / "step_000016")
 
     strict = _train(tmp_path, "r", "--resume", "train.max_steps=20", "checkpoint.strict_resume=true")
