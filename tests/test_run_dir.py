@@ -152,6 +152,17 @@ def test_resume_refuses_training_changes_and_lists_them(tmp_path: Path) -> None:
         check_run_dir(changed, ["run.sed"])
 
 
+def test_resume_of_a_config_stored_before_a_key_existed(tmp_path: Path) -> None:
+    out = _fake_run(_cfg(tmp_path, "run.name=r"))
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    del stored["embeddings"]["threshold"]  # as if written before the key existed: its default applies
+    stored["data"]["retired_key"] = 1  # a key that no longer exists cannot change training
+    (out / "config.yaml").write_text(yaml.safe_dump(stored))
+    check_run_dir(_cfg(tmp_path, "run.name=r", "checkpoint.resume=true"))
+    with pytest.raises(ConfigError, match=r"embeddings.threshold: 0 -> 5"):
+        check_run_dir(_cfg(tmp_path, "run.name=r", "checkpoint.resume=true", "embeddings.threshold=5"))
+
+
 def test_cli_accepts_overrides_after_flags_and_lists_allowed_changes() -> None:
     args = _parse_args(["--config", "c.yaml", "a.b=1", "--resume", "c.d=2", "--allow-config-change", "run.seed,x.y",
                         "--allow-config-change=z"])

@@ -125,14 +125,17 @@ def check_run_dir(cfg: TrainingConfig, allow_changes: list[str] = ()) -> None:
         _check_resume_config(stored, cfg, allow_changes)
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """Dotted key → (old, new) for every leaf that differs (a key only one side has counts as changed)."""
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any], prefix: str = ""
+) -> dict[str, tuple[Any, Any]]:
+    """Dotted key → (old, new) for every leaf of ``new`` that differs from ``old``; a key the stored config
+    lacks (it predates the key) has its default there. Keys only ``old`` has no longer exist: ignored."""
     out: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(old) | set(new), key=str):
+    for key, b in new.items():
         path = f"{prefix}.{key}" if prefix else str(key)
-        a, b = old.get(key), new.get(key)
+        a = old.get(key, defaults.get(key))
         if isinstance(a, dict) and isinstance(b, dict):
-            out.update(config_changes(a, b, path))
+            out.update(config_changes(a, b, defaults.get(key) or {}, path))
         elif a != b:
             out[path] = (a, b)
     return out
@@ -157,8 +160,8 @@ def _check_resume_config(stored: Path, cfg: TrainingConfig, allow_changes: list[
         raise ConfigError(f"{stored}: the stored config of the run is not valid YAML ({e}); restore it to resume") from e
     if not isinstance(old, dict):
         raise ConfigError(f"{stored}: the stored config of the run is not a mapping; restore it to resume")
-    new = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))  # as stored: tuples become lists
-    changes = config_changes(old, new)
+    new, defaults = (yaml.safe_load(yaml.safe_dump(config_to_dict(c))) for c in (cfg, TrainingConfig()))
+    changes = config_changes(old, new, defaults)  # compared as stored: tuples become lists
     keys = _leaf_keys(new)
     unknown = [n for n in allow_changes if not any(_covered(k, [n]) for k in keys)]
     if unknown:
