@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -112,3 +113,17 @@ def test_nonfinite_weights_are_found_by_name() -> None:
     with torch.no_grad():
         model[1].bias.fill_(float("inf"))
     assert _nonfinite_entries(model) == ["1.bias"]
+
+
+def test_nan_in_the_dense_features_of_the_data_cache_stops_the_run(tmp_path: Path) -> None:
+    assert _train(tmp_path, "clean", "train.max_steps=4").returncode == 0  # builds the data cache
+    caches = sorted((tmp_path / "cache").glob("synthetic-*/cache/day_0*.dense.npy"))
+    assert caches, "no data cache was written"
+    dense = np.load(caches[0], mmap_mode="r+")
+    dense[::7, 3] = np.nan
+    dense.flush()
+    del dense
+    proc = _train(tmp_path, "dirty", "train.max_steps=12")
+    assert proc.returncode == 1 and "the training loss is nan" in proc.stderr, proc.stderr[-3000:]
+    assert "check the data for NaN or infinite dense features" in proc.stderr
+    assert _steps(tmp_path / "runs" / "dirty") == []
