@@ -172,7 +172,7 @@ def physical_parameter_shardings(
     for t in tables:
         ps = logical[t.name]
         if not isinstance(t, CompositionalEmbeddingBagConfig):
-            out[t.name] = ps
+            out[t.name] = _checked_bounds(ps)  # like the sub-tables, so they still share kernels
             continue
         if ps.sharding_type not in SUPPORTED_SHARDING_TYPES:
             raise ValueError(
@@ -201,7 +201,7 @@ def physical_parameter_shardings(
 
 
 def _checked_bounds(ps: ParameterSharding) -> ParameterSharding:
-    """Sub-table lookups raise on an index past their rows (unless the plan chose a mode), as the unsharded
+    """Lookups raise on an index past their table's rows (unless the plan chose a mode), as the unsharded
     module does: FBGEMM's default would read row 0 instead, so an out-of-range id with ``validate_ids=False``
     would silently get some embedding."""
     return ps if ps.bounds_check_mode is not None else replace(ps, bounds_check_mode=BoundsCheckMode.FATAL)
