@@ -8,6 +8,8 @@ Variants:
   fused  torchrec FusedEmbeddingBagCollection (FBGEMM TBE, SGD fused into the backward: sparse update)
   qr     CompositionalEmbeddingBagCollection, QuotientRemainder(collisions), combine=mult, per_id,
          torch.optim.SGD on its parameters
+  qr_fused  FusedCompositionalEmbeddingBagCollection, the same tables, SGD fused into the TBE backward: the
+         variant to compare with ``fused`` (column "vs fused")
 
 A variant whose parameters plus dense gradients would exceed --mem-limit-gb is skipped and reported so.
 
@@ -23,15 +25,24 @@ import argparse
 import gc
 import os
 import statistics
+import sys
 import time
 
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
-from torchrec_qr import CompositionalEmbeddingBagCollection, QuotientRemainder, compress
+from torchrec_qr import (
+    CompositionalEmbeddingBagCollection,
+    FusedCompositionalEmbeddingBagCollection,
+    QuotientRemainder,
+    compress,
+)
 
-VARIANTS = ("plain", "fused", "qr")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import allocator_state, make_batches, parse_variants  # noqa: E402
+
+VARIANTS = ("plain", "fused", "qr", "qr_fused")
 
 
 def parse_layouts(text: str) -> list[tuple[int, int]]:
@@ -40,20 +51,6 @@ def parse_layouts(text: str) -> list[tuple[int, int]]:
         tables, rows = item.lower().split("x")
         out.append((int(tables), int(float(rows))))
     return out
-
-
-def make_batches(num_tables: int, rows: int, batch: int, multi_hot: int, count: int, seed: int) -> list[KeyedJaggedTensor]:
-    g = torch.Generator().manual_seed(seed)
-    keys = [f"f{i}" for i in range(num_tables)]
-    n = num_tables * batch * multi_hot
-    return [
-        KeyedJaggedTensor.from_lengths_sync(
-            keys=keys,
-            values=torch.randint(0, rows, (n,), generator=g),
-            lengths=torch.full((num_tables * batch,), multi_hot, dtype=torch.int32),
-        )
-        for _ in range(count)
-    ]
 
 
 def param_bytes(module: torch.nn.Module) -> int:
@@ -70,17 +67,29 @@ def build(variant: str, configs: list[EmbeddingBagConfig], collisions: int, lr: 
             configs, optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": lr}, device=torch.device("cpu")
         )
         return module, None
-    module = CompositionalEmbeddingBagCollection(compress(configs, QuotientRemainder(collisions), combine="mult"))
+    tables = compress(configs, QuotientRemainder(collisions), combine="mult")
+    if variant == "qr_fused":
+        module = FusedCompositionalEmbeddingBagCollection(
+            tables, optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": lr}, validate_ids=False
+        )
+        return module, None
+    module = CompositionalEmbeddingBagCollection(tables)
     return module, torch.optim.SGD(module.parameters(), lr=lr)
 
 
 def estimated_gb(variant: str, num_tables: int, rows: int, dim: int, collisions: int) -> float:
     """Parameters plus dense gradients (none for fused, whose update is sparse), in GB."""
-    if variant == "qr":
+    if variant.startswith("qr"):
         per_table = (-(-rows // collisions) + collisions) * dim * 4
-        return 2 * num_tables * per_table / 1e9
+        return (1 if variant == "qr_fused" else 2) * num_tables * per_table / 1e9
     full = num_tables * rows * dim * 4
     return (1 if variant == "fused" else 2) * full / 1e9
+
+
+def _ratio(ms: float, base: float | None) -> str:
+    if not base:
+        return "n/a"
+    return f"{ms / base:.2f}x" if ms >= 0.1 * base else f"{ms / base:.3f}x"
 
 
 def time_steps(module, opt, batches, warmup: int, iters: int, target: torch.Tensor) -> list[float]:
@@ -120,16 +129,15 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    variants = parse_variants(parser, args.variants, VARIANTS)
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, dim={args.dim}, "
         f"ids/feature={args.multi_hot}, QR collisions={args.collisions} (mult, per_id), SGD lr={args.lr}, "
-        f"warmup={args.warmup}, median of {args.iters} steps, load average {os.getloadavg()[0]:.1f}"
+        f"warmup={args.warmup}, median of {args.iters} steps, {allocator_state()}, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
-    header = f"{'layout':>13} | {'variant':<7} | {'ms/step':>9} | {'min..max':>17} | {'vs plain':>8} | {'param MB':>9} | {'compression':>11}"
+    header = (f"{'layout':>13} | {'variant':<8} | {'ms/step':>9} | {'min..max':>17} | {'vs plain':>8} | "
+              f"{'vs fused':>8} | {'param MB':>9} | {'compression':>11}")
     print(header)
     print("-" * len(header))
     for num_tables, rows in parse_layouts(args.layouts):
@@ -141,22 +149,22 @@ def main() -> None:
         target = torch.randn(args.batch, num_tables * args.dim)
         full_bytes = num_tables * rows * args.dim * 4
         layout = f"{num_tables}x{rows:,}".replace(",", "_")
-        plain_ms = None
+        baseline: dict[str, float] = {}
         for variant in variants:
             need = estimated_gb(variant, num_tables, rows, args.dim, args.collisions)
             if need > args.mem_limit_gb:
-                print(f"{layout:>13} | {variant:<7} | skipped: needs ~{need:.1f} GB > --mem-limit-gb {args.mem_limit_gb:g}")
+                print(f"{layout:>13} | {variant:<8} | skipped: needs ~{need:.1f} GB > --mem-limit-gb {args.mem_limit_gb:g}")
                 continue
             module, opt = build(variant, configs, args.collisions, args.lr)
             times = time_steps(module, opt, batches, args.warmup, args.iters, target)
             ms = statistics.median(times)
-            if variant == "plain":
-                plain_ms = ms
+            if variant in ("plain", "fused"):
+                baseline[variant] = ms
             nbytes = param_bytes(module)
-            ratio = "n/a" if not plain_ms else f"{ms / plain_ms:.2f}x" if ms >= 0.1 * plain_ms else f"{ms / plain_ms:.3f}x"
+            vs_plain, vs_fused = (_ratio(ms, baseline.get(b)) for b in ("plain", "fused"))
             print(
-                f"{layout:>13} | {variant:<7} | {ms:9.1f} | {min(times):7.1f}..{max(times):8.1f} | {ratio:>8} | "
-                f"{nbytes / 2**20:9.1f} | {full_bytes / nbytes:10.1f}x",
+                f"{layout:>13} | {variant:<8} | {ms:9.1f} | {min(times):7.1f}..{max(times):8.1f} | {vs_plain:>8} | "
+                f"{vs_fused:>8} | {nbytes / 2**20:9.1f} | {full_bytes / nbytes:10.1f}x",
                 flush=True,
             )
             del module, opt

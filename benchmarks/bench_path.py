@@ -22,12 +22,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
 from torchrec_qr import CompositionalEmbeddingBagCollection, PathFunction, QuotientRemainder, compress
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import make_batches, parse_variants  # noqa: E402
 
 VARIANTS = ("qr_mult", "path_linear", "path_mlp")
 
@@ -40,19 +44,6 @@ def build(variant: str, configs: list[EmbeddingBagConfig], collisions: int, hidd
         path = PathFunction.linear() if variant == "path_linear" else PathFunction.mlp((hidden,))
         tables = compress(configs, partition, combine="path", path=path)
     return CompositionalEmbeddingBagCollection(tables, validate_ids=False)
-
-
-def make_batches(num_tables: int, rows: int, batch: int, multi_hot: int, count: int, seed: int) -> list[KeyedJaggedTensor]:
-    g = torch.Generator().manual_seed(seed)
-    n = num_tables * batch * multi_hot
-    return [
-        KeyedJaggedTensor.from_lengths_sync(
-            keys=[f"f{i}" for i in range(num_tables)],
-            values=torch.randint(0, rows, (n,), generator=g),
-            lengths=torch.full((num_tables * batch,), multi_hot, dtype=torch.int32),
-        )
-        for _ in range(count)
-    ]
 
 
 def step_ms(module: CompositionalEmbeddingBagCollection, kjt: KeyedJaggedTensor, target: torch.Tensor) -> float:
@@ -78,10 +69,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    variants = parse_variants(parser, args.variants, VARIANTS)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     configs = [EmbeddingBagConfig(name=f"t{i}", num_embeddings=args.rows, embedding_dim=args.dim,

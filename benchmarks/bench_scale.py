@@ -12,6 +12,10 @@ Run::
 
     torchrun --standalone --nproc_per_node 2 benchmarks/bench_scale.py            # ~2-4 min on 2 CPU cores
     torchrun --standalone --nproc_per_node 2 benchmarks/bench_scale.py --plan planner --steps 30
+    torchrun --standalone --nproc_per_node 2 benchmarks/bench_scale.py --memory-per-rank 10GiB --steps 5
+
+``--memory-per-rank`` lets ``CompressionPlanner`` choose each table's storage and the plan for that budget
+(instead of one ``--collisions`` for all), and reports its per-rank estimate next to the measured peak RSS.
 
 Reported (rank 0 prints every rank's numbers): full vs stored table bytes, the plan's bytes per rank,
 samples/s (global, over the measured steps) and the median step time, and peak RSS per rank
@@ -25,7 +29,7 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
+import sys
 import time
 from typing import Any
 
@@ -45,6 +49,10 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from torchrec_qr import CompositionalEmbeddingBagCollection, QuotientRemainder, compress, physical_table_configs
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
+from torchrec_qr.distributed.compression_planner import CompressionPlan, CompressionPlanner
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import git_state  # noqa: E402
 
 # MLPerf DLRM v1 (Criteo Terabyte) rows per categorical feature, cat_0..cat_25, as in TorchRec's DLRM example
 # (--num_embeddings_per_feature): 177,944,275 rows in total.
@@ -53,16 +61,6 @@ MLPERF_CARDINALITIES = [
     4, 974, 14, 48937457, 11316796, 40094537, 452104, 12606, 104, 35,
 ]
 EBC_PATH = "model.sparse_arch.embedding_bag_collection"
-
-
-def git_state() -> str:
-    """``<commit>[-dirty]`` of the checkout the library is imported from (results depend on it)."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def memory_kib() -> dict[str, int]:
@@ -76,12 +74,34 @@ def memory_kib() -> dict[str, int]:
     return out
 
 
-def tables(args: argparse.Namespace) -> list[EmbeddingBagConfig]:
-    full = [
-        EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=args.dim, feature_names=[f])
+def full_tables(dim: int) -> list[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=dim, feature_names=[f])
         for f, n in zip(DEFAULT_CAT_NAMES, MLPERF_CARDINALITIES)
     ]
-    return compress(full, QuotientRemainder(args.collisions), combine="mult", threshold=args.threshold)
+
+
+def dlrm(configs: list[EmbeddingBagConfig], args: argparse.Namespace, device: torch.device) -> DLRMTrain:
+    ebc = CompositionalEmbeddingBagCollection(configs, device="meta", validate_ids=False)
+    return DLRMTrain(DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=len(DEFAULT_INT_NAMES),
+        dense_arch_layer_sizes=[int(x) for x in args.dense_arch.split(",")],
+        over_arch_layer_sizes=[int(x) for x in args.over_arch.split(",")],
+        dense_device=device,
+    ))
+
+
+def budget_plan(args: argparse.Namespace, ws: int, local_ranks: int, device: torch.device) -> CompressionPlan:
+    """Rank 0 runs the compression planner for ``--memory-per-rank`` and sends every rank its result."""
+    result: list[CompressionPlan | None] = [None]
+    if dist.get_rank() == 0:
+        planner = CompressionPlanner(ws, args.memory_per_rank, optimizer="rowwise_adagrad", threshold=args.threshold,
+                                     batch_size=args.batch, local_world_size=local_ranks)
+        result[0] = planner.plan(full_tables(args.dim), model_fn=lambda t: dlrm(t, args, device))
+    dist.broadcast_object_list(result, src=0)
+    assert result[0] is not None
+    return result[0]
 
 
 def table_wise_plan(ebc: CompositionalEmbeddingBagCollection, sharder: CompositionalEmbeddingBagCollectionSharder,
@@ -125,6 +145,9 @@ def local_embedding_bytes(dmp: DistributedModelParallel) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--collisions", type=int, default=16)
+    parser.add_argument("--memory-per-rank", default=None,
+                        help="e.g. 10GiB: the compression planner chooses storage and plan "
+                             "(ignores --collisions, --plan)")
     parser.add_argument("--threshold", type=int, default=20_000, help="tables with at most this many rows stay full")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2048, help="samples per rank per step")
@@ -155,7 +178,9 @@ def main() -> None:
         if rank == 0:
             print(*a, flush=True)
 
-    configs = tables(args)
+    budget = budget_plan(args, ws, local_ranks, device) if args.memory_per_rank else None
+    configs = budget.tables if budget else compress(full_tables(args.dim), QuotientRemainder(args.collisions),
+                                                    combine="mult", threshold=args.threshold)
     full_bytes = sum(MLPERF_CARDINALITIES) * args.dim * 4
     physical = physical_table_configs(configs)
     stored_rows = sum(p.num_embeddings for p in physical)
@@ -165,25 +190,25 @@ def main() -> None:
         f"threads/rank {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     say(f"MLPerf DLRM v1 tables: 26 tables, {sum(MLPERF_CARDINALITIES):,} logical rows, D={args.dim}: "
         f"{full_bytes / 1e9:.1f} GB full (fp32)")
-    say(f"QR mult, collisions {args.collisions}, threshold {args.threshold:,}: {len(compressed)} tables compressed, "
+    chosen = (f"compression planner for {args.memory_per_rank} per rank" if budget
+              else f"QR mult, collisions {args.collisions}")
+    say(f"{chosen}, threshold {args.threshold:,}: {len(compressed)} tables compressed, "
         f"{26 - len(compressed)} kept full; {stored_rows:,} stored rows = {stored_bytes / 1e9:.2f} GB "
         f"({full_bytes / stored_bytes:.1f}x smaller)")
+    if budget:
+        say("\n".join(f"  {c.name}: {c.storage}" for c in budget.choices if c.storage != "full"))
 
-    ebc = CompositionalEmbeddingBagCollection(configs, device="meta", validate_ids=False)
-    model = DLRMTrain(DLRM(
-        embedding_bag_collection=ebc,
-        dense_in_features=len(DEFAULT_INT_NAMES),
-        dense_arch_layer_sizes=[int(x) for x in args.dense_arch.split(",")],
-        over_arch_layer_sizes=[int(x) for x in args.over_arch.split(",")],
-        dense_device=device,
-    ))
+    model = dlrm(configs, args, device)
+    ebc = model.model.sparse_arch.embedding_bag_collection
     fused = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": args.lr, "eps": 1e-8}
     qr_sharder = CompositionalEmbeddingBagCollectionSharder(fused_params=fused)
     sharders = [qr_sharder, EmbeddingBagCollectionSharder(fused_params=fused)]
     mem["model on meta"] = memory_kib()
 
     t0 = time.perf_counter()
-    if args.plan == "tw":
+    if budget:
+        plan = budget.plan
+    elif args.plan == "tw":
         plan = table_wise_plan(ebc, qr_sharder, ws)
     else:
         planner = EmbeddingShardingPlanner(
@@ -227,7 +252,8 @@ def main() -> None:
     wall = time.perf_counter() - measured_start
     mem["trained"] = memory_kib()
 
-    mine = {"rank": rank, "local_embedding_bytes": local_bytes, "memory_kib": mem, "step_ms": step_ms,
+    mine = {"rank": rank, "local_embedding_bytes": local_bytes,
+            "estimate_bytes": budget.bytes_per_rank[rank] if budget else None, "memory_kib": mem, "step_ms": step_ms,
             "wall_s": wall, "shard_s": shard_s, "first_loss": losses[0], "last_loss": losses[-1]}
     everyone: list[Any] = [None] * ws
     dist.all_gather_object(everyone, mine)
@@ -250,7 +276,8 @@ def report(args: argparse.Namespace, ws: int, everyone: list[dict[str, Any]], pl
     for table, (kind, ranks) in sorted(placement.items(), key=lambda kv: int(kv[0].rsplit("_", 1)[1])):
         for r in ranks or range(ws):
             by_rank.setdefault(r, []).append(f"{table}:{short.get(kind, kind)}")
-    print(f"\nplan ({args.plan}); sharded in {everyone[0]['shard_s']:.1f}s")
+    source = "compression planner" if args.memory_per_rank else args.plan
+    print(f"\nplan ({source}); sharded in {everyone[0]['shard_s']:.1f}s")
     for r in sorted(by_rank):
         print(f"  rank {r}: {len(by_rank[r])} tables: {' '.join(by_rank[r])}")
     print(f"\nglobal batch {args.batch * ws} ({args.batch}/rank), {args.warmup} warmup + {args.steps} measured steps")
@@ -260,14 +287,16 @@ def report(args: argparse.Namespace, ws: int, everyone: list[dict[str, Any]], pl
     print(f"loss (random labels: shows only that training runs): {everyone[0]['first_loss']:.4f} (first step) -> "
           f"{everyone[0]['last_loss']:.4f} (last), rank 0")
     header = (f"{'rank':>4} | {'emb GB held':>11} | {'RSS GB meta model':>17} | {'peak RSS GB sharded':>19} | "
-              f"{'peak RSS GB trained':>19}")
+              f"{'peak RSS GB trained':>19} | {'planner estimate GB':>19} | {'RSS / estimate':>14}")
     print("\n" + header)
     print("-" * len(header))
     for r in everyone:
         m = r["memory_kib"]
         print(f"{r['rank']:>4} | {r['local_embedding_bytes'] / 1e9:11.2f} | "
               f"{m['model on meta']['VmHWM'] * 1024 / 1e9:17.2f} | "
-              f"{m['sharded']['VmHWM'] * 1024 / 1e9:19.2f} | {m['trained']['VmHWM'] * 1024 / 1e9:19.2f}")
+              f"{m['sharded']['VmHWM'] * 1024 / 1e9:19.2f} | {m['trained']['VmHWM'] * 1024 / 1e9:19.2f} | "
+              + (f"{r['estimate_bytes'] / 1e9:19.2f} | {m['trained']['VmHWM'] * 1024 / r['estimate_bytes']:14.2f}"
+                 if r["estimate_bytes"] else f"{'-':>19} | {'-':>14}"))
     print(f"\ntables: full {full_bytes / 1e9:.1f} GB (fp32, {sum(MLPERF_CARDINALITIES):,} rows) vs stored "
           f"{stored_bytes / 1e9:.2f} GB ({stored_rows:,} rows): {full_bytes / stored_bytes:.1f}x smaller; "
           f"peak RSS summed over ranks "

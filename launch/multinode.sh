@@ -26,6 +26,7 @@ else
   NPROC="${NPROC:-2}"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+source "$ROOT/launch/cpu_allocator.sh"
 IS_HOST=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)
 
 exec "$ROOT/.venv/bin/torchrun" \

@@ -23,6 +23,7 @@ else
 fi
 CORES="$(nproc)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}"
+source "$ROOT/launch/cpu_allocator.sh"
 
 ARGS=("$@")
 if ! printf '%s\n' "$@" | grep -q '^run\.name='; then

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_qr import ChineseRemainder, ExplicitPartitions, MixedRadix, QuotientRemainder
+from torchrec_qr import ChineseRemainder, ExplicitPartitions, HotIds, MixedRadix, QuotientRemainder
 
 Bags = dict[str, list[list[int]]]
 
@@ -56,6 +56,12 @@ def reference_classes(partition, i: int) -> tuple[int, ...]:
         return tuple(i % m for m in partition.moduli)
     if isinstance(partition, ExplicitPartitions):
         return tuple(int(m[i]) for m in partition.class_maps)
+    if isinstance(partition, HotIds):  # hot: own class, 0 elsewhere; tail: base classes of its rank, shifted
+        hot = sorted(partition.hot_ids.tolist())
+        if i in hot:
+            return (hot.index(i),) + (0,) * (partition.num_partitions - 1)
+        base = reference_classes(partition.base, i - sum(h < i for h in hot))
+        return (len(hot) + base[0],) + tuple(c + 1 for c in base[1:])
     raise TypeError(type(partition))
 
 

@@ -184,9 +184,13 @@ def test_duplicate_table_names():
         CompositionalEmbeddingBagCollection([plain(features=("a",)), plain(features=("b",))])
 
 
-def test_shared_features():
-    with pytest.raises(ValueError, match="feature 'f' is used by tables 'big' and 'small'"):
-        CompositionalEmbeddingBagCollection([comp(features=("f",)), plain(features=("f",))])
+def test_feature_listed_twice_in_one_table():
+    # A feature shared by two tables is allowed (outputs f@big, f@small; see test_ebc_parity.py); listed twice
+    # within one table it is a mistake.
+    assert CompositionalEmbeddingBagCollection([comp(features=("f",)), plain(features=("f",))])._embedding_names == [
+        "f@big", "f@small"]
+    with pytest.raises(ValueError, match="table 'big' lists a feature twice"):
+        CompositionalEmbeddingBagCollection([comp(features=("f", "f"))])
 
 
 def test_empty_and_non_config_tables():

@@ -26,7 +26,7 @@ def _validated(*overrides: str, world_size: int = 2, cuda: bool = False):
     [
         ("embeddings.combine=mul", "embeddings.combine: must be one of mult/add/concat/path, got 'mul'"),
         ("embeddings.combin=mult", "embeddings.combin: unknown key; did you mean 'embeddings.combine'?"),
-        ("embeddings.kind=qr", "embeddings.kind: must be one of full/hash/compositional, got 'qr'"),
+        ("embeddings.kind=qr", "embeddings.kind: must be one of full/hash/compositional/auto, got 'qr'"),
         ("data.global_batch_size=abc", "data.global_batch_size: expected an integer, got 'abc'"),
         ("data.global_batch_size=1.5", "data.global_batch_size: expected an integer, got 1.5"),
         ("model.dense_arch_layer_sizes=[64,x]", "model.dense_arch_layer_sizes[1]: expected an integer, got 'x'"),

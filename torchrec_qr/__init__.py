@@ -9,12 +9,15 @@ from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmb
 from torchrec_qr.modules.embedding_configs import (
     CompositionalEmbeddingBagConfig,
     compress,
+    most_frequent_ids,
     physical_table_configs,
 )
+from torchrec_qr.modules.fused_compositional_embedding_modules import FusedCompositionalEmbeddingBagCollection
 from torchrec_qr.modules.path_functions import PathFunction
 from torchrec_qr.modules.partitions import (
     ChineseRemainder,
     ExplicitPartitions,
+    HotIds,
     MixedRadix,
     Partition,
     QuotientRemainder,
@@ -27,6 +30,8 @@ __all__ = [
     "CompositionalEmbeddingBagCollection",
     "CompositionalEmbeddingBagConfig",
     "ExplicitPartitions",
+    "FusedCompositionalEmbeddingBagCollection",
+    "HotIds",
     "MixedRadix",
     "Partition",
     "PathFunction",
@@ -34,5 +39,6 @@ __all__ = [
     "balanced_radices",
     "compress",
     "coprime_moduli",
+    "most_frequent_ids",
     "physical_table_configs",
 ]

@@ -55,23 +55,34 @@ SYNTHETIC_CONFIG = "configs/synthetic_full.yaml"
 CRITEO_CONFIG = "configs/criteo_kaggle_dlrm_full.yaml"
 BYTES_PER_FLOAT = 4
 # Plot order and labels; "path" appears only when the training app accepts embeddings.combine=path.
+# Frequency-aware QR runs are their own methods, "qr-mult-hot<K>" and "qr-add-hot512", plotted after these.
 METHODS = ("full", "hash", "qr-mult", "qr-add", "qr-concat", "qr-path", "mixed-radix-3", "crt-2")
+HOT_ROWS = (128, 512)  # hot ids kept per table in the default grid's frequency-aware settings
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One grid point: a storage method at ``collisions`` (None: not a QR/hash knob) and ``threshold``."""
+    """One grid point: a storage method at ``collisions`` (None: not a QR/hash knob) and ``threshold``;
+    ``hot_rows`` K > 0 keeps each compressed table's K most frequent training ids in rows of their own."""
 
     method: str
     collisions: int | None = None
     threshold: int = 200
+    hot_rows: int = 0
 
     @property
     def label(self) -> str:
         parts = [self.method] + ([f"c{self.collisions}"] if self.collisions is not None else [])
+        if self.hot_rows:
+            parts.append(f"hot{self.hot_rows}")
         if self.method != "full":
             parts.append(f"t{self.threshold}")
         return "-".join(parts)
+
+    @property
+    def family(self) -> str:
+        """The method as tables and plots group it: ``qr-mult-hot512`` for frequency-aware QR-mult."""
+        return f"{self.method}-hot{self.hot_rows}" if self.hot_rows else self.method
 
     def overrides(self) -> list[str]:
         """``key=value`` overrides of the training app's embeddings section."""
@@ -83,8 +94,9 @@ class Setting:
         if self.method.startswith("qr-"):
             op = self.method[3:]
             path = ["embeddings.path.kind=linear", "embeddings.path.bias=false"] if op == "path" else []
+            hot = [f"embeddings.hot_rows={self.hot_rows}"] if self.hot_rows else []
             return ["embeddings.kind=compositional", "embeddings.scheme=qr", f"embeddings.collisions={self.collisions}",
-                    f"embeddings.combine={op}", t, *path]
+                    f"embeddings.combine={op}", t, *path, *hot]
         if self.method == "mixed-radix-3":
             return ["embeddings.kind=compositional", "embeddings.scheme=mixed_radix", "embeddings.num_partitions=3",
                     "embeddings.combine=mult", t]
@@ -158,10 +170,11 @@ def _synthetic_common(rows: int, days: int, max_card: int, batch: int) -> tuple[
 
 
 def _settings(collisions: Sequence[int], combines: Sequence[str], combine_collisions: Sequence[int],
-              thresholds: Sequence[int]) -> tuple[Setting, ...]:
+              thresholds: Sequence[int], hot: Sequence[tuple[str, int, int]] = ()) -> tuple[Setting, ...]:
     out = [Setting("full")]
     out += [Setting("hash", c) for c in collisions]
     out += [Setting("qr-mult", c) for c in collisions]
+    out += [Setting(method, c, hot_rows=k) for method, k, c in hot]
     out += [Setting(f"qr-{op}", c) for op in combines for c in combine_collisions]
     out += [Setting("mixed-radix-3"), Setting("crt-2")]
     out += [Setting("hash", 4, t) for t in thresholds] + [Setting("qr-mult", 4, t) for t in thresholds]
@@ -173,11 +186,12 @@ def expand_grid(quick: bool, seeds: int | None = None, data: str = "synthetic",
     """The quick or default grid; ``combines`` defaults to what the training app supports."""
     ops = [op for op in ("add", "concat", "path") if op in (supported_combines() if combines is None else combines)]
     if quick:
-        settings = _settings([4, 60], ops, [4], [])
+        settings = _settings([4, 60], ops, [4], [], [("qr-mult", HOT_ROWS[-1], 60)])
         common = _synthetic_common(rows=40_000, days=4, max_card=max_card or 10_000, batch=1024)
         n_seeds = 1
     else:
-        settings = _settings([2, 4, 8, 60], ops, [4, 60], [0, 5000])
+        hot = [(op, k, c) for op, ks in (("qr-mult", HOT_ROWS), ("qr-add", HOT_ROWS[-1:])) for k in ks for c in (4, 8, 60)]
+        settings = _settings([2, 4, 8, 60], ops, [4, 60], [0, 5000], hot)
         common = _synthetic_common(rows=100_000, days=4, max_card=max_card or 20_000, batch=2048)
         n_seeds = 3
     if data == "criteo":
@@ -190,7 +204,7 @@ def record_from_summary(setting: Setting, seed: int, summary: dict) -> RunRecord
     """The CSV row of a run, from the training app's ``summary.json``."""
     test, mem = summary["metrics"]["test"], summary["memory"]
     return RunRecord(
-        setting=setting.label, method=setting.method, collisions=setting.collisions,
+        setting=setting.label, method=setting.family, collisions=setting.collisions,
         threshold=None if setting.method == "full" else setting.threshold, seed=seed,
         params=int(mem["param_bytes"]) // BYTES_PER_FLOAT, param_bytes=int(mem["param_bytes"]),
         optimizer_bytes=int(mem["optimizer_bytes"]), compression=float(mem["compression"]),
@@ -384,19 +398,21 @@ def plot_pareto(records: Sequence[RunRecord], path: Path, title: str, references
     thresholds = [a.threshold for a in aggs if a.threshold is not None]
     main_t = statistics.mode(thresholds) if thresholds else None  # the other thresholds are a side sweep
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
-    markers = dict(zip(METHODS, "*osD^vPX"))
-    for method in METHODS:
+    methods = [*METHODS, *sorted({a.method for a in aggs} - set(METHODS))]  # then qr-mult-hot<K>, ...
+    markers = dict(zip(methods, "*osD^vPXdh<>p"))
+    colors = dict(zip(methods, [*(f"C{i}" for i in range(10)), "black", "olive", "navy"]))  # C0..C9 repeat after 10
+    for method in methods:
         pts = sorted((a for a in aggs if a.method == method and a.threshold in (main_t, None)), key=lambda a: a.params)
         if not pts:
             continue
         x = [a.params for a in pts]
         y = [a.log_loss for a in pts]
         err = [a.log_loss_std for a in pts]
-        ax.errorbar(x, y, yerr=err, marker=markers[method], markersize=9 if method == "full" else 6, capsize=3,
-                    linestyle="-" if len(pts) > 1 else "none", label=method)
+        ax.errorbar(x, y, yerr=err, marker=markers.get(method, "o"), markersize=9 if method == "full" else 6, capsize=3,
+                    linestyle="-" if len(pts) > 1 else "none", label=method, color=colors.get(method))
         if method == "full":
             ax.axhline(y[0], color=ax.lines[-1].get_color(), linestyle="--", linewidth=0.8)
-        if method in ("hash", "qr-mult"):
+        if method in ("hash", "qr-mult") or "-hot" in method:
             for a in pts:
                 ax.annotate(f"c={a.collisions}", (a.params, a.log_loss), textcoords="offset points", xytext=(4, 4),
                             fontsize=7, color=ax.lines[-1].get_color())
@@ -441,7 +457,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=1, help="processes per run; > 1 launches torchrun (default 1)")
     p.add_argument("--max-card", type=int, help="largest synthetic table (default 10k quick, 20k otherwise)")
     p.add_argument("--only", type=lambda v: v.split(","), metavar="S1,S2",
-                   help="run only these setting labels, comma-separated (e.g. full,hash-c4-t200)")
+                   help="run only these setting labels, comma-separated (e.g. full,hash-c4-t200); the CSV keeps "
+                        "its rows of the other settings")
     p.add_argument("--report-only", action="store_true", help="redraw outputs from the existing CSV")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra training-app overrides for every run")
     args = p.parse_args(argv)
@@ -468,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"grid {name}: {len(settings)} settings x {len(grid.seeds)} seeds, base config {config}, "
               f"{'torchrun x ' + str(args.nproc) if args.nproc > 1 else 'one process'} per run", flush=True)
-        records, failed, start = [], [], time.perf_counter()
+        kept = [r for r in read_csv(csv_path) if r.setting not in args.only] if args.only and csv_path.exists() else []
+        records, failed, start = list(kept), [], time.perf_counter()
         for seed in grid.seeds:  # seed-major: a partial sweep still covers every setting
             for s in settings:
                 rec = run_setting(s, seed, grid, config, Path(args.runs_dir), args.nproc, extra)
@@ -479,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {s.label:<22} seed {seed}: test log loss {rec.test_log_loss:.5f}, "
                       f"{rec.params:,} params, {rec.samples_per_s:,.0f} samples/s", flush=True)
                 write_csv(records, csv_path)
-        print(f"grid {name}: {len(records)} runs in {time.perf_counter() - start:.0f} s"
+        print(f"grid {name}: {len(records) - len(kept)} runs in {time.perf_counter() - start:.0f} s"
               + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     if not records:
         print("no finished runs", file=sys.stderr)

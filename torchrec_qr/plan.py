@@ -6,6 +6,11 @@ same ``sharding.sharding_types`` constraints), and prints the plan as a YAML pla
 lines on table sizes and the per-rank estimates. With ``--plan FILE`` (or ``sharding.plan_file`` in the
 config) it checks that file against the model instead and prints it expanded. Needs no data and no
 process group: ``> plan.yaml`` gives a file to edit and pass back as ``sharding.plan_file``.
+
+With ``--memory-per-rank 8GiB`` (or ``embeddings.kind: auto`` and ``embeddings.memory_per_rank``) the
+compression planner also chooses each table's storage for that budget: one line per logical table (rows,
+storage, parameter and optimizer-state bytes, sharding, ranks, why), then the plan, as training with
+``embeddings.kind=auto`` will use them.
 """
 
 from __future__ import annotations
@@ -16,17 +21,20 @@ import sys
 import warnings
 
 import torch
+import torch.distributed as dist
 from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
 
+from torchrec_qr.distributed.compression_planner import CompressionPlan, CompressionPlanner
 from torchrec_qr.distributed.plan_checks import shardable_modules
 from torchrec_qr.distributed.plan_io import load_plan_yaml, plan_to_yaml
 from torchrec_qr.distributed.planner import propose_plan
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
 from torchrec_qr.train.config import CRITEO_NUM_SPARSE, ConfigError, TrainingConfig, load_config
-from torchrec_qr.train.model import build_model, table_configs
+from torchrec_qr.train.memory import format_bytes
+from torchrec_qr.train.model import build_model, logical_tables, table_configs
 
 EXIT_BAD_INPUT = 2
 
@@ -41,6 +49,48 @@ def num_embeddings(cfg: TrainingConfig) -> list[int]:
     if d.max_ind_range:
         return [d.max_ind_range] * CRITEO_NUM_SPARSE
     raise ConfigError("data.num_embeddings_per_feature: Criteo table sizes are needed to plan (or data.max_ind_range)")
+
+
+def budget_plan(
+    cfg: TrainingConfig,
+    sizes: list[int],
+    world_size: int,
+    *,
+    local_world_size: int | None = None,
+    device_type: str = "cpu",
+    batch_size: int | None = None,
+) -> CompressionPlan:
+    """``embeddings.kind=auto``: storage per table and the plan for ``embeddings.memory_per_rank``.
+
+    Inside a process group rank 0 plans and every rank receives its result (one plan for all, as
+    ``plan_model`` does). Deterministic: a run resumed at the same world size gets the same tables and plan.
+    """
+    e = cfg.embeddings
+    if e.memory_per_rank is None:
+        raise ValueError("embeddings.memory_per_rank: kind=auto needs a budget per rank, e.g. 8GiB")
+    logical = logical_tables(sizes, cfg.model.embedding_dim)
+    types = cfg.sharding.sharding_types
+    allowed = {t.name: list(types) for t in logical} if types else {}
+    planner = CompressionPlanner(
+        world_size, e.memory_per_rank, optimizer=cfg.optimizer.sparse.type, threshold=e.threshold,
+        combine=e.combine, batch_size=batch_size or max(1, cfg.data.global_batch_size // world_size),
+        compute_device=device_type, local_world_size=local_world_size,
+        constraints={n: ParameterConstraints(sharding_types=t) for n, t in allowed.items()} or None,
+    )
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    result: list[CompressionPlan | str | None] = [None]
+    if not distributed or dist.get_rank() == 0:
+        try:
+            result[0] = planner.plan(logical, model_fn=lambda tables: build_model(cfg, tables, torch.device("meta")))
+        except ValueError as err:
+            if not distributed:
+                raise
+            result[0] = str(err)  # every rank raises it, instead of waiting for a plan
+    if distributed:
+        dist.broadcast_object_list(result, src=0)
+    if not isinstance(result[0], CompressionPlan):
+        raise ValueError(result[0])
+    return result[0]
 
 
 def _mb(n: float) -> str:
@@ -81,6 +131,20 @@ def _summary(cfg: TrainingConfig, tables: list[EmbeddingBagConfig], world_size: 
     ]
 
 
+def _choices(budget: CompressionPlan) -> list[str]:
+    """One line per logical table, then the totals."""
+    width = max(len(c.storage) for c in budget.choices)
+    lines = [
+        f"{c.name:<10} {c.rows:>13,} rows  {c.storage:<{width}}  params {format_bytes(c.param_bytes):>10}  "
+        f"optimizer {format_bytes(c.optimizer_bytes):>10}  {c.sharding_type:<14} ranks {c.ranks}  | {c.reason}"
+        for c in budget.choices
+    ]
+    lines.append(f"compression planner: {budget.steps} steps, quality cost {budget.quality_cost:.4f} "
+                 f"(sum of traffic share x ln collisions); {format_bytes(budget.memory_per_rank)} per rank, "
+                 f"{budget.headroom:.0%} kept free for dense parameters, activations and the framework")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torchrec_qr.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="training YAML config (default: built-in defaults)")
@@ -89,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="compute device to plan for")
     parser.add_argument("--batch-size", type=int, help="per rank (default: data.global_batch_size / world size)")
     parser.add_argument("--plan", help="check this YAML plan instead of planning (default: sharding.plan_file)")
+    parser.add_argument("--memory-per-rank",
+                        help="e.g. 8GiB: choose each table's storage to fit (embeddings.kind=auto)")
     parser.add_argument("--output", help="also write the plan to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for training")
     args = parser.parse_args(argv)
@@ -99,12 +165,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.world_size < 1:
             raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
         cfg = load_config(args.config, args.overrides)
-        tables = table_configs(cfg, num_embeddings(cfg))
-        model = build_model(cfg, tables, torch.device("meta"))
+        if args.memory_per_rank:
+            cfg.embeddings.kind, cfg.embeddings.memory_per_rank = "auto", args.memory_per_rank
         batch_size = args.batch_size or max(1, cfg.data.global_batch_size // args.world_size)
-        lines = _summary(cfg, tables, args.world_size, batch_size)
         plan_file = args.plan or cfg.sharding.plan_file
-        if plan_file:
+        budget = None
+        if cfg.embeddings.kind == "auto":
+            if plan_file:
+                raise ValueError("--plan / sharding.plan_file: kind=auto chooses tables and plan together; drop it")
+            budget = budget_plan(cfg, num_embeddings(cfg), args.world_size, local_world_size=args.local_world_size,
+                                 device_type=args.device, batch_size=batch_size)
+        tables = budget.tables if budget else table_configs(cfg, num_embeddings(cfg))
+        model = build_model(cfg, tables, torch.device("meta"))
+        lines = _summary(cfg, tables, args.world_size, batch_size)
+        if budget:
+            plan, estimates = budget.plan, budget.bytes_per_rank
+            lines += _choices(budget)
+        elif plan_file:
             plan = load_plan_yaml(plan_file, model, args.world_size, args.device,
                                   local_world_size=args.local_world_size)
             lines.append(f"plan checked: {plan_file}")

@@ -4,5 +4,13 @@ from torchrec_qr.distributed.compositional_embeddingbag import (
     CompositionalEmbeddingBagCollectionSharder,
     ShardedCompositionalEmbeddingBagCollection,
 )
+from torchrec_qr.distributed.compression_planner import CompressionPlan, CompressionPlanner, TableChoice, parse_bytes
 
-__all__ = ["CompositionalEmbeddingBagCollectionSharder", "ShardedCompositionalEmbeddingBagCollection"]
+__all__ = [
+    "CompositionalEmbeddingBagCollectionSharder",
+    "CompressionPlan",
+    "CompressionPlanner",
+    "ShardedCompositionalEmbeddingBagCollection",
+    "TableChoice",
+    "parse_bytes",
+]

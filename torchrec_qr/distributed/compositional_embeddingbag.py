@@ -24,7 +24,7 @@ rank composing an id uses its function; see ``CompositionalLookup`` for the grad
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Iterator, Mapping, Type
+from typing import Any, Iterable, Iterator, Mapping, Type
 
 import torch
 from torch import nn
@@ -66,6 +66,7 @@ from torchrec_qr.modules.compositional_embedding_modules import (
 )
 from torchrec_qr.modules.composition import CompositionPlan, LocalTable
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
+from torchrec_qr.modules.hot_id_buffers import HotIdBuffers
 from torchrec_qr.modules.partitions import Partition
 from torchrec_qr.modules.path_functions import PathFunctions, scale_grad
 from torchrec_qr.modules.validation import check_features, check_id_ranges
@@ -120,7 +121,7 @@ class CompositionalLookup(nn.Module):
         replicated_grad_scale: int = 1,
         path_functions: Mapping[str, PathFunctions] | None = None,
         data_parallel: bool = False,
-        partitions: Mapping[str, Partition] | None = None,
+        partitions: Mapping[tuple[str, str], Partition] | None = None,
     ) -> None:
         super().__init__()
         self.__dict__["_sources"] = [module for module, _ in sources]
@@ -129,8 +130,9 @@ class CompositionalLookup(nn.Module):
         self.plan = CompositionPlan.for_local_tables(
             tables, _sharded_tables(logical_grouped), [local for _, local in sources], is_weighted,
             mean_after_output_dist, path_functions, 1 if data_parallel else replicated_grad_scale,
+            sharded_input=True,
         )
-        self.plan.partitions.update(partitions or {})  # feature -> the scheme this rank's ids go through
+        self.plan.partitions.update(partitions or {})  # (table, feature) -> the scheme this rank's ids go through
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         inputs = self.plan.expand(features, weighted=self._is_weighted)
@@ -184,6 +186,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         module_fqn: str | None = None,
     ) -> None:
         tables = module.embedding_bag_configs()
+        _check_shared_features(tables, table_name_to_parameter_sharding)
         logical_plan, dist_tables = {}, []
         for t in tables:
             ps = table_name_to_parameter_sharding[t.name]
@@ -248,6 +251,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             self._register_state_dict_hook(_replicated_as_physical_keys)
             self._register_load_state_dict_pre_hook(_physical_keys_to_replicated, with_module=True)
         self._path_functions: nn.ModuleDict = self.__dict__.pop("_pending_paths")
+        self._hot_ids = HotIdBuffers(tables, device)  # replicated; same keys as unsharded, so DCP reshards them
         self._optim = CombinedOptimizer([(_PHYSICAL, self._embedding_bag_collection.fused_optimizer)])
 
     def _create_lookups(self) -> None:
@@ -307,6 +311,11 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     def input_dist(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
+        if features.variable_stride_per_key():
+            raise ValueError(
+                "the sharded CompositionalEmbeddingBagCollection takes one batch size for every feature; "
+                "expand variable-batch (VBE) inputs first (torchrec_qr.modules.variable_batch.fixed_batch)"
+            )
         check_features(features, [f for t in self._logical_tables for f in t.feature_names], self._is_weighted)
         if self._validate_ids:
             check_id_ranges(features, self._logical_tables)
@@ -341,6 +350,23 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     @property
     def unsharded_module_type(self) -> Type[CompositionalEmbeddingBagCollection]:
         return CompositionalEmbeddingBagCollection
+
+
+def _check_shared_features(tables: list[EmbeddingBagConfig], plan: dict[str, ParameterSharding]) -> None:
+    """A feature read by several tables shards table-, column-wise or data-parallel; row-wise sharding of
+    such tables is not supported (each table bucketizes the feature's ids into its own row blocks)."""
+    readers: dict[str, list[str]] = {}
+    for t in tables:
+        for f in t.feature_names:
+            readers.setdefault(f, []).append(t.name)
+    for f, names in readers.items():
+        row_wise = [n for n in names if plan[n].sharding_type in ROW_TYPES]
+        if len(names) > 1 and row_wise:
+            raise ValueError(
+                f"feature {f!r} is read by tables {names}, and {row_wise} are sharded "
+                f"{plan[row_wise[0]].sharding_type}: row-wise sharding of tables that share a feature is not "
+                "supported; shard them table_wise, column_wise or data_parallel, or give each table its own feature"
+            )
 
 
 def _add_to_values(kt: KeyedTensor, term: torch.Tensor) -> KeyedTensor:

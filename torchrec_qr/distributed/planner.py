@@ -163,11 +163,18 @@ def make_planner(
     compute_device: str = "cpu",
     local_world_size: int | None = None,
     capture: list[ShardingOption] | None = None,
+    memory_per_rank: int | None = None,
+    headroom: float = STORAGE_RESERVATION,
 ) -> EmbeddingShardingPlanner:
     """An ``EmbeddingShardingPlanner`` with the logical-row callback; ``capture`` receives the chosen options.
 
     It balances what TorchRec balances: estimated step time per rank (memory only has to fit).
+    ``memory_per_rank`` caps each rank's HBM (cuda) or DDR (cpu) in bytes (default: TorchRec's topology
+    defaults); ``headroom`` is the fraction of it kept free for what the planner does not count.
     """
+    caps: dict[str, int] = {}
+    if memory_per_rank is not None:
+        caps["hbm_cap_bytes" if compute_device == "cuda" else "ddr_cap_bytes"] = memory_per_rank
 
     def keep(options: list[ShardingOption]) -> list[ShardingOption]:
         if capture is not None:
@@ -175,14 +182,14 @@ def make_planner(
         return options
 
     topology: Topology = TopologyFactory.create_topology(
-        TrainerConfig(world_size=world_size, local_world_size=local_world_size or world_size),
+        TrainerConfig(world_size=world_size, local_world_size=local_world_size or world_size, **caps),
         kernel_config=KernelConfig(compute_device=compute_device),
     )
     return EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
         constraints=constraints,
-        storage_reservation=FixedPercentageStorageReservation(STORAGE_RESERVATION),
+        storage_reservation=FixedPercentageStorageReservation(headroom),
         callbacks=[logical_row_shards, keep],
         debug=False,
     )
@@ -223,14 +230,17 @@ def propose_plan(
     sharders: list[ModuleSharder[nn.Module]] | None = None,
     compute_device: str = "cpu",
     local_world_size: int | None = None,
+    memory_per_rank: int | None = None,
+    headroom: float = STORAGE_RESERVATION,
 ) -> PlannerResult:
-    """Plan in this process (no process group needed) for a topology of ``world_size`` ranks."""
+    """Plan in this process (no process group needed) for a topology of ``world_size`` ranks
+    (``memory_per_rank``, ``headroom``: as for ``make_planner``)."""
     sharders = sharders or default_sharders()
     constraints = sharding_constraints(model, world_size, constraints, sharders, compute_device, local_world_size)
     options: list[ShardingOption] = []
     planner = make_planner(
         world_size, constraints=constraints, batch_size=batch_size, compute_device=compute_device,
-        local_world_size=local_world_size, capture=options,
+        local_world_size=local_world_size, capture=options, memory_per_rank=memory_per_rank, headroom=headroom,
     )
     return PlannerResult(planner.plan(model, sharders), options)
 

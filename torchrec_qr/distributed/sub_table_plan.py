@@ -38,7 +38,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from torchrec_qr.modules.composition import pools_first
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
-from torchrec_qr.modules.partitions import Partition
+from torchrec_qr.modules.partitions import HotIds, Partition
 
 __all__ = [
     "ROW_TYPES",
@@ -87,6 +87,12 @@ def row_split_stride(table: CompositionalEmbeddingBagConfig) -> tuple[int | None
     assert table.partition is not None
     split = table.partition.row_split()
     if split is None:
+        if isinstance(table.partition, HotIds):
+            raise ValueError(
+                f"table {table.name!r}: row_wise cannot shard {table.partition!r} (its hot ids keep rows of their own "
+                "wherever they lie in the id range, so no block of ids owns a contiguous range of rows): shard it "
+                "table_wise or column_wise"
+            )
         if table.combine == "path":
             raise ValueError(
                 f"table {table.name!r}: row_wise for combine='path' needs a partition 1 of id // stride "
@@ -146,10 +152,10 @@ def logical_row_wise_sharding(
 
 def shifted_partitions(
     tables: list[EmbeddingBagConfig], logical: dict[str, ParameterSharding], rank: int
-) -> dict[str, Partition]:
-    """Feature → ``ShiftedPartition`` for the row-wise tables without a row split, on ``rank`` (whose block
-    of ids starts at its shard's row offset)."""
-    out: dict[str, Partition] = {}
+) -> dict[tuple[str, str], Partition]:
+    """(table, feature) → ``ShiftedPartition`` for the row-wise tables without a row split, on ``rank``
+    (whose block of ids starts at its shard's row offset)."""
+    out: dict[tuple[str, str], Partition] = {}
     for t in tables:
         ps = logical[t.name]
         if not isinstance(t, CompositionalEmbeddingBagConfig) or ps.sharding_type not in ROW_TYPES:
@@ -158,7 +164,7 @@ def shifted_partitions(
             continue
         assert isinstance(ps.sharding_spec, EnumerableShardingSpec)
         offset = next(s.shard_offsets[0] for s in ps.sharding_spec.shards if s.placement.rank() == rank)
-        out.update({f: ShiftedPartition(t.partition, offset) for f in t.feature_names})
+        out.update({(t.name, f): ShiftedPartition(t.partition, offset) for f in t.feature_names})
     return out
 
 

@@ -31,11 +31,12 @@ from torchrec_qr.modules.embedding_configs import (
     physical_table_configs,
     sub_feature_name,
 )
+from torchrec_qr.modules.composition_inputs import Inputs
 from torchrec_qr.modules.grouped_compose import GroupedComposer
 from torchrec_qr.modules.partitions import Partition
 from torchrec_qr.modules.path_functions import PathFunctions
 
-__all__ = ["ComposeSlot", "CompositionPlan", "ExpandSlot", "LocalTable", "looks_up_per_id", "pools_first"]
+__all__ = ["ComposeSlot", "CompositionPlan", "ExpandSlot", "Inputs", "LocalTable", "looks_up_per_id", "pools_first"]
 
 
 def looks_up_per_id(table: EmbeddingBagConfig, is_weighted: bool) -> bool:
@@ -77,6 +78,7 @@ class ExpandSlot:
     partition_index: int | None  # None: a plain table, ids pass through
     per_id: bool
     source: int = 0  # which lookup serves it (a sharded rank may compose from several)
+    table: str = ""  # the logical table (a feature may be read by several)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class ComposeSlot:
     mean: bool
     blocks: tuple[int, ...]
     pool_first: bool = False  # pooled-mode mult: pool each sub-table's rows, then combine
+    table: str = ""  # the logical table (a feature may be read by several)
 
 
 class CompositionPlan:
@@ -101,6 +104,9 @@ class CompositionPlan:
         compose_slots: the logical outputs, in the order they are concatenated.
         path_functions: table name -> its ``PathFunctions``, for every ``path`` table among ``tables``.
         path_grad_scale: multiplies the path functions' gradients (see ``scale_grad``).
+        input_order: the (logical table, feature) each key of the input KJT carries, by position (a sharded
+            lookup's input repeats a feature once per table reading it, with ids bucketized per table); None:
+            the input's keys are feature names, each read by every table listing it.
     """
 
     def __init__(
@@ -111,24 +117,29 @@ class CompositionPlan:
         compose_slots: list[ComposeSlot],
         path_functions: Mapping[str, PathFunctions] | None = None,
         path_grad_scale: float = 1.0,
+        input_order: list[tuple[str, str]] | None = None,
     ) -> None:
-        self.partitions: dict[str, Partition] = {}
-        self.paths: dict[str, PathFunctions] = {}
+        self.input_order = input_order
+        self._used = list(dict.fromkeys([(s.table, s.feature) for s in expand_slots]
+                                        + [(s.table, s.feature) for s in compose_slots]))
+        # Keyed by (logical table, feature): one feature may be read by several tables.
+        self.partitions: dict[tuple[str, str], Partition] = {}
+        self.paths: dict[tuple[str, str], PathFunctions] = {}
         self.path_grad_scale = path_grad_scale
         # Pooled mult multiplies k pooled sub-tables: per-id weights go into the first one only, else a
         # one-id bag would come out as w**k * x instead of w * x.
-        self.pooled_mult: set[str] = set()
+        self.pooled_mult: set[tuple[str, str]] = set()
         for t in tables:
             if isinstance(t, CompositionalEmbeddingBagConfig):
                 assert t.partition is not None
                 for f in t.feature_names:
-                    self.partitions[f] = t.partition
+                    self.partitions[(t.name, f)] = t.partition
                     if pools_first(t):
-                        self.pooled_mult.add(f)
+                        self.pooled_mult.add((t.name, f))
                     if t.combine == "path":
                         if path_functions is None or t.name not in path_functions:
                             raise ValueError(f"table {t.name!r} has combine='path' but no path functions were given")
-                        self.paths[f] = path_functions[t.name]
+                        self.paths[(t.name, f)] = path_functions[t.name]
         self.expand_slots = expand_slots
         self.block_widths = block_widths
         self.compose_slots = compose_slots
@@ -162,11 +173,14 @@ class CompositionPlan:
         mean_after_output_dist: bool = False,
         path_functions: Mapping[str, PathFunctions] | None = None,
         path_grad_scale: float = 1.0,
+        sharded_input: bool = False,
     ) -> "CompositionPlan":
         """The plan of the logical tables (or column shards) ``outputs`` composed from the physical tables
         (or shards) each lookup in ``sources`` serves, in their output order.
 
         ``mean_after_output_dist``: MEAN is applied after the output dist (row-wise partial sums).
+        ``sharded_input``: the input KJT is a sharded lookup's, one key per feature of each table in
+        ``outputs`` (in that order) rather than one per feature name.
         """
         by_name = {t.name: t for t in tables}
         origin: dict[str, tuple[EmbeddingBagConfig, int | None]] = {}
@@ -177,15 +191,16 @@ class CompositionPlan:
                 origin[t.name] = (t, None)
         expand: list[ExpandSlot] = []
         widths: list[int] = []
-        block_of: dict[tuple[str, int | None, int], int] = {}  # (logical feature, partition, col offset)
+        # (logical table, feature, partition, col offset) -> block
+        block_of: dict[tuple[str, str, int | None, int], int] = {}
         for source, local_tables in enumerate(sources):
             for shard in local_tables:
                 logical, j = origin[shard.name]
                 per_id = looks_up_per_id(logical, is_weighted)
                 for phys_feature in shard.feature_names:
                     feature = phys_feature if j is None else phys_feature.rsplit(SUB_TABLE_SEPARATOR, 1)[0]
-                    block_of[(feature, j, shard.col_offset)] = len(expand)
-                    expand.append(ExpandSlot(feature, j, per_id, source))
+                    block_of[(logical.name, feature, j, shard.col_offset)] = len(expand)
+                    expand.append(ExpandSlot(feature, j, per_id, source, logical.name))
                     widths.append(shard.width)
         compose: list[ComposeSlot] = []
         for shard in outputs:
@@ -195,19 +210,21 @@ class CompositionPlan:
             mean = t.pooling == PoolingType.MEAN and not mean_after_output_dist
             for f in shard.feature_names:
                 if not isinstance(t, CompositionalEmbeddingBagConfig):
-                    compose.append(ComposeSlot(f, "none", per_id, mean, (block_of[(f, None, start)],)))
+                    compose.append(ComposeSlot(f, "none", per_id, mean, (block_of[(t.name, f, None, start)],),
+                                               table=t.name))
                     continue
                 if t.combine == "concat":
                     blocks, sub_start = [], 0
                     for j, d in enumerate(t.sub_embedding_dims()):
                         lo, hi = max(start, sub_start), min(start + width, sub_start + d)
                         if lo < hi:
-                            blocks.append(block_of[(f, j, lo - sub_start)])
+                            blocks.append(block_of[(t.name, f, j, lo - sub_start)])
                         sub_start += d
                 else:
-                    blocks = [block_of[(f, j, start)] for j in range(t.num_sub_tables)]
-                compose.append(ComposeSlot(f, t.combine, per_id, mean, tuple(blocks), pools_first(t)))
-        return CompositionPlan(tables, expand, widths, compose, path_functions, path_grad_scale)
+                    blocks = [block_of[(t.name, f, j, start)] for j in range(t.num_sub_tables)]
+                compose.append(ComposeSlot(f, t.combine, per_id, mean, tuple(blocks), pools_first(t), t.name))
+        order = [(shard.name, f) for shard in outputs for f in shard.feature_names] if sharded_input else None
+        return CompositionPlan(tables, expand, widths, compose, path_functions, path_grad_scale, order)
 
     def physical_feature_names(self, source: int = 0) -> list[str]:
         return [
@@ -216,24 +233,49 @@ class CompositionPlan:
             if s.source == source
         ]
 
+    def inputs(self, features: KeyedJaggedTensor) -> Inputs:
+        """The input's bags by (logical table, feature) (see ``input_order``)."""
+        weights = features.weights_or_none()
+        if self.input_order is None:
+            jts = features.to_dict()
+            starts = dict(zip(features.keys(), features.offset_per_key()))
+            return Inputs({k: jts[k[1]] for k in self._used}, {k: starts[k[1]] for k in self._used}, weights,
+                          features.stride())
+        if len(features.keys()) != len(self.input_order):
+            raise ValueError(
+                f"a lookup input with keys {features.keys()} does not match its plan {self.input_order}"
+            )
+        stride, offsets = features.stride(), features.offset_per_key()
+        values, lengths = features.values(), features.lengths()
+        jts, starts = {}, {}
+        for i, key in enumerate(self.input_order):
+            if key in jts:  # a table's column shards read the same ids
+                continue
+            a, b = offsets[i], offsets[i + 1]
+            jts[key] = JaggedTensor(values=values[a:b], lengths=lengths[i * stride : (i + 1) * stride],
+                                    weights=weights[a:b] if weights is not None else None)
+            starts[key] = a
+        return Inputs(jts, starts, weights, stride)
+
     def expand(self, features: KeyedJaggedTensor, weighted: bool) -> list[KeyedJaggedTensor]:
         """One lookup KJT per source (see module docstring). ``weighted``: whether lookups take weights."""
-        jts = features.to_dict()
+        jts = self.inputs(features).jts
         stride = features.stride()
         if self.has_per_id:
             for s in self.expand_slots:
                 if s.per_id:
-                    stride = max(stride, jts[s.feature].values().numel())
-        sub_ids: dict[str, torch.Tensor] = {}
+                    stride = max(stride, jts[(s.table, s.feature)].values().numel())
+        sub_ids: dict[tuple[str, str], torch.Tensor] = {}
         parts: list[tuple[list, list, list]] = [([], [], []) for _ in range(self.num_sources)]
         for s in self.expand_slots:
             values, lengths, weights = parts[s.source]
-            jt = jts[s.feature]
+            jt = jts[(s.table, s.feature)]
             ids = jt.values()
             if s.partition_index is not None:
-                if s.feature not in sub_ids:
-                    sub_ids[s.feature] = self.partitions[s.feature].indices(ids)
-                ids = sub_ids[s.feature][s.partition_index]
+                key = (s.table, s.feature)
+                if key not in sub_ids:
+                    sub_ids[key] = self.partitions[key].indices(ids)
+                ids = sub_ids[key][s.partition_index]
             values.append(ids)
             if s.per_id:
                 n = ids.numel()
@@ -244,7 +286,7 @@ class CompositionPlan:
                 lengths.append(_pad(jt.lengths(), stride))
                 if weighted:
                     w = jt.weights_or_none()
-                    if w is None or (s.feature in self.pooled_mult and s.partition_index):
+                    if w is None or ((s.table, s.feature) in self.pooled_mult and s.partition_index):
                         w = torch.ones(ids.numel(), device=ids.device)
                     weights.append(w)
         return [
@@ -261,39 +303,39 @@ class CompositionPlan:
     def compose(self, features: KeyedJaggedTensor, looked_up: torch.Tensor) -> torch.Tensor:
         """``[B, sum of output dims]``: each compose slot's pooled embedding, concatenated in slot order."""
         blocks: list[torch.Tensor] = []
-        jts: dict[str, JaggedTensor] = {}
+        inputs = self.inputs(features)
 
         def one_slot(i: int) -> torch.Tensor:
             if not blocks:
                 blocks.extend(torch.split(looked_up, self.block_widths, dim=1))
-                jts.update(features.to_dict())
-            return self._compose_slot(self.compose_slots[i], features.stride(), blocks, jts)
+            return self._compose_slot(self.compose_slots[i], inputs.stride, blocks, inputs.jts)
 
-        return self._grouped(features, looked_up, one_slot)
+        return self._grouped(inputs, looked_up, one_slot)
 
     def _compose_slot(
-        self, s: ComposeSlot, batch: int, blocks: list[torch.Tensor], jts: dict[str, JaggedTensor]
+        self, s: ComposeSlot, batch: int, blocks: list[torch.Tensor], jts: dict[tuple[str, str], JaggedTensor]
     ) -> torch.Tensor:
         """One slot on its own: what ``GroupedComposer`` does not group (and its reference semantics)."""
         if not s.per_id:
             return _combine(s.combine, [blocks[b][:batch] for b in s.blocks])
-        jt = jts[s.feature]
+        jt = jts[(s.table, s.feature)]
         n, lengths, weights = jt.values().numel(), jt.lengths(), jt.weights_or_none()
         if s.pool_first:  # per-id weights enter the first factor only, as on the kernel-pooled path
             parts = [_pool(blocks[b][:n], lengths, weights if i == 0 else None, batch, s.mean)
                      for i, b in enumerate(s.blocks)]
             return _combine(s.combine, parts)
         if s.combine == "path":
-            classes = self.partitions[s.feature].indices(jt.values())
-            rows = self.paths[s.feature](blocks[s.blocks[0]][:n], classes, self.path_grad_scale)
+            classes = self.partitions[(s.table, s.feature)].indices(jt.values())
+            rows = self.paths[(s.table, s.feature)](blocks[s.blocks[0]][:n], classes, self.path_grad_scale)
         else:
             rows = _combine(s.combine, [blocks[b][:n] for b in s.blocks])
         return _pool(rows, lengths, weights, batch, s.mean)
 
 
 def _groupable(s: ComposeSlot) -> bool:
-    """Slots ``GroupedComposer`` composes: all but path functions and per-id pooled-mult / concat."""
-    return s.combine != "path" and not (s.per_id and (s.pool_first or s.combine == "concat"))
+    """Slots ``GroupedComposer`` composes: all but path functions (their functions need autograd) and
+    pooled-mode mult on per-id lookups (weighted MEAN bags: each sub-table pooled, then multiplied)."""
+    return s.combine != "path" and not (s.per_id and s.pool_first)
 
 
 def _pad(lengths: torch.Tensor, stride: int) -> torch.Tensor:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_qr.modules.batched_embedding_bags import BatchedEmbeddingBags
 from torchrec_qr.modules.composition import CompositionPlan, _combine
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
+from torchrec_qr.modules.hot_id_buffers import HotIdBuffers
 from torchrec_qr.modules.path_functions import PathFunctions
 from torchrec_qr.modules.validation import check_features, check_id_ranges, check_tables
+from torchrec_qr.modules.variable_batch import fixed_batch
 
 __all__ = ["CompositionalEmbeddingBagCollection", "path_functions_for"]
 
@@ -30,10 +34,25 @@ def path_functions_for(tables: list[EmbeddingBagConfig], device: torch.device | 
 def _validate(
     features: KeyedJaggedTensor, module: "CompositionalEmbeddingBagCollection"
 ) -> KeyedJaggedTensor:
+    if isinstance(features, KeyedJaggedTensor) and features.values().device.type == "meta":
+        return features  # no values to read: shapes only
     check_features(features, module._feature_names, module._is_weighted)
     if module.validate_ids:
         check_id_ranges(features, module._embedding_bag_configs)
     return features
+
+
+@torch.fx.wrap
+def _pooled_embeddings(features: KeyedJaggedTensor, module: "CompositionalEmbeddingBagCollection") -> torch.Tensor:
+    """``[B, sum of dims]``: expand → sub-table lookups → compose. One opaque call in fx graphs: the bag
+    and id counts it depends on are data, not structure. On ``meta`` only the shape is known."""
+    if features.values().device.type == "meta":
+        return torch.empty(features.stride(), sum(module._embedding_dims), device="meta")
+    if features.variable_stride_per_key():
+        features = fixed_batch(features)
+    (lookup_input,) = module._plan.expand(features, weighted=module._is_weighted)
+    looked_up = module._embedding_bag_collection(lookup_input)
+    return module._plan.compose(features, looked_up)
 
 
 class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -50,10 +69,14 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device: where the sub-tables live; ``meta`` builds shapes only (for sharding with DMP).
         validate_ids: check every id is in ``[0, num_embeddings)`` (one device sync per batch); turn off
             for speed once the input pipeline is trusted.
+        storage: builds the physical tables' storage from their configs and the device (default
+            ``BatchedEmbeddingBags``: dense FBGEMM TBE); ``FusedCompositionalEmbeddingBagCollection`` passes
+            one with a fused optimizer.
 
     State dict: ``_embedding_bag_collection.embedding_bags.{table}.weight`` for plain tables and
     ``..{table}__p{j}.weight`` for sub-table j; ``_path_functions.{table}.p{j}.weights.{l}`` (and
-    ``.biases.{l}``) for layer l of a path table's partition-j functions, ``[classes, fan_in, fan_out]``.
+    ``.biases.{l}``) for layer l of a path table's partition-j functions, ``[classes, fan_in, fan_out]``;
+    ``_hot_ids.{table}`` for a ``HotIds`` table's hot-id list (see ``HotIdBuffers``).
     The sharded module uses the same keys. Path functions are dense parameters: under DMP they are
     replicated and synced by its data-parallel wrapper, so they need the dense optimizer.
 
@@ -74,16 +97,22 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: bool = False,
         device: torch.device | str | None = None,
         validate_ids: bool = True,
+        *,
+        storage: Callable[[list[EmbeddingBagConfig], torch.device | str | None], nn.Module] = BatchedEmbeddingBags,
     ) -> None:
         super().__init__()
         check_tables(tables)
         self._embedding_bag_configs = list(tables)
         self._is_weighted = is_weighted
         self.validate_ids = validate_ids
-        self._feature_names = [f for t in tables for f in t.feature_names]
+        # Input features (each once) and output keys: ``feature@table`` where a feature feeds several tables,
+        # as TorchRec's EmbeddingBagCollection names them.
+        self._feature_names = list(dict.fromkeys(f for t in tables for f in t.feature_names))
+        self._embedding_names = [name for names in get_embedding_names_by_table(tables) for name in names]
         self._embedding_dims = [t.embedding_dim for t in tables for _ in t.feature_names]
-        self._embedding_bag_collection = BatchedEmbeddingBags(physical_table_configs(tables), device=device)
+        self._embedding_bag_collection = storage(physical_table_configs(tables), device)
         self._path_functions = path_functions_for(tables, device)
+        self._hot_ids = HotIdBuffers(tables, device)  # HotIds tables' lists: state dict keys _hot_ids.{table}
         self._plan = CompositionPlan.for_tables(self._embedding_bag_configs, is_weighted, self._path_functions)
         assert self._plan.physical_feature_names() == self._embedding_bag_collection.feature_names()
 
@@ -104,12 +133,10 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         features = _validate(features, self)
-        (lookup_input,) = self._plan.expand(features, weighted=self._is_weighted)
-        looked_up = self._embedding_bag_collection(lookup_input)
         return KeyedTensor(
-            keys=self._feature_names,
+            keys=self._embedding_names,
             length_per_key=self._embedding_dims,
-            values=self._plan.compose(features, looked_up),
+            values=_pooled_embeddings(features, self),
         )
 
     def embedding_rows(self, table_name: str, ids: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,15 @@ per-class functions for the others (``path_functions``).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
+import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_qr.modules.partitions import Partition
+from torchrec_qr.modules.partitions import HotIds, Partition
 from torchrec_qr.modules.path_functions import PathFunction
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "COMPOSITION_MODES",
     "CompositionalEmbeddingBagConfig",
     "compress",
+    "most_frequent_ids",
     "physical_table_configs",
     "sub_feature_name",
     "sub_table_name",
@@ -85,6 +88,13 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
             raise TypeError(
                 f"{where}: partition must be a torchrec_qr Partition (e.g. QuotientRemainder(collisions=4)), "
                 f"got {type(self.partition).__name__}"
+            )
+        if self.init_fn is not None and not _is_default_init(self):
+            raise ValueError(
+                f"{where}: init_fn initializes a full [num_embeddings, embedding_dim] table, which a compositional "
+                "table never stores; drop init_fn (sub-tables are drawn so the composed embedding has TorchRec's "
+                "default scale, or set weight_init_max), or initialize the sub-tables after construction through "
+                "the module's state dict"
             )
         if self.combine not in COMBINE_OPS:
             raise ValueError(f"{where}: combine must be one of {COMBINE_OPS}, got {self.combine!r}")
@@ -197,6 +207,17 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
         return sum(r * d for r, d in zip(self.sub_table_sizes(), self.sub_embedding_dims())) + self.path_parameters()
 
 
+def _is_default_init(config: EmbeddingBagConfig) -> bool:
+    """Whether ``init_fn`` is the one TorchRec fills in (uniform over the config's own bounds), not a user's."""
+    fn = config.init_fn
+    return (
+        isinstance(fn, functools.partial)
+        and fn.func is torch.nn.init.uniform_
+        and not fn.args
+        and fn.keywords == {"a": config.get_weight_init_min(), "b": config.get_weight_init_max()}
+    )
+
+
 def compress(
     configs: Sequence[EmbeddingBagConfig],
     partition: Partition | Callable[[int], Partition],
@@ -204,19 +225,45 @@ def compress(
     threshold: int = 0,
     composition: str = "per_id",
     path: PathFunction | None = None,
+    hot_ids: Mapping[str, torch.Tensor | Sequence[int]] | None = None,
+    hot_rows: int = 0,
 ) -> list[EmbeddingBagConfig]:
     """Turn plain EBC configs into compositional ones; tables with ``num_embeddings <= threshold`` stay full.
 
     ``partition`` is a scheme or a factory ``num_embeddings -> Partition`` (e.g. ``lambda n:
     MixedRadix.balanced(n, 3)``), so each table gets a scheme fitted to its size. ``path``: the function
     family for ``combine="path"`` (default linear).
+
+    ``hot_ids`` (by table name) makes a table ``HotIds(ids, base=scheme)``, the scheme (a factory's fitted to
+    the ``N - K`` tail) composing only the ids that are not hot. With ``hot_rows == 0`` each value is the
+    list of hot ids itself; with ``hot_rows = K > 0`` it is the table's id frequencies (one count per id)
+    and its ``min(K, N - 1)`` most frequent ids are hot (see ``most_frequent_ids``). Tables without an
+    entry, or whose entry yields no hot id, get the plain scheme.
     """
+    if not isinstance(hot_rows, int) or hot_rows < 0:
+        raise ValueError(f"hot_rows must be an int >= 0 (0: hot_ids lists the ids), got {hot_rows!r}")
+    unknown = sorted(set(hot_ids or {}) - {c.name for c in configs})
+    if unknown:
+        raise ValueError(f"hot_ids names tables {unknown} that are not among {[c.name for c in configs]}")
     out: list[EmbeddingBagConfig] = []
     for c in configs:
         if isinstance(c, CompositionalEmbeddingBagConfig) or c.num_embeddings <= threshold:
             out.append(c)
             continue
-        scheme = partition if isinstance(partition, Partition) else partition(c.num_embeddings)
+        hot = None
+        if hot_ids is not None and c.name in hot_ids:
+            hot = torch.as_tensor(hot_ids[c.name])
+            if hot_rows and hot.shape != (c.num_embeddings,):
+                raise ValueError(
+                    f"table {c.name!r}: with hot_rows={hot_rows}, hot_ids[{c.name!r}] must be the frequency of each of "
+                    f"its {c.num_embeddings} ids, got shape {tuple(hot.shape)}; pass hot_rows=0 to give ids instead"
+                )
+            hot = most_frequent_ids(hot, hot_rows, c.name) if hot_rows else hot
+            hot = hot if hot.numel() else None
+        tail = c.num_embeddings - (0 if hot is None else hot.numel())
+        scheme = partition if isinstance(partition, Partition) else partition(tail)
+        if hot is not None:
+            scheme = HotIds(hot, base=scheme)
         fields = {f: getattr(c, f) for f in EmbeddingBagConfig.__dataclass_fields__}
         out.append(
             CompositionalEmbeddingBagConfig(
@@ -224,6 +271,18 @@ def compress(
             )
         )
     return out
+
+
+def most_frequent_ids(counts: torch.Tensor, k: int, table: str = "") -> torch.Tensor:
+    """The ``min(k, N - 1)`` most frequent ids, ``counts[i]`` being id i's frequency and ``N = len(counts)``.
+
+    Ties (never-seen ids included) go to the smaller id, so the number of hot rows, and with it every shape,
+    follows from k and N alone. At least one id stays in the tail: all-hot would be a full table.
+    """
+    if counts.dim() != 1 or counts.is_floating_point() and bool((counts != counts.floor()).any()):
+        raise ValueError(f"table {table!r}: hot-id counts must be one integer count per id, got {tuple(counts.shape)}")
+    order = torch.sort(counts.to(torch.int64), descending=True, stable=True).indices
+    return order[: max(0, min(k, counts.numel() - 1))]
 
 
 def physical_table_configs(configs: Sequence[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:

@@ -21,6 +21,7 @@ __all__ = [
     "MixedRadix",
     "ChineseRemainder",
     "ExplicitPartitions",
+    "HotIds",
     "balanced_radices",
     "coprime_moduli",
 ]
@@ -261,6 +262,113 @@ class ExplicitPartitions(Partition):
 
     def __repr__(self) -> str:
         return f"ExplicitPartitions(num_ids={self.class_maps[0].numel()}, k={self.num_partitions})"
+
+
+@dataclass(frozen=True, eq=False)
+class HotIds(Partition):
+    """Frequency-aware partitions: the K most frequent ids keep rows of their own, the tail is composed.
+
+    In click data a few ids carry most of the traffic; under plain QR they still share rows with thousands
+    of tail ids. Here partition 1 gives hot id ``hot_ids[i]`` class ``i`` and every other id
+    ``K + base class 1`` of its *tail rank* ``t = id - #{hot ids < id}`` (its position among the non-hot ids);
+    every later partition puts all hot ids in class 0 and a tail id in ``1 + base class j`` of ``t``. Sizes
+    are ``[K + b_1, b_2 + 1, ...]`` with ``b = base.sizes(N - K)``. Partition 1 alone separates the hot ids
+    from each other and from the tail, so the scheme is complementary exactly when ``base`` is on the
+    ``N - K`` tail ranks; the extra class keeps hot ids off every row a tail id uses.
+
+    ``indices`` finds each id by ``torch.searchsorted`` in the sorted hot-id tensor (no host sync, no
+    data-dependent Python branches, so the forward stays fx-traceable). A collection holding the table keeps
+    that tensor as a buffer (``_hot_ids.{table}``), so state dicts and DCP checkpoints carry the list and
+    loading one restores the mapping it was trained with. Row-wise sharding is not supported: hot ids sit
+    anywhere in ``[0, N)``, so no block of ids owns a contiguous range of partition 1's rows.
+
+    Args:
+        hot_ids: the K ids (any order, no duplicates, ``0 <= id < N``) that get rows of their own.
+        base: the scheme for the tail, sized for the ``N - K`` tail ranks (e.g. ``QuotientRemainder(8)``).
+
+    Example::
+
+        counts = torch.bincount(torch.randint(0, 1_000_000, (50_000,)) ** 2 // 1_000_000, minlength=1_000_000)
+        scheme = HotIds(torch.topk(counts, 1000).indices, base=QuotientRemainder(collisions=60))
+        scheme.sizes(1_000_000)  # [1000 + 16650, 61]: hot rows, tail quotients; tail remainders + 1
+    """
+
+    hot_ids: torch.Tensor
+    base: Partition
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, Partition):
+            raise TypeError(f"HotIds base must be a Partition (e.g. QuotientRemainder(8)), got {type(self.base).__name__}")
+        hot = torch.as_tensor(self.hot_ids)
+        if hot.numel() == 0:
+            raise ValueError("hot_ids is empty: use the base partition itself")
+        if hot.is_floating_point() or hot.is_complex() or hot.dtype == torch.bool or hot.dim() != 1:
+            raise TypeError(f"hot_ids must be a 1-D tensor or list of integer ids, got {hot.dtype} of shape {tuple(hot.shape)}")
+        hot = torch.sort(hot.to(device="cpu", dtype=torch.int64)).values
+        if int(hot[0]) < 0:
+            raise ValueError(f"hot_ids must be ids >= 0, got {int(hot[0])}")
+        dup = torch.nonzero(hot[1:] == hot[:-1]).flatten()
+        if dup.numel():
+            raise ValueError(f"hot_ids lists id {int(hot[int(dup[0])])} more than once; give each hot id once")
+        object.__setattr__(self, "hot_ids", hot)
+
+    @property
+    def num_hot(self) -> int:
+        return self.hot_ids.numel()
+
+    @property
+    def num_partitions(self) -> int:
+        return self.base.num_partitions
+
+    def _check_fits(self, num_embeddings: int) -> None:
+        _check_num_embeddings(num_embeddings)
+        if self.num_hot >= num_embeddings:
+            raise ValueError(
+                f"{self!r} has {self.num_hot} hot ids for num_embeddings={num_embeddings}: every id would be hot; "
+                "keep the table full (a plain EmbeddingBagConfig) or pass fewer hot ids"
+            )
+        if int(self.hot_ids[-1]) >= num_embeddings:
+            raise ValueError(f"hot id {int(self.hot_ids[-1])} is out of range for num_embeddings={num_embeddings}")
+
+    def sizes(self, num_embeddings: int) -> list[int]:
+        self._check_fits(num_embeddings)
+        base = self.base.sizes(num_embeddings - self.num_hot)
+        return [self.num_hot + base[0]] + [s + 1 for s in base[1:]]
+
+    def indices(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(torch.int64)
+        hot = self.hot_ids.to(ids.device)
+        pos = torch.searchsorted(hot, ids)  # hot ids below each id; an id's own index if it is hot
+        is_hot = hot[pos.clamp(max=hot.numel() - 1)] == ids
+        tail = self.base.indices(torch.where(is_hot, 0, ids - pos))  # hot ids take tail rank 0, then are replaced
+        first = torch.where(is_hot, pos, tail[0] + hot.numel())
+        rest = torch.where(is_hot.unsqueeze(0), 0, tail[1:] + 1)
+        return torch.cat([first.unsqueeze(0), rest])
+
+    def validate(self, num_embeddings: int) -> None:
+        self._check_fits(num_embeddings)
+        super().validate(num_embeddings)
+
+    def _collision(self, num_embeddings: int) -> tuple[int, int] | None:
+        pair = self.base._collision(num_embeddings - self.num_hot)
+        return None if pair is None else (self._tail_id(pair[0]), self._tail_id(pair[1]))
+
+    def _tail_id(self, rank: int) -> int:
+        """The id of tail rank ``rank``: ``hot_ids[i] - i`` tail ids lie below hot id i."""
+        below = self.hot_ids - torch.arange(self.num_hot)
+        return rank + int(torch.searchsorted(below, torch.tensor(rank), right=True))
+
+    def _fix_hint(self, num_embeddings: int) -> str:
+        return f"the base scheme must be complementary on the {num_embeddings - self.num_hot} tail ids: " + (
+            self.base._fix_hint(num_embeddings - self.num_hot)
+        )
+
+    def _bind(self, hot_ids: torch.Tensor) -> None:
+        """Use ``hot_ids`` (the owning collection's buffer, same values) from now on; see ``HotIdBuffers``."""
+        object.__setattr__(self, "hot_ids", hot_ids)
+
+    def __repr__(self) -> str:
+        return f"HotIds(num_hot={self.num_hot}, base={self.base!r})"
 
 
 def balanced_radices(num_embeddings: int, k: int) -> list[int]:

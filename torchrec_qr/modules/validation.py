@@ -17,11 +17,11 @@ _SUB_TABLE_NAME = re.compile(re.escape(SUB_TABLE_SEPARATOR) + r"\d+$")
 
 
 def check_tables(tables: list[EmbeddingBagConfig]) -> None:
-    """Unique table names, one table per feature, at least one table."""
+    """Unique table names, each table with its features listed once, at least one table. A feature may feed
+    several tables (outputs ``feature@table``), as in TorchRec's EmbeddingBagCollection."""
     if not tables:
         raise ValueError("a collection needs at least one table config")
     seen_tables: set[str] = set()
-    owner: dict[str, str] = {}
     for t in tables:
         if not isinstance(t, EmbeddingBagConfig):
             raise TypeError(f"tables must be EmbeddingBagConfig (or a subclass), got {type(t).__name__}")
@@ -41,12 +41,8 @@ def check_tables(tables: list[EmbeddingBagConfig]) -> None:
         seen_tables.add(t.name)
         if not t.feature_names:
             t.feature_names = [t.name]
-        for f in t.feature_names:
-            if f in owner:
-                raise ValueError(
-                    f"feature {f!r} is used by tables {owner[f]!r} and {t.name!r}; give each table its own features"
-                )
-            owner[f] = t.name
+        if len(set(t.feature_names)) != len(t.feature_names):
+            raise ValueError(f"table {t.name!r} lists a feature twice: {t.feature_names}")
 
 
 def check_features(features: KeyedJaggedTensor, feature_names: list[str], is_weighted: bool) -> None:
@@ -103,7 +99,8 @@ def check_id_ranges(features: KeyedJaggedTensor, tables: list[EmbeddingBagConfig
     if features.values().device.type == "meta":
         return
     _check_lengths(features)
-    feature_table = {f: t for t in tables for f in t.feature_names}
+    # A feature read by several tables must fit the smallest of them.
+    feature_table = {f: t for t in sorted(tables, key=lambda t: -t.num_embeddings) for f in t.feature_names}
     keys = [k for k in features.keys() if k in feature_table]
     if not keys:
         return

@@ -91,10 +91,14 @@ class EmbeddingsConfig:
     ``hash``: the hashing trick, ``ceil(N / collisions)`` rows, id mod rows. ``compositional``:
     ``scheme`` qr (``collisions``), mixed_radix or chinese_remainder (``num_partitions`` balanced parts);
     ``combine=path`` keeps partition 1's table and maps its rows through per-class functions (``path``:
-    kind linear|mlp, hidden, activation, bias).
+    kind linear|mlp, hidden, activation, bias). ``hot_rows=K`` (compositional only; 0 = off): each compressed
+    table keeps its K most frequent training ids (capped by its size) in rows of their own (``HotIds``).
+    ``auto``: per table full or compositional (``combine`` mult or add) so that every rank fits
+    ``memory_per_rank`` (e.g. ``8GiB``), chosen with the sharding plan by
+    ``torchrec_qr.distributed.compression_planner`` for the world size the run starts at.
     """
 
-    kind: Literal["full", "hash", "compositional"] = "full"
+    kind: Literal["full", "hash", "compositional", "auto"] = "full"
     scheme: Literal["qr", "mixed_radix", "chinese_remainder"] = "qr"
     collisions: int = 4
     num_partitions: int = 2
@@ -102,6 +106,8 @@ class EmbeddingsConfig:
     composition: Literal["per_id", "pooled"] = "per_id"
     threshold: int = 0
     path: PathFunction = field(default_factory=PathFunction)
+    hot_rows: int = 0
+    memory_per_rank: str | None = None
 
 
 @dataclass
@@ -406,6 +412,9 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
 
     _positive(errors, "embeddings.collisions", e.collisions)
     _positive(errors, "embeddings.threshold", e.threshold, allow_zero=True)
+    _positive(errors, "embeddings.hot_rows", e.hot_rows, allow_zero=True)
+    if e.hot_rows and e.kind != "compositional":
+        errors.append(f"embeddings.hot_rows: hot rows apply to kind=compositional tables, got kind={e.kind}")
     if e.num_partitions < 2:
         errors.append(f"embeddings.num_partitions: must be >= 2, got {e.num_partitions}")
     if e.kind == "compositional":
@@ -430,6 +439,11 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
                     f"embeddings.combine: concat sub-tables of width {m.embedding_dim // k} are not a multiple "
                     "of 4, which fused TBE kernels need; raise model.embedding_dim or use mult/add"
                 )
+
+    if e.kind == "auto":
+        _check_auto(errors, cfg)
+    elif e.memory_per_rank is not None:
+        errors.append(f"embeddings.memory_per_rank: applies to embeddings.kind=auto, got kind={e.kind!r}")
 
     if o.sparse.type == "adam" and not on_gpu:
         errors.append(
@@ -461,6 +475,23 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
 
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors) if len(errors) > 1 else errors[0])
+
+
+def _check_auto(errors: list[str], cfg: TrainingConfig) -> None:
+    from torchrec_qr.distributed.compression_planner import parse_bytes  # imports this module's package
+
+    e = cfg.embeddings
+    if e.memory_per_rank is None:
+        errors.append("embeddings.memory_per_rank: embeddings.kind=auto needs a budget per rank, e.g. 8GiB")
+    else:
+        try:
+            parse_bytes(e.memory_per_rank)
+        except ValueError as err:
+            errors.append(f"embeddings.memory_per_rank: {err}")
+    if e.combine not in ("mult", "add"):
+        errors.append(f"embeddings.combine: kind=auto sizes mult or add tables, got {e.combine!r}")
+    if cfg.sharding.plan_file is not None:
+        errors.append("sharding.plan_file: kind=auto chooses tables and plan together for the budget; drop plan_file")
 
 
 def num_steps(cfg: TrainingConfig, train_rows: int) -> tuple[int, int]:

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Splits:
-    """train/val/test rows, each categorical feature's id range, and malformed lines skipped."""
+    """train/val/test rows, each categorical feature's id range, malformed lines skipped, the data cache."""
 
     train: CriteoArrays
     val: CriteoArrays
@@ -41,6 +41,7 @@ class Splits:
     num_embeddings: list[int]
     num_malformed: int
     source_dir: Path
+    cache_dir: Path
 
 
 def _synthetic_dir(cfg: TrainingConfig) -> Path:
@@ -92,6 +93,7 @@ def prepare_splits(cfg: TrainingConfig, rank: int, local_rank: int, barrier: Cal
         num_embeddings=num_embeddings,
         num_malformed=malformed,
         source_dir=source,
+        cache_dir=cache_dir,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
@@ -49,9 +50,17 @@ def partition_factory(e: EmbeddingsConfig):
     return make
 
 
-def table_configs(cfg: TrainingConfig, num_embeddings: list[int]) -> list[EmbeddingBagConfig]:
-    """The tables the model stores: full, hashed (shrunk) or compositional."""
+def table_configs(
+    cfg: TrainingConfig, num_embeddings: list[int], id_counts: list[np.ndarray] | None = None
+) -> list[EmbeddingBagConfig]:
+    """The tables the model stores: full, hashed (shrunk) or compositional; with ``embeddings.hot_rows``, each
+    compressed table's most frequent ids (by ``id_counts``, one array per feature) keep rows of their own.
+    Without counts the hot ids are placeholders (the first ids): right shapes for plans and plan checks, which
+    need no data; training passes the counts, and a checkpoint load restores its saved lists."""
     e = cfg.embeddings
+    if e.kind == "auto":
+        raise ValueError("embeddings.kind=auto: the tables depend on the world size and budget; "
+                         "use torchrec_qr.plan.budget_plan")
     full = logical_tables(num_embeddings, cfg.model.embedding_dim)
     if e.kind == "full":
         return full
@@ -59,16 +68,20 @@ def table_configs(cfg: TrainingConfig, num_embeddings: list[int]) -> list[Embedd
         for t in full:
             t.num_embeddings = hash_rows(t.num_embeddings, e)
         return full
+    hot = None
+    if e.hot_rows:
+        counts = id_counts or [np.zeros(t.num_embeddings, dtype=np.int64) for t in full]
+        hot = {t.name: torch.from_numpy(np.asarray(c)) for t, c in zip(full, counts)}
     return compress(
         full, partition=partition_factory(e), combine=e.combine, threshold=e.threshold, composition=e.composition,
-        path=e.path if e.combine == "path" else None,
+        path=e.path if e.combine == "path" else None, hot_ids=hot, hot_rows=e.hot_rows,
     )
 
 
 def build_model(cfg: TrainingConfig, tables: list[EmbeddingBagConfig], dense_device: torch.device) -> DLRMTrain:
     """DLRMTrain (DLRM + BCE-with-logits loss) with embedding tables on ``meta``."""
     meta = torch.device("meta")
-    if cfg.embeddings.kind == "compositional":
+    if cfg.embeddings.kind in ("compositional", "auto"):
         ebc = CompositionalEmbeddingBagCollection(tables, is_weighted=False, device=meta)
     else:
         ebc = EmbeddingBagCollection(tables=tables, is_weighted=False, device=meta)

@@ -30,9 +30,11 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from torchrec_qr.data.criteo import CriteoArrays
+from torchrec_qr.data.id_counts import cached_id_counts
 from torchrec_qr.data.synthetic import bayes_log_loss
 from torchrec_qr.distributed.checkpoint import latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from torchrec_qr.distributed.planner import default_sharders
+from torchrec_qr.plan import budget_plan
 from torchrec_qr.train.config import TrainingConfig, config_to_dict, num_steps
 from torchrec_qr.train.data import GlobalBatchIterator, HashIds, eval_batches, prepare_splits
 from torchrec_qr.train.memory import memory_report, totals
@@ -102,7 +104,14 @@ class Trainer:
             raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} exceeds the "
                              f"{len(self.splits.train)} training rows")
         self.logical = logical_tables(self.splits.num_embeddings, cfg.model.embedding_dim)
-        self.tables = table_configs(cfg, self.splits.num_embeddings)
+        counts = None
+        if cfg.embeddings.hot_rows:  # every rank counts or reads the same cached counts (atomic writes)
+            counts = cached_id_counts(self.splits.train.sparse, self.splits.num_embeddings, self.splits.cache_dir)
+        budget = None  # kind=auto: storage and plan chosen together for embeddings.memory_per_rank
+        if cfg.embeddings.kind == "auto":
+            budget = budget_plan(cfg, self.splits.num_embeddings, env.world_size,
+                                 local_world_size=env.local_world_size, device_type=env.device.type)
+        self.tables = budget.tables if budget else table_configs(cfg, self.splits.num_embeddings, counts)
         self.transform = None
         if cfg.embeddings.kind == "hash":
             self.transform = HashIds({t.feature_names[0]: t.num_embeddings for t in self.tables})
@@ -111,7 +120,8 @@ class Trainer:
         sharders = default_sharders(fused_params(cfg.optimizer.sparse))
         pinned_file = self.out / SHARDING_TYPES_FILE
         pinned = json.loads(pinned_file.read_text()) if self.resume_from and pinned_file.exists() else None
-        self.plan = make_plan(cfg, model, sharders, env.world_size, env.local_world_size, env.device.type, pinned)
+        self.plan = budget.plan if budget else make_plan(
+            cfg, model, sharders, env.world_size, env.local_world_size, env.device.type, pinned)
         if env.rank == 0:
             write_plan(self.plan, self.out, env.world_size)
         self.model = DistributedModelParallel(model, device=env.device, sharders=sharders, plan=self.plan)
