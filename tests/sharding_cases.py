@@ -24,6 +24,7 @@ from torchrec_qr import (
     CompositionalEmbeddingBagCollection,
     CompositionalEmbeddingBagConfig,
     ExplicitPartitions,
+    HotIds,
     MixedRadix,
     QuotientRemainder,
 )
@@ -97,13 +98,16 @@ class Wrapper(nn.Module):
 
 
 def row_wise_capable(t: EmbeddingBagConfig) -> bool:
-    return not pools_first(t)
+    """Row-wise composes per id (not pooled-mode mult); HotIds' own rows follow no id block."""
+    if not isinstance(t, CompositionalEmbeddingBagConfig):
+        return True
+    return not pools_first(t) and not isinstance(t.partition, HotIds)
 
 
 def plan_generators(sharding: str, world_size: int, tabs: list[EmbeddingBagConfig]) -> dict:
     """Per-table generators: one sharding type for all tables, or a cycle ('mixed': tw / cw / dp / rw).
 
-    Tables that cannot be row-wise sharded (pooled-mode mult) fall back to table-wise.
+    Tables that cannot be row-wise sharded (pooled-mode mult, HotIds) fall back to table-wise.
     """
     def one(kind: str, i: int, t: EmbeddingBagConfig):
         if kind == "rw" and row_wise_capable(t):
