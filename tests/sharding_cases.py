@@ -23,6 +23,8 @@ from torchrec_qr import (
     ChineseRemainder,
     CompositionalEmbeddingBagCollection,
     CompositionalEmbeddingBagConfig,
+    ExplicitPartitions,
+    HotIds,
     MixedRadix,
     QuotientRemainder,
 )
@@ -47,6 +49,28 @@ def tables() -> list[EmbeddingBagConfig]:
         CompositionalEmbeddingBagConfig(name="t_pooled", num_embeddings=45, embedding_dim=8, feature_names=["f6"],
                                         partition=QuotientRemainder(5), combine="mult", composition="pooled"),
     ]
+
+
+def any_partition_tables() -> list[EmbeddingBagConfig]:
+    """Schemes without a row split (Chinese remainder, explicit maps) next to QR: row-wise replicates their
+    sub-tables and composes on the rank owning each id block."""
+    perm = torch.randperm(61, generator=torch.Generator().manual_seed(3))
+    return [
+        CompositionalEmbeddingBagConfig(name="t_crt", num_embeddings=34, embedding_dim=8, feature_names=["f0", "f1"],
+                                        partition=ChineseRemainder((5, 7)), combine="mult"),
+        CompositionalEmbeddingBagConfig(name="t_crt_add", num_embeddings=35, embedding_dim=8, feature_names=["f2"],
+                                        partition=ChineseRemainder((5, 7)), combine="add", pooling=PoolingType.MEAN),
+        CompositionalEmbeddingBagConfig(name="t_explicit", num_embeddings=61, embedding_dim=8, feature_names=["f3"],
+                                        partition=ExplicitPartitions((perm // 8, perm % 8)), combine="mult",
+                                        pooling=PoolingType.MEAN),
+        CompositionalEmbeddingBagConfig(name="t_crt_concat", num_embeddings=30, embedding_dim=8, feature_names=["f4"],
+                                        partition=ChineseRemainder((5, 7)), combine="concat", sub_dims=[4, 4]),
+        CompositionalEmbeddingBagConfig(name="t_qr", num_embeddings=50, embedding_dim=8, feature_names=["f5"],
+                                        partition=QuotientRemainder(7), combine="mult"),
+    ]
+
+
+TABLE_SETS = {"default": tables, "any_partition": any_partition_tables}
 
 
 def batch(seed: int, weighted: bool, tabs: list[EmbeddingBagConfig] | None = None) -> KeyedJaggedTensor:
@@ -74,15 +98,16 @@ class Wrapper(nn.Module):
 
 
 def row_wise_capable(t: EmbeddingBagConfig) -> bool:
+    """Row-wise composes per id (not pooled-mode mult); HotIds' own rows follow no id block."""
     if not isinstance(t, CompositionalEmbeddingBagConfig):
         return True
-    return t.partition.row_split() is not None and not pools_first(t)
+    return not pools_first(t) and not isinstance(t.partition, HotIds)
 
 
 def plan_generators(sharding: str, world_size: int, tabs: list[EmbeddingBagConfig]) -> dict:
     """Per-table generators: one sharding type for all tables, or a cycle ('mixed': tw / cw / dp / rw).
 
-    Tables that cannot be row-wise sharded (no row split, pooled-mode mult) fall back to table-wise.
+    Tables that cannot be row-wise sharded (pooled-mode mult, HotIds) fall back to table-wise.
     """
     def one(kind: str, i: int, t: EmbeddingBagConfig):
         if kind == "rw" and row_wise_capable(t):
@@ -108,9 +133,9 @@ def shard(module: nn.Module, sharder: EmbeddingBagCollectionSharder, sharding: s
                                     device=torch.device("cpu"), plan=ShardingPlan({"ebc": plan}), sharders=[sharder])
 
 
-def reference(weighted: bool, seed: int = 0) -> CompositionalEmbeddingBagCollection:
+def reference(weighted: bool, seed: int = 0, table_set: str = "default") -> CompositionalEmbeddingBagCollection:
     torch.manual_seed(seed)
-    return CompositionalEmbeddingBagCollection(tables(), is_weighted=weighted)
+    return CompositionalEmbeddingBagCollection(TABLE_SETS[table_set](), is_weighted=weighted)
 
 
 def max_weight_diff(dmp: DistributedModelParallel, ref_state: dict[str, torch.Tensor]) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -197,3 +198,66 @@ def test_empty_and_non_config_tables():
         CompositionalEmbeddingBagCollection([])
     with pytest.raises(TypeError, match="must be EmbeddingBagConfig"):
         CompositionalEmbeddingBagCollection([{"name": "t"}])
+
+
+@pytest.mark.parametrize("value", [1.7, float("nan")])
+def test_float_ids_are_rejected_not_truncated(module, value):
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f", "f2", "g"], values=torch.tensor([value, 1.0, 2.0]),
+                                              lengths=torch.tensor([1, 1, 1]))
+    with pytest.raises(TypeError, match=r"values are ids and must be torch.int64 or torch.int32, got torch.float32"):
+        module(kjt)
+
+
+def test_structural_checks_read_no_device_data_and_work_on_meta(monkeypatch):
+    from torchrec_qr.modules.validation import check_features, check_id_ranges
+
+    kjt = make_kjt({"f": [[1, 2], []], "g": [[3], [4]]})
+    meta = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().to("meta"), lengths=kjt.lengths().to("meta"))
+
+    def sync(*_):
+        raise AssertionError("a host sync (device read) in a check that must not read data")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    check_features(kjt, ["f", "g"], is_weighted=False)
+    check_features(meta, ["f", "g"], is_weighted=False)
+    check_id_ranges(meta, [comp(), plain()])  # nothing to read on meta: skipped
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="id 12 of feature 'g'"):
+        check_id_ranges(make_kjt({"f": [[1]], "g": [[12]]}), [comp(), plain()])
+
+
+@pytest.mark.parametrize("field", ["embedding_dim", "num_embeddings"])
+def test_zero_sizes_name_the_table(field):
+    with pytest.raises(ValueError, match=rf"table 'small': {field} must be a positive int, got 0"):
+        CompositionalEmbeddingBagCollection([comp(), replace(plain(), **{field: 0})])
+
+
+def test_plain_table_named_like_a_sub_table():
+    with pytest.raises(ValueError, match=r"table name 'big__p0' ends like a sub-table's \(__p<j>\).*'big_p0'"):
+        CompositionalEmbeddingBagCollection([comp(), plain(name="big__p0")])
+
+
+def test_explicit_class_map_shorter_than_the_table():
+    short = ExplicitPartitions((torch.arange(8) // 3, torch.arange(8) % 3))
+    with pytest.raises(ValueError, match=r"^table 'big': ExplicitPartitions covers 8 ids but the table has "
+                                         r"num_embeddings=10; give one class per id"):
+        comp(n=10, partition=short)
+
+
+def test_empty_batch_is_named(module):
+    empty = KeyedJaggedTensor(keys=["f", "f2", "g"], values=torch.tensor([], dtype=torch.int64),
+                              lengths=torch.tensor([], dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"has no bags \(batch size 0"):
+        module(empty)
+
+
+def test_qr_with_more_collisions_than_ids_stores_at_most_n_rows():
+    table = comp(n=10, partition=QuotientRemainder(100))
+    assert [c.num_embeddings for c in table.sub_table_configs()] == [1, 10]
+    ebc = CompositionalEmbeddingBagCollection([table])
+    rows = ebc.embedding_rows("big", torch.arange(10))
+    sd = ebc.state_dict()
+    q = sd["_embedding_bag_collection.embedding_bags.big__p0.weight"]
+    r = sd["_embedding_bag_collection.embedding_bags.big__p1.weight"]
+    torch.testing.assert_close(rows, q[0] * r)  # id i: quotient 0, remainder i

@@ -35,6 +35,7 @@ from torchrec_qr.distributed.checkpoint import (
     checkpoint_step,
     gather_full_state_dict,
     latest_checkpoint,
+    latest_intact_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
@@ -416,14 +417,18 @@ def test_latest_ignores_incomplete_and_keep_last_prunes(tmp_path: Path) -> None:
     for step in (5, 10, 20, 40):
         save_checkpoint(tmp_path, step, model, keep_last=2)
     assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [20, 40]
-    (tmp_path / "step_000090").mkdir()  # no DCP metadata: not a checkpoint
-    assert latest_checkpoint(tmp_path) == tmp_path / "step_000040"
+    (tmp_path / ".step_000080.tmp").mkdir()  # being written: never listed
+    (tmp_path / "step_000090").mkdir()  # published, then emptied: listed, and found damaged
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_000090"
+    assert latest_intact_checkpoint(tmp_path) == tmp_path / "step_000040"
     with pytest.raises(ValueError, match="overwrite=True"):
         save_checkpoint(tmp_path, 40, model)
     save_checkpoint(tmp_path, 40, model, overwrite=True)
-    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [20, 40]
-    with pytest.raises(ValueError, match="not a complete checkpoint"):
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [20, 40, 90]
+    with pytest.raises(ValueError, match="step_000090 is damaged: meta.json is missing"):
         load_checkpoint(tmp_path / "step_000090", model)
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        load_checkpoint(tmp_path / "step_000090", model, verify=False)
 
 
 # ------------------------------------------------------------------------------ compositional collection

@@ -183,3 +183,26 @@ def test_gzip_input_and_missing_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no day_<n>.tsv"):
         find_criteo_files(tmp_path / "empty")
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    plain = write_rows(tmp_path / "day_0", random_rows(2000))
+    data = gzip.compress(plain.read_bytes())
+    path = tmp_path / "day_0.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"day_0\.gz: truncated or corrupt gzip file after \d+ lines .*gzip -t"):
+        load_criteo_file(path, cache_dir=tmp_path / "cache", max_ind_range=100)
+    assert not list((tmp_path / "cache").glob("*.npy"))  # nothing half-written is left as a cache
+
+
+def test_damaged_cache_names_the_file_and_the_fix_and_a_bad_stamp_rebuilds(tmp_path):
+    rows = random_rows(50)
+    path = write_rows(tmp_path / "day_0", rows)
+    load_criteo_file(path, cache_dir=tmp_path / "cache", max_ind_range=100)
+    dense = next((tmp_path / "cache").glob("*.dense.npy"))
+    dense.write_bytes(dense.read_bytes()[:200])
+    stamp = next((tmp_path / "cache").glob("*.json"))
+    with pytest.raises(ValueError, match=rf"dense\.npy: damaged cache file .*delete {stamp}"):
+        load_criteo_file(path, cache_dir=tmp_path / "cache", max_ind_range=100)
+    stamp.write_text("{trunc")
+    assert_matches(load_criteo_file(path, cache_dir=tmp_path / "cache", max_ind_range=100), rows, [100] * 26)

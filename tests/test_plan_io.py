@@ -134,6 +134,12 @@ CONCAT_SHARDS = MIXED["modules"]["ebc"]["t_concat"]["shards"]
     (T + ["t_mult"], {"sharding_type": "row_wise", "shards": [  # the stored rows, not the 50 ids
         {"rank": 0, "offsets": [0, 0], "sizes": [7, 8]}, {"rank": 1, "offsets": [7, 0], "sizes": [7, 8]}]},
      "table 't_mult': shards cover 112 of the 400 cells of the 50 x 8 table (rows are its ids)"),
+    (T + ["t_mult"], {"sharding_type": "row_wise", "shards": [  # uneven: TorchRec would route ids 25 a rank
+        {"rank": 0, "offsets": [0, 0], "sizes": [20, 8]}, {"rank": 1, "offsets": [20, 0], "sizes": [30, 8]}]},
+     "table 't_mult': row shards of sizes [20, 30]; TorchRec routes ids to row shards in equal blocks of "
+     "ceil(50 / 2) = 25, so only sizes [25, 25] are served as planned"),
+    (T + ["t_plain"], {"sharding_type": "table_row_wise", "host": 3}, "table 't_plain': host 3 does not exist: 2 "
+                                                                      "ranks, 2 per host, hosts are 0..0"),
     (["world_size"], 4, "the plan was written for world size 4, not 2"),
 ])
 def test_rejections_name_the_problem(path: list, value, message: str) -> None:

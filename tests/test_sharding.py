@@ -17,7 +17,16 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from dist_harness import run_ranks
-from sharding_cases import Wrapper, batch, max_weight_diff, reference, row_wise_capable, shard, tables
+from sharding_cases import (
+    TABLE_SETS,
+    Wrapper,
+    batch,
+    max_weight_diff,
+    reference,
+    row_wise_capable,
+    shard,
+    tables,
+)
 from torchrec_qr import CompositionalEmbeddingBagCollection
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
 
@@ -39,12 +48,14 @@ def _coef(step: int, rank: int, width: int) -> torch.Tensor:
     return torch.randn(4, width, generator=torch.Generator().manual_seed(7 + 31 * step + rank))
 
 
-def _equal_to_unsharded(rank: int, world_size: int, sharding: str, optimizer: str) -> list[dict]:
+def _equal_to_unsharded(rank: int, world_size: int, sharding: str, optimizer: str, table_set: str = "default"
+                        ) -> list[dict]:
     report = []
+    tabs = TABLE_SETS[table_set]()
     for weighted in (False, True):
-        ref = reference(weighted)
+        ref = reference(weighted, table_set=table_set)
         fused, make_opt = _optimizers(optimizer, [], [])
-        module = CompositionalEmbeddingBagCollection(tables(), is_weighted=weighted, device="meta")
+        module = CompositionalEmbeddingBagCollection(tabs, is_weighted=weighted, device="meta")
         if optimizer == "sgd_in_backward":  # the optimizer comes from the tables, not the sharder
             apply_optimizer_in_backward(torch.optim.SGD, module.parameters(), {"lr": LR})
             fused = None
@@ -56,7 +67,7 @@ def _equal_to_unsharded(rank: int, world_size: int, sharding: str, optimizer: st
         ref_model = Wrapper(ref)
         errors = {"weighted": weighted}
         for step in range(STEPS):
-            kjts = [batch(1000 * step + r, weighted) for r in range(world_size)]
+            kjts = [batch(1000 * step + r, weighted, tabs) for r in range(world_size)]
             out = dmp(kjts[rank])
             errors[f"forward_{step}"] = (out - ref_model(kjts[rank])).abs().max().item()
             (out * _coef(step, rank, out.shape[1])).sum().backward()
@@ -83,6 +94,15 @@ def test_sharded_equals_unsharded(sharding: str, optimizer: str) -> None:
             for name, err in case.items():
                 if name != "weighted":
                     assert err < 1e-6, f"{sharding}/{optimizer} weighted={case['weighted']}: {name} differs by {err}"
+
+
+@pytest.mark.parametrize("sharding", ["rw", "twrw"])
+def test_every_partition_scheme_shards_row_wise_exactly(sharding: str) -> None:
+    for rank, rank_report in enumerate(run_ranks(_equal_to_unsharded, 2, sharding, "adagrad", "any_partition")):
+        for case in rank_report:
+            for name, err in case.items():
+                if name != "weighted":
+                    assert err < 1e-6, f"rank {rank} {sharding} weighted={case['weighted']}: {name} differs by {err}"
 
 
 _INPUT_KWARG = {"all_to_all_single": "input", "all_to_all": "input_tensor_list", "reduce_scatter": "input_list",

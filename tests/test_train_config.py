@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from torchrec_qr.train.config import ConfigError, load_config, num_steps, parse_overrides, validate
-from torchrec_qr.train.trainer import check_run_dir
+from torchrec_qr.train.run_dir import RUN_MARKER, check_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,6 +114,7 @@ def test_steps_count_whole_global_batches() -> None:
 def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path: Path) -> None:
     (tmp_path / "r" / "checkpoints" / "step_000010").mkdir(parents=True)
     (tmp_path / "r" / "checkpoints" / "step_000010" / ".metadata").write_text("")
+    (tmp_path / "r" / RUN_MARKER).write_text("{}")
     base = [f"run.output_dir={tmp_path}", "run.name=r"]
     with pytest.raises(ConfigError, match=r"^run.name: .* already holds a run \(latest checkpoint step_000010\)"):
         check_run_dir(load_config(None, base))
@@ -134,3 +135,13 @@ def test_cli_rejects_bad_config_before_starting_processes() -> None:
     assert "error: embeddings.combine: must be one of mult/add/concat/path, got 'mul'" in proc.stderr
     assert "process group" not in proc.stderr.lower()
     assert time.monotonic() - start < 60
+
+
+def test_yaml11_exponent_floats_are_numbers_and_non_finite_values_are_rejected() -> None:
+    cfg = load_config(None, ["optimizer.dense.lr=1e-3", "optimizer.sparse.lr=2E+1"])
+    assert cfg.optimizer.dense.lr == 0.001 and cfg.optimizer.sparse.lr == 20.0
+    with pytest.raises(ConfigError, match=r"optimizer.dense.lr: expected a number, got 'fast'"):
+        load_config(None, ["optimizer.dense.lr=fast"])
+    for value in (".inf", ".nan", "-.inf"):
+        with pytest.raises(ConfigError, match=rf"optimizer.sparse.lr: must be a finite number, got"):
+            validate(load_config(None, [f"optimizer.sparse.lr={value}"]), 1, False)

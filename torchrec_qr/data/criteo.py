@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -128,7 +129,13 @@ def _iter_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[bytes, int]]:
     lines_before, carry = 0, b""
     with opener(path, "rb") as f:
         while True:
-            block = f.read(chunk_bytes)
+            try:
+                block = f.read(chunk_bytes)
+            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                raise ValueError(
+                    f"{path}: truncated or corrupt gzip file after {lines_before} lines ({e}); download or "
+                    "compress it again (gzip -t checks a file)"
+                ) from e
             data = carry + block
             cut = data.rfind(b"\n") + 1 if block else len(data)
             if cut:
@@ -268,6 +275,25 @@ def _write_npy(path: Path, raw: Path, dtype: np.dtype, shape: tuple[int, ...]) -
     raw.unlink()
 
 
+def _read_stamp(path: Path) -> dict:
+    """A cache's stamp; an unreadable one (a crash mid-write) counts as no cache, which is rebuilt."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        logger.warning("%s is unreadable (%s): rebuilding that cache", path, e)
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _map_cached(path: Path, stamp_path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(
+            f"{path}: damaged cache file ({e}); delete {stamp_path} (the cache is then rebuilt from the source)"
+        ) from e
+
+
 def load_criteo_file(
     path: str | os.PathLike,
     *,
@@ -299,10 +325,10 @@ def load_criteo_file(
     stamp_path = base.with_name(base.name + ".json")
     names = {k: base.with_name(f"{base.name}.{k}.npy") for k in ("dense", "sparse", "labels")}
     if stamp_path.exists():
-        saved = json.loads(stamp_path.read_text())
+        saved = _read_stamp(stamp_path)
         if {k: saved.get(k) for k in stamp} == stamp and all(p.exists() for p in names.values()):
             logger.info("using cached %s (%d rows)", base, saved["rows"])
-            loaded = {k: np.load(p, mmap_mode="r") for k, p in names.items()}
+            loaded = {k: _map_cached(p, stamp_path) for k, p in names.items()}
             return CriteoArrays(**loaded, num_malformed=saved["num_malformed"])
     directory.mkdir(parents=True, exist_ok=True)
     logger.info("parsing %s into %s", src, directory)

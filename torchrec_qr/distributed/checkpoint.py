@@ -11,8 +11,15 @@ Layout of ``root``::
     step_000100/                 complete: this name appears only after every rank finished writing
         .metadata, __*_*.distcp  DCP: "model.*" (model.state_dict()) and "optim.*" (optimizer state)
         extra_rank_00000.pt      per rank: the caller's ``extra`` and the RNG states
-        meta.json                step, world size, fused-kernel optimizer step
+        meta.json                step, world size, fused-kernel optimizer step, size and SHA-256 of every file
     .step_000200.tmp/            being written, or left by a crash: never read, removed by the next save
+
+Loading verifies the checksums first (``checksums``): a damaged checkpoint raises ``CheckpointCorrupt``
+naming the file, and ``latest_intact_checkpoint`` falls back to the newest intact one with a warning.
+
+Helpers live beside this module, one concern each: ``checksums`` (integrity), ``checkpoint_optim``
+(optimizer state), ``checkpoint_checks`` (errors for a checkpoint that does not fit), ``checkpoint_ranks``
+(failures reported to every rank) and ``checkpoint_gather`` (``gather_full_state_dict``).
 
 All ranks must see the same ``root`` (a shared file system when there is more than one host). Checkpoints
 hold pickled Python objects (extras, optimizer hyper-parameters): load only checkpoints you trust.
@@ -32,15 +39,13 @@ Example::
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,32 +53,60 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
-from torchrec.distributed.shards_wrapper import LocalShardsWrapper
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper, OptimizerWrapper
+
+from torchrec_qr.distributed.checkpoint_checks import check_compatible
+from torchrec_qr.distributed.checkpoint_gather import gather_full_state_dict
+from torchrec_qr.distributed.checkpoint_optim import (
+    OptimizerArg,
+    fused_kernel_step,
+    init_lazy_state,
+    keyed_views,
+    optimizer_state,
+    optimizer_structure,
+    saved_state_finder,
+    set_fused_kernel_step,
+    unwrap_ddp,
+)
+from torchrec_qr.distributed.checkpoint_ranks import (
+    CheckpointWriteError,
+    all_gather,
+    describe_failures,
+    disk_full_hint,
+    group_rank,
+    group_size,
+    on_rank0,
+    picklable,
+    raise_first,
+)
+from torchrec_qr.distributed.checksums import (
+    CheckpointCorrupt,
+    digest_files,
+    files_written_by,
+    read_meta,
+    seal,
+    verify_files,
+)
 
 __all__ = [
+    "CheckpointCorrupt",
+    "CheckpointWriteError",
     "checkpoint_step",
     "gather_full_state_dict",
     "latest_checkpoint",
+    "latest_intact_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
 
-OptimizerArg = torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer] | None
-
 _NAME = re.compile(r"^step_(\d+)$")
 _META = "meta.json"
-_FORMAT = 1
+_FORMAT = 2  # 2: meta.json records and seals file checksums
 
 
 # --------------------------------------------------------------------------------------------- public API
@@ -115,59 +148,111 @@ def save_checkpoint(
     root = Path(root)
     final = root / f"step_{step:06d}"
     tmp = root / f".{final.name}.tmp"
-    rank, world_size = _rank(process_group), _world_size(process_group)
-    optimizers = _keyed_views(model, optimizer)  # validates before anything touches the disk
+    rank, world_size = group_rank(process_group), group_size(process_group)
+    optimizers = keyed_views(model, optimizer)  # validates before anything touches the disk
 
-    _on_rank0(lambda: _prepare_dir(root, final, tmp, overwrite), process_group)
+    on_rank0(lambda: _prepare_dir(root, final, tmp, overwrite), process_group)
 
-    state: dict[str, Any] = {"model": _unwrap_ddp(model).state_dict()}
+    state: dict[str, Any] = {"model": unwrap_ddp(model).state_dict()}
     if optimizers is not None:
-        state["optim"] = _optimizer_state(optimizers)
+        state["optim"] = optimizer_state(optimizers)
     try:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), process_group=process_group)
     except CheckpointException as e:  # a BaseException: `except Exception` in training loops would miss it
-        raise RuntimeError(f"checkpoint {final} not written (earlier checkpoints are intact): {e}") from e
+        raise CheckpointWriteError(f"checkpoint {final} not written (earlier checkpoints are intact): "
+                                   f"{describe_failures(e, root)}") from e
 
     payload = {"step": step, "rank": rank, "world_size": world_size, "extra": dict(extra or {}), "rng": _rng_state()}
     local_error: BaseException | None = None
+    digests: dict[str, Any] = {}
     try:
         _write_synced(tmp / _extra_name(rank), payload)
-    except Exception as e:  # reported to every rank below, so no rank waits forever for rank 0
+        digests = digest_files(tmp, files_written_by(tmp, rank))
+    except OSError as e:  # reported to every rank below, so no rank waits forever for rank 0
+        local_error = CheckpointWriteError(f"checkpoint {final} not written (earlier checkpoints are intact): "
+                                           f"rank {rank}: {e}{disk_full_hint(e, root)}")
+    except Exception as e:
         local_error = e
-    gathered = _all_gather((_picklable(local_error), _fused_kernel_step(optimizer)), process_group)
-    _raise_first(gathered, rank, local_error, "writing its extras")
-    fused_step = max(s for _, s in gathered)
+    gathered = all_gather((picklable(local_error), fused_kernel_step(optimizer), digests), process_group)
+    raise_first(gathered, rank, local_error, "writing its extras")
+    fused_step = max(s for _, s, _ in gathered)
 
     meta = {
         "format": _FORMAT,
         "step": step,
         "world_size": world_size,
         "fused_optimizer_step": fused_step,
-        "optimizers": _structure(optimizers),
+        "optimizers": optimizer_structure(optimizers),
+        "files": {name: d for _, _, rank_digests in gathered for name, d in rank_digests.items()},
     }
-    _on_rank0(lambda: _publish(root, final, tmp, meta, keep_last), process_group)
+    on_rank0(lambda: _publish(root, final, tmp, meta, keep_last), process_group)
     if rank == 0:
         logger.info("saved checkpoint %s (world size %d)", final, world_size)
     return final
 
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (``*.tmp`` directories are never listed)."""
+    """Published checkpoints under ``root``, oldest first (``*.tmp`` directories are never listed).
+
+    A ``step_*`` directory appears only once complete, so one found here is either complete or damaged
+    since (``verify_checkpoint`` tells which).
+    """
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _NAME.match(p.name)) and p.is_dir() and (p / ".metadata").is_file()
-    ]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
-    """The complete checkpoint with the highest step under ``root``, or None."""
+    """The published checkpoint with the highest step under ``root``, or None (not verified: see
+    ``latest_intact_checkpoint``)."""
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def verify_checkpoint(path: str | os.PathLike[str], process_group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+    """Check every file of a checkpoint against the sizes and SHA-256 sums recorded when it was saved; call
+    on every rank (they share the hashing). Returns its ``meta.json``; raises ``CheckpointCorrupt`` naming
+    the damaged file. Checkpoints saved before checksums existed are only checked for their files' presence.
+    """
+    path = Path(path)
+    meta = read_meta(path, _META)
+    files = meta.get("files")
+    if files is None:
+        logger.warning("checkpoint %s has no checksums (saved by an older version): not verified", path)
+        files = {}
+        if not (path / ".metadata").is_file():
+            raise CheckpointCorrupt(f"checkpoint {path} is damaged: {path / '.metadata'} is missing")
+    verify_files(path, files, group_rank(process_group), group_size(process_group),
+                 lambda errors: all_gather(errors, process_group))
+    return meta
+
+
+def latest_intact_checkpoint(
+    root: str | os.PathLike[str], *, strict: bool = False, process_group: dist.ProcessGroup | None = None
+) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies, or None if there is none at all; call on every rank.
+
+    A damaged newer checkpoint is skipped with a warning naming it, or, with ``strict``, raises
+    ``CheckpointCorrupt``. If every checkpoint is damaged, raises naming the newest's damage.
+    """
+    damaged: list[str] = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path, process_group)
+        except CheckpointCorrupt as e:
+            if strict:
+                raise CheckpointCorrupt(f"{e}; not falling back to an older checkpoint (strict): remove {path} "
+                                        "to resume from the previous one") from e
+            damaged.append(str(e))
+            continue
+        if damaged and group_rank(process_group) == 0:
+            logger.warning("falling back to %s: %s", path, "; ".join(damaged))
+        return path
+    if damaged:
+        raise CheckpointCorrupt(f"no intact checkpoint under {root}: {'; '.join(damaged)}")
+    return None
 
 
 def checkpoint_step(path: str | os.PathLike[str]) -> int:
@@ -185,6 +270,7 @@ def load_checkpoint(
     *,
     restore_rng: bool = True,
     strict: bool = True,
+    verify: bool = True,
     process_group: dist.ProcessGroup | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint into ``model`` (and ``optimizer``); call on every rank. Returns this rank's ``extra``.
@@ -201,6 +287,7 @@ def load_checkpoint(
         optimizer: the same structure that was passed to ``save_checkpoint`` (None: weights only).
         restore_rng: restore this rank's RNG states (only when the world size is unchanged).
         strict: raise if the checkpoint has model entries this model lacks.
+        verify: check the files' checksums first (``verify_checkpoint``); False if that was just done.
         process_group: group for DCP (default: the default group).
 
     Limitation (TorchRec 1.8): the row-wise optimizer state of a column-wise sharded table (rowwise Adagrad
@@ -211,33 +298,36 @@ def load_checkpoint(
     states are left alone.
     """
     path = Path(path)
+    if verify:
+        meta = verify_checkpoint(path, process_group)
+    else:
+        meta = read_meta(path, _META) if (path / _META).is_file() else {}
     if not (path / ".metadata").is_file():
         raise ValueError(
-            f"{path} is not a complete checkpoint (no DCP .metadata); use latest_checkpoint(root) to find one"
+            f"{path} is not a complete checkpoint (no DCP .metadata); use latest_intact_checkpoint(root) to find one"
         )
-    meta = json.loads((path / _META).read_text()) if (path / _META).is_file() else {}
     saved_ws = int(meta.get("world_size", 1))
-    rank, world_size = _rank(process_group), _world_size(process_group)
+    rank, world_size = group_rank(process_group), group_size(process_group)
 
-    module = _unwrap_ddp(model)
+    module = unwrap_ddp(model)
     model_sd = module.state_dict()
     state: dict[str, Any] = {"model": model_sd}
-    optimizers = _keyed_views(model, optimizer)
+    optimizers = keyed_views(model, optimizer)
     saved_structure = meta.get("optimizers")
-    if optimizers is not None and saved_structure != _structure(optimizers):
+    if optimizers is not None and saved_structure != optimizer_structure(optimizers):
         raise ValueError(
             f"{path} holds optimizer state {saved_structure!r} (None: none, []: one optimizer, else the names of "
-            f"a mapping), but {_structure(optimizers)!r} was passed: pass the same structure as when saving, "
+            f"a mapping), but {optimizer_structure(optimizers)!r} was passed: pass the same structure as when saving, "
             "or optimizer=None to load weights only"
         )
     metadata = dcp.FileSystemReader(path).read_metadata()
     if optimizers is not None:
-        in_checkpoint = _saved_state_finder(optimizers, metadata)
+        in_checkpoint = saved_state_finder(optimizers, metadata)
         for opt in optimizer.values() if isinstance(optimizer, Mapping) else [optimizer]:
-            _init_lazy_state(opt, in_checkpoint)
-        state["optim"] = _optimizer_state(optimizers)
+            init_lazy_state(opt, in_checkpoint)
+        state["optim"] = optimizer_state(optimizers)
 
-    _check_compatible(path, metadata, state, strict, process_group)
+    check_compatible(path, metadata, state, strict, process_group)
     try:
         dcp.load(state, storage_reader=dcp.FileSystemReader(path), process_group=process_group)
     except CheckpointException as e:
@@ -248,7 +338,7 @@ def load_checkpoint(
         sds = state["optim"]
         for name, view in optimizers.items():
             view.load_state_dict(sds if name == "" else sds[name])
-        _set_fused_kernel_step(optimizer, int(meta.get("fused_optimizer_step", 0)))
+        set_fused_kernel_step(optimizer, int(meta.get("fused_optimizer_step", 0)))
 
     source_rank = rank if saved_ws == world_size else 0
     payload = torch.load(path / _extra_name(source_rank), map_location="cpu", weights_only=False)
@@ -265,258 +355,7 @@ def load_checkpoint(
     return payload["extra"]
 
 
-def gather_full_state_dict(model: nn.Module) -> dict[str, Any] | None:
-    """The whole unsharded ``state_dict`` as plain CPU tensors on rank 0, None on other ranks.
-
-    Keys are those of the unsharded module (DMP and DDP prefixes are not in them). Every rank must call it
-    (sharded tables are gathered collectively); rank 0 needs memory for the full model. Useful to export a
-    trained model or compare it with a reference.
-    """
-    sd = _unwrap_ddp(model).state_dict()
-    rank = _rank(None)
-    out: dict[str, Any] | None = {} if rank == 0 else None
-    for key, value in sd.items():
-        if isinstance(value, ShardedTensor):
-            full = None
-            if rank == 0:
-                full = torch.empty(value.size(), dtype=value.dtype, device=_collective_device(value))
-            value.gather(dst=0, out=full, dtype=value.dtype)
-        elif isinstance(value, DTensor) and isinstance(value.to_local(), LocalShardsWrapper):
-            full = _gather_local_shards(value, rank)
-        elif isinstance(value, DTensor):
-            full = value.full_tensor()
-        elif isinstance(value, torch.Tensor):
-            full = value.detach()
-        else:
-            full = value
-        if out is not None:
-            out[key] = full.cpu().clone() if isinstance(full, torch.Tensor) else full
-    return out
-
-
-def _gather_local_shards(value: DTensor, rank: int) -> torch.Tensor | None:
-    """TorchRec's DTensors (``env.output_dtensor=True``) hold a LocalShardsWrapper, which supports too few
-    ops for ``full_tensor()``: send each shard with its offsets to rank 0 instead."""
-    local: LocalShardsWrapper = value.to_local()  # type: ignore[assignment]
-    pieces = [(tuple(o), t.detach().cpu()) for o, t in zip(local.local_offsets(), local.local_shards())]
-    gathered: list[Any] | None = [None] * _world_size(None) if rank == 0 else None
-    dist.gather_object(pieces, gathered, dst=0)
-    if gathered is None:
-        return None
-    full = torch.empty(value.size(), dtype=value.dtype)
-    for offsets, t in (piece for rank_pieces in gathered for piece in rank_pieces):
-        full[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))] = t
-    return full
-
-
-# ----------------------------------------------------------------------------------- optimizer handling
-
-
-def _keyed_views(model: nn.Module, optimizer: OptimizerArg) -> dict[str, KeyedOptimizer] | None:
-    """Each optimizer as a KeyedOptimizer (state keyed by parameter name): "" for a single one."""
-    if optimizer is None:
-        return None
-    if isinstance(optimizer, Mapping):
-        if not optimizer or not all(isinstance(k, str) and k for k in optimizer):
-            raise ValueError("an optimizer mapping needs at least one entry and non-empty string names")
-        return {k: _keyed_view(model, v) for k, v in optimizer.items()}
-    return {"": _keyed_view(model, optimizer)}
-
-
-def _keyed_view(model: nn.Module, optimizer: torch.optim.Optimizer) -> KeyedOptimizer:
-    if isinstance(optimizer, KeyedOptimizer):
-        return optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(f"expected a torch.optim.Optimizer or KeyedOptimizer, got {type(optimizer).__name__}")
-    # A plain optimizer's state is keyed by parameter position; a view keyed by name survives resharding
-    # and rebuilding the optimizer. It shares state and param_groups with the optimizer (loads in place).
-    names = {id(p): n for n, p in _unwrap_ddp(model).named_parameters()}
-    params: dict[str, torch.Tensor] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in names:
-                raise ValueError(
-                    f"{type(optimizer).__name__} holds a parameter of shape {tuple(p.shape)} that is not a "
-                    "parameter of the model: pass the model it optimizes, or wrap the optimizer in "
-                    "torchrec.optim.keyed.KeyedOptimizerWrapper with your own parameter names"
-                )
-            params[names[id(p)]] = p
-    view = KeyedOptimizer(params, optimizer.state, optimizer.param_groups)
-    view.save_param_groups(True)  # lr etc. (changed by schedulers) are part of a plain optimizer's state
-    return view
-
-
-def _structure(views: dict[str, KeyedOptimizer] | None) -> list[str] | None:
-    return None if views is None else sorted(k for k in views if k)
-
-
-def _optimizer_state(views: dict[str, KeyedOptimizer]) -> dict[str, Any]:
-    if "" in views:
-        return views[""].state_dict()
-    return {name: view.state_dict() for name, view in views.items()}
-
-
-def _saved_state_finder(views: dict[str, KeyedOptimizer], metadata: Metadata) -> Callable[[torch.Tensor], bool]:
-    """Whether the checkpoint holds optimizer state for a parameter (it does not if saved before a step)."""
-    saved = sorted(metadata.state_dict_metadata)
-    prefix_of: dict[int, str] = {}
-    for name, view in views.items():
-        base = f"optim.{name}.state." if name else "optim.state."
-        for key, param in view.params.items():
-            prefix_of[id(param)] = f"{base}{key}."
-
-    def in_checkpoint(param: torch.Tensor) -> bool:
-        prefix = prefix_of.get(id(param))
-        if prefix is None:
-            return False
-        i = bisect.bisect_left(saved, prefix)
-        return i < len(saved) and saved[i].startswith(prefix)
-
-    return in_checkpoint
-
-
-def _init_lazy_state(optimizer: torch.optim.Optimizer, in_checkpoint: Callable[[torch.Tensor], bool]) -> None:
-    """Create optimizer states that appear only at the first step, so a checkpoint can be loaded in place.
-
-    Only states the checkpoint holds are created: an optimizer saved before its first step stays fresh.
-
-    Only plain torch optimizers (also inside KeyedOptimizerWrapper / CombinedOptimizer) lacking state are
-    stepped, with zero gradients and lr 0 so no parameter moves. Other KeyedOptimizers, such as DMP's fused
-    ones, create their state up front; stepping them with lr 0 would push lr 0 into the FBGEMM kernel.
-    """
-    if isinstance(optimizer, CombinedOptimizer):
-        for _, child in optimizer.optimizers:
-            _init_lazy_state(child, in_checkpoint)
-        return
-    if isinstance(optimizer, (KeyedOptimizerWrapper, OptimizerWrapper)):
-        _init_lazy_state(optimizer._optimizer, in_checkpoint)
-        return
-    if isinstance(optimizer, KeyedOptimizer):
-        return
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    missing = [p for p in params if not optimizer.state.get(p) and in_checkpoint(p)]  # .get: a defaultdict
-    if not missing:
-        return
-    with_grad = {p for p in params if p.grad is not None}
-    for p in missing:
-        if p not in with_grad:
-            p.grad = torch.zeros_like(p)
-    lrs = [g.get("lr") for g in optimizer.param_groups]
-    for g in optimizer.param_groups:
-        if "lr" in g:
-            g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
-    try:
-        optimizer.step()
-    finally:
-        for g, lr in zip(optimizer.param_groups, lrs):
-            if lr is not None:
-                g["lr"] = lr
-        for p in params:
-            if p not in with_grad:
-                p.grad = None
-
-
-def _fused_kernels(optimizer: OptimizerArg) -> list[SplitTableBatchedEmbeddingBagsCodegen]:
-    """The FBGEMM kernels behind fused optimizers (the kernels sit outside the module tree)."""
-    if optimizer is None:
-        return []
-    if isinstance(optimizer, Mapping):
-        return [k for opt in optimizer.values() for k in _fused_kernels(opt)]
-    if isinstance(optimizer, CombinedOptimizer):
-        return [k for _, opt in optimizer.optimizers for k in _fused_kernels(opt)]
-    if isinstance(optimizer, (KeyedOptimizerWrapper, OptimizerWrapper)):
-        return _fused_kernels(optimizer._optimizer)
-    kernel = getattr(optimizer, "_emb_module", None)  # EmbeddingFusedOptimizer
-    return [kernel] if isinstance(kernel, SplitTableBatchedEmbeddingBagsCodegen) else []
-
-
-def _fused_kernel_step(optimizer: OptimizerArg) -> int:
-    """FBGEMM's own step counter (Adam/LAMB bias correction, counter-based weight decay), which no TorchRec
-    state dict holds; every kernel steps once per training batch."""
-    return max((int(k.iter.max()) for k in _fused_kernels(optimizer)), default=0)
-
-
-def _set_fused_kernel_step(optimizer: OptimizerArg, step: int) -> None:
-    with torch.no_grad():
-        for kernel in _fused_kernels(optimizer):
-            kernel.iter.fill_(step)
-            kernel.iter_cpu.fill_(step)
-
-
-# ---------------------------------------------------------------------------------------- load checks
-
-
-def _tensor_leaves(obj: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Size]:
-    """Global sizes of the tensors in a nested dict, keyed the way DCP flattens keys."""
-    out: dict[str, torch.Size] = {}
-    for k, v in obj.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(_tensor_leaves(v, key))
-        elif isinstance(v, torch.Tensor):  # ShardedTensor and DTensor report their global size
-            out[key] = torch.Size(v.size())
-    return out
-
-
-def _check_compatible(
-    path: Path, metadata: Metadata, state: dict[str, Any], strict: bool, group: dist.ProcessGroup | None
-) -> None:
-    """Actionable errors before DCP's own (which name neither the cause nor a way out), raised on every rank.
-
-    Ranks hold different optimizer keys (a fused optimizer knows only its rank's tables), so entries of the
-    checkpoint that nobody wants are found from the union over ranks.
-    """
-    saved = metadata.state_dict_metadata
-    wanted = _tensor_leaves(state)
-    local_error: str | None = None
-    try:
-        _check_wanted(path, saved, wanted)
-    except ValueError as e:
-        local_error = str(e)
-    gathered = _all_gather((local_error, sorted(wanted)), group)
-    errors = [e for e, _ in gathered if e is not None]
-    if errors:
-        raise ValueError(errors[0])
-    # Optimizer entries are always checked: a state missing here would silently restart.
-    prefixes = tuple(p for p in ("model." if strict else "", "optim." if "optim" in state else "") if p)
-    anyone = {k for _, keys in gathered for k in keys}
-    unexpected = [k for k, v in saved.items() if prefixes and k.startswith(prefixes) and k not in anyone
-                  and isinstance(v, TensorStorageMetadata)]
-    if unexpected:
-        raise ValueError(
-            f"{path} has {len(unexpected)} entries the model / optimizer here lacks, e.g. {unexpected[:5]}: pass "
-            "the same model and optimizer structure as when saving (strict=False ignores extra model entries)"
-        )
-
-
-def _check_wanted(path: Path, saved: Mapping[str, Any], wanted: dict[str, torch.Size]) -> None:
-    missing = [k for k in wanted if k not in saved]
-    if missing:
-        hint = (
-            "optimizer entries differ: pass the same optimizer structure as when saving (fused optimizers "
-            "exist only for DMP models; load with optimizer=None to restore weights only)"
-            if all(k.startswith("optim.") for k in missing)
-            else "was it saved from the same model?"
-        )
-        raise ValueError(f"{path} lacks {len(missing)} entries this model expects, e.g. {missing[:5]}: {hint}")
-    for key, size in wanted.items():
-        md = saved[key]
-        if not isinstance(md, TensorStorageMetadata):
-            raise ValueError(f"{path}: {key} is not a tensor in the checkpoint")
-        if tuple(md.size) == tuple(size):
-            continue
-        msg = f"{path}: {key} has shape {tuple(md.size)} in the checkpoint, {tuple(size)} here"
-        if key.startswith("optim.") and len(size) == 1 == len(md.size):
-            msg += (
-                ". TorchRec keeps one row-wise optimizer state (e.g. rowwise Adagrad momentum) per column "
-                "shard of a column-wise sharded table, so it cannot move to a plan with a different number "
-                "of column shards: keep that table's column shard count, or load with optimizer=None "
-                "(weights only) and start the optimizer state afresh"
-            )
-        raise ValueError(msg)
-
-
-# ------------------------------------------------------------------------------------- files and ranks
+# ---------------------------------------------------------------------------------------------- files
 
 
 def _prepare_dir(root: Path, final: Path, tmp: Path, overwrite: bool) -> None:
@@ -530,7 +369,7 @@ def _prepare_dir(root: Path, final: Path, tmp: Path, overwrite: bool) -> None:
 
 def _publish(root: Path, final: Path, tmp: Path, meta: dict[str, Any], keep_last: int | None) -> None:
     with open(tmp / _META, "w") as f:
-        json.dump(meta, f, indent=1)
+        json.dump(seal(meta), f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
@@ -588,73 +427,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         else:
             logger.warning("not restoring CUDA RNG states: saved for %d devices, %d visible",
                            len(state["cuda"]), torch.cuda.device_count())
-
-
-def _unwrap_ddp(model: nn.Module) -> nn.Module:
-    """DDP adds ``module.`` to keys; DMP strips its own prefixes in state_dict/named_parameters."""
-    while isinstance(model, DistributedDataParallel):
-        model = model.module
-    return model
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank(group: dist.ProcessGroup | None) -> int:
-    return dist.get_rank(group) if _distributed() else 0
-
-
-def _world_size(group: dist.ProcessGroup | None) -> int:
-    return dist.get_world_size(group) if _distributed() else 1
-
-
-def _collective_device(st: ShardedTensor) -> torch.device:
-    """Where ShardedTensor.gather puts its buffers (CPU for gloo, the current GPU for NCCL)."""
-    if dist.get_backend(st._process_group) == dist.Backend.NCCL:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _picklable(error: BaseException | None) -> BaseException | None:
-    if error is None:
-        return None
-    try:
-        pickle.dumps(error)
-        return error
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
-
-
-def _all_gather(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
-    if not _distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def _raise_first(gathered: list[tuple[Any, ...]], rank: int, own: BaseException | None, what: str) -> None:
-    if own is not None:
-        raise own
-    for r, (error, *_rest) in enumerate(gathered):
-        if error is not None:
-            raise RuntimeError(f"checkpoint not published: rank {r} failed {what}: {error}") from error
-
-
-def _on_rank0(fn: Callable[[], None], group: dist.ProcessGroup | None) -> None:
-    """Run ``fn`` on rank 0; every rank raises if it failed (instead of waiting at the next collective)."""
-    error: BaseException | None = None
-    if _rank(group) == 0:
-        try:
-            fn()
-        except Exception as e:
-            error = e
-    if _distributed():
-        box = [_picklable(error)]
-        src = dist.get_global_rank(group, 0) if group is not None else 0
-        dist.broadcast_object_list(box, src=src, group=group)
-        if error is None and box[0] is not None:
-            raise box[0]
-    if error is not None:
-        raise error

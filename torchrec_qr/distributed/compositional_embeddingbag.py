@@ -57,6 +57,7 @@ from torchrec_qr.distributed.sub_table_plan import (
     logical_row_wise_sharding,
     physical_parameter_shardings,
     row_block_size,
+    shifted_partitions,
 )
 from torchrec_qr.modules.batched_embedding_bags import BatchedEmbeddingBags
 from torchrec_qr.modules.compositional_embedding_modules import (
@@ -66,8 +67,9 @@ from torchrec_qr.modules.compositional_embedding_modules import (
 from torchrec_qr.modules.composition import CompositionPlan, LocalTable
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
 from torchrec_qr.modules.hot_id_buffers import HotIdBuffers
+from torchrec_qr.modules.partitions import Partition
 from torchrec_qr.modules.path_functions import PathFunctions, scale_grad
-from torchrec_qr.modules.validation import check_id_ranges
+from torchrec_qr.modules.validation import check_features, check_id_ranges
 
 __all__ = [
     "CompositionalEmbeddingBagCollectionSharder",
@@ -119,6 +121,7 @@ class CompositionalLookup(nn.Module):
         replicated_grad_scale: int = 1,
         path_functions: Mapping[str, PathFunctions] | None = None,
         data_parallel: bool = False,
+        partitions: Mapping[tuple[str, str], Partition] | None = None,
     ) -> None:
         super().__init__()
         self.__dict__["_sources"] = [module for module, _ in sources]
@@ -129,6 +132,7 @@ class CompositionalLookup(nn.Module):
             mean_after_output_dist, path_functions, 1 if data_parallel else replicated_grad_scale,
             sharded_input=True,
         )
+        self.plan.partitions.update(partitions or {})  # (table, feature) -> the scheme this rank's ids go through
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         inputs = self.plan.expand(features, weighted=self._is_weighted)
@@ -139,6 +143,19 @@ class CompositionalLookup(nn.Module):
             return outputs[0]  # an empty rank: the physical lookup's placeholder
         looked_up = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return self.plan.compose(features, looked_up)
+
+
+class _GradScaled(nn.Module):
+    """A replicated lookup whose gradient is multiplied by ``scale`` (see ``CompositionalLookup``); holds
+    ``bags`` outside the module tree, like the lookups' other sources."""
+
+    def __init__(self, bags: nn.Module, scale: int) -> None:
+        super().__init__()
+        self.__dict__["_bags"] = bags
+        self.scale = scale
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return scale_grad(self._bags(features), self.scale)
 
 
 _REPLICATED = "_replicated_embedding_bags"
@@ -210,6 +227,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         # Fresh on every rank; DMP's data-parallel wrapper broadcasts rank 0's values.
         self.__dict__["_pending_paths"] = path_functions_for(tables, device)
         self.__dict__["_logical_tables"] = tables
+        self.__dict__["_logical_plan"] = logical_plan
         self.__dict__["_validate_ids"] = module.validate_ids
         self.__dict__["_row_wise_mean_features"] = {
             f for t in tables if t.pooling == PoolingType.MEAN and logical_plan[t.name].sharding_type in ROW_TYPES
@@ -240,14 +258,20 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         physical: ShardedEmbeddingBagCollection = self.__dict__["_pending_physical"]
         replicated: dict[str, BatchedEmbeddingBags] = self.__dict__["_pending_replicated"]
         by_type = dict(zip(physical._sharding_types, physical._lookups))
+        grad_scale = self._env.world_size if get_gradient_division() else 1
         for sharding_type, sharding in zip(self._sharding_types, self._embedding_shardings):
-            lookup = by_type[sharding_type]
-            inner = lookup.module if isinstance(lookup, DistributedDataParallel) else lookup
-            sources = [(lookup, _sharded_tables(inner.grouped_configs))]
+            sources = []
+            if sharding_type in by_type:
+                lookup = by_type[sharding_type]
+                inner = lookup.module if isinstance(lookup, DistributedDataParallel) else lookup
+                sources.append((lookup, _sharded_tables(inner.grouped_configs)))
             row_wise = sharding_type in ROW_TYPES
             if sharding_type in replicated:
                 bags = replicated[sharding_type]
-                sources.append((bags, [LocalTable(t.name, t.feature_names, 0, t.embedding_dim) for t in bags.tables]))
+                # Without a physical lookup (only schemes with no row split) the bags are source 0, whose
+                # gradient the lookup does not rescale: rescale it here.
+                module = bags if sources else _GradScaled(bags, grad_scale)
+                sources.append((module, [LocalTable(t.name, t.feature_names, 0, t.embedding_dim) for t in bags.tables]))
             self._lookups.append(
                 CompositionalLookup(
                     self.__dict__["_logical_tables"],
@@ -255,9 +279,11 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                     sources,
                     self._is_weighted,
                     mean_after_output_dist=row_wise,
-                    replicated_grad_scale=self._env.world_size if get_gradient_division() else 1,
+                    replicated_grad_scale=grad_scale,
                     path_functions=self.__dict__["_pending_paths"],
                     data_parallel=sharding_type == ShardingType.DATA_PARALLEL.value,
+                    partitions=shifted_partitions(self.__dict__["_logical_tables"], self._logical_plan,
+                                                  self._env.rank) if row_wise else None,
                 )
             )
 
@@ -290,6 +316,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                 "the sharded CompositionalEmbeddingBagCollection takes one batch size for every feature; "
                 "expand variable-batch (VBE) inputs first (torchrec_qr.modules.variable_batch.fixed_batch)"
             )
+        check_features(features, [f for t in self._logical_tables for f in t.feature_names], self._is_weighted)
         if self._validate_ids:
             check_id_ranges(features, self._logical_tables)
         awaitable = super().input_dist(ctx, features)

@@ -147,6 +147,8 @@ def _check_table(
     config = target.config(name)
     rows, cols = target.shape(name, kind)
     _check_cover(where, shards, kind, rows, cols, config)
+    if kind in ROW_TYPES:
+        _check_even_rows(where, shards, rows)
     if ps.compute_kernel != _DENSE:
         _check_widths(where, shards, config)
 
@@ -181,6 +183,21 @@ def _check_cover(where: str, shards: list[ShardMetadata], kind: str, rows: int, 
                     "torchrec_qr.distributed.planner.plan_model, whose callback splits the ids)")
         raise ValueError(f"{where}: shards cover {area} of the {rows * cols} cells of {described}; "
                          f"they must cover it exactly{hint}")
+
+
+def _check_even_rows(where: str, shards: list[ShardMetadata], rows: int) -> None:
+    """TorchRec 1.8's row-wise input dist sends ids to ranks in equal blocks of ``ceil(rows / shards)``
+    whatever the shard sizes say: other sizes would be reported but not served."""
+    block = -(-rows // len(shards))
+    offsets = [min(i * block, rows) for i in range(len(shards))]
+    expected = [min(block, rows - o) for o in offsets]
+    sizes = [s.shard_sizes[0] for s in shards]
+    if [s.shard_offsets[0] for s in shards] != offsets or sizes != expected:
+        raise ValueError(
+            f"{where}: row shards of sizes {sizes}; TorchRec routes ids to row shards in equal blocks of "
+            f"ceil({rows} / {len(shards)}) = {block}, so only sizes {expected} are served as planned: use those "
+            "(or give no shards, only the sharding type)"
+        )
 
 
 def _check_widths(where: str, shards: list[ShardMetadata], config: Any) -> None:

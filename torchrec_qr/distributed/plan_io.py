@@ -323,7 +323,12 @@ def _compact(
     elif sharding_type == _TWRW:
         if ranks is not None:
             raise ValueError(f"{where}: table_row_wise spreads over one host's ranks: give host: <index>, not ranks")
-        generator = table_row_wise(host_index=_int(entry.get("host", 0), where, "host"))
+        host = _int(entry.get("host", 0), where, "host")
+        hosts = world_size // local_size
+        if not 0 <= host < hosts:
+            raise ValueError(f"{where}: host {host} does not exist: {world_size} ranks, {local_size} per host, "
+                             f"hosts are 0..{hosts - 1}")
+        generator = table_row_wise(host_index=host)
     else:
         generator = data_parallel()
     rows, cols = target.shape(table, sharding_type)

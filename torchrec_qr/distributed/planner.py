@@ -62,7 +62,7 @@ def sharder_rejects(
     table: CompositionalEmbeddingBagConfig, ps: ParameterSharding, world_size: int, local_world_size: int
 ) -> str | None:
     """The sharder's error for sharding ``table`` by ``ps`` (None: it can): its own derivation of the
-    sub-tables' shardings, run on this table alone (row-wise needs a row-split partition and enough rows,
+    sub-tables' shardings, run on this table alone (row-wise needs enough rows and per-id composition,
     path tables cannot be column-wise, ...; see ``sub_table_plan``)."""
     try:
         if ps.sharding_type in ROW_TYPES:

@@ -16,6 +16,9 @@ logical rows or columns it owns from rows it holds itself:
   tables and kept in sync by DMP's data-parallel wrapper (like TorchRec's data_parallel tables, they are
   dense parameters for the dense optimizer). A rank receives block-local ids ``id - rB``; since ``B`` is a
   multiple of ``s``, ``partition.indices(local id)`` is already the local row of every sub-table.
+  Schemes without a row split (Chinese remainder, explicit maps) have only small sub-tables (about
+  ``N^(1/k)`` rows each): all are replicated, the ids are cut into blocks of ``ceil(N / W)``, and the rank
+  owning a block composes its ids from ``ShiftedPartition`` (``indices(local id + block offset)``).
 
 Path tables (``combine="path"``) store one sub-table, partition 1's, which goes where the table goes
 (table_wise, data_parallel), or is row-split when partition 1 is the row-split one (QuotientRemainder);
@@ -25,22 +28,26 @@ mixes all columns of a row.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+
+import torch
 
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
-from torchrec.distributed.types import ParameterSharding, ShardingType
+from torchrec.distributed.types import BoundsCheckMode, ParameterSharding, ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from torchrec_qr.modules.composition import pools_first
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
-from torchrec_qr.modules.partitions import HotIds
+from torchrec_qr.modules.partitions import HotIds, Partition
 
 __all__ = [
     "ROW_TYPES",
     "SUPPORTED_SHARDING_TYPES",
+    "ShiftedPartition",
     "logical_row_wise_sharding",
     "physical_parameter_shardings",
     "row_block_size",
+    "shifted_partitions",
 ]
 
 SUPPORTED_SHARDING_TYPES = (
@@ -55,17 +62,43 @@ ROW_TYPES = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
 _COLUMN_TYPES = (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value)
 
 
-def row_split_stride(table: CompositionalEmbeddingBagConfig) -> tuple[int, int]:
-    """The row-split partition and stride of a table to be sharded row-wise, or a clear error."""
+@dataclass(frozen=True)
+class ShiftedPartition(Partition):
+    """``base``'s classes of ``id + offset``: what a row-wise rank needs for the block-local ids it receives
+    (ids ``[offset, offset + B)`` arrive as ``[0, B)``) when no class of the scheme follows id blocks."""
+
+    base: Partition
+    offset: int
+
+    @property
+    def num_partitions(self) -> int:
+        return self.base.num_partitions
+
+    def sizes(self, num_embeddings: int) -> list[int]:
+        return self.base.sizes(num_embeddings)
+
+    def indices(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.indices(ids + self.offset)
+
+
+def row_split_stride(table: CompositionalEmbeddingBagConfig) -> tuple[int | None, int]:
+    """The row-split partition and stride of a table to be sharded row-wise (``(None, 1)``: no partition
+    follows id blocks, every sub-table is replicated), or a clear error."""
     assert table.partition is not None
     split = table.partition.row_split()
     if split is None:
-        why = (" (its hot ids keep rows of their own wherever they lie in the id range, so no block of ids owns a "
-               "contiguous range of rows)" if isinstance(table.partition, HotIds) else "")
-        raise ValueError(
-            f"table {table.name!r}: row_wise needs a partition whose largest class is id // stride "
-            f"(QuotientRemainder or MixedRadix); {table.partition!r} has none{why}: shard it table_wise or column_wise"
-        )
+        if isinstance(table.partition, HotIds):
+            raise ValueError(
+                f"table {table.name!r}: row_wise cannot shard {table.partition!r} (its hot ids keep rows of their own "
+                "wherever they lie in the id range, so no block of ids owns a contiguous range of rows): shard it "
+                "table_wise or column_wise"
+            )
+        if table.combine == "path":
+            raise ValueError(
+                f"table {table.name!r}: row_wise for combine='path' needs a partition 1 of id // stride "
+                f"(QuotientRemainder); {table.partition!r} has none: shard it table_wise or data_parallel"
+            )
+        split = (None, 1)
     if table.combine == "path" and split[0] != 0:
         raise ValueError(
             f"table {table.name!r}: row_wise for combine='path' needs the row-split partition (id // stride) to "
@@ -117,6 +150,24 @@ def logical_row_wise_sharding(
     )
 
 
+def shifted_partitions(
+    tables: list[EmbeddingBagConfig], logical: dict[str, ParameterSharding], rank: int
+) -> dict[tuple[str, str], Partition]:
+    """(table, feature) → ``ShiftedPartition`` for the row-wise tables without a row split, on ``rank``
+    (whose block of ids starts at its shard's row offset)."""
+    out: dict[tuple[str, str], Partition] = {}
+    for t in tables:
+        ps = logical[t.name]
+        if not isinstance(t, CompositionalEmbeddingBagConfig) or ps.sharding_type not in ROW_TYPES:
+            continue
+        if row_split_stride(t)[0] is not None:
+            continue
+        assert isinstance(ps.sharding_spec, EnumerableShardingSpec)
+        offset = next(s.shard_offsets[0] for s in ps.sharding_spec.shards if s.placement.rank() == rank)
+        out.update({(t.name, f): ShiftedPartition(t.partition, offset) for f in t.feature_names})
+    return out
+
+
 def physical_parameter_shardings(
     tables: list[EmbeddingBagConfig], logical: dict[str, ParameterSharding]
 ) -> tuple[dict[str, ParameterSharding], list[EmbeddingBagConfig]]:
@@ -127,7 +178,7 @@ def physical_parameter_shardings(
     for t in tables:
         ps = logical[t.name]
         if not isinstance(t, CompositionalEmbeddingBagConfig):
-            out[t.name] = ps
+            out[t.name] = _checked_bounds(ps)  # like the sub-tables, so they still share kernels
             continue
         if ps.sharding_type not in SUPPORTED_SHARDING_TYPES:
             raise ValueError(
@@ -143,16 +194,23 @@ def physical_parameter_shardings(
             split_index, _ = row_split_stride(t)
             for j, sub in enumerate(t.sub_table_configs()):
                 if j == split_index:
-                    out[sub.name] = _row_split_sharding(t, ps, sub)
+                    out[sub.name] = _checked_bounds(_row_split_sharding(t, ps, sub))
                 else:  # partial sums, like TorchRec's row-wise kernels: MEAN is applied after the output dist
                     replicated.append(replace(sub, pooling=PoolingType.SUM))
             continue
         offset = 0
         for sub in t.sub_table_configs():
-            out[sub.name] = _sub_table_sharding(t, ps, sub, offset)
+            out[sub.name] = _checked_bounds(_sub_table_sharding(t, ps, sub, offset))
             if t.combine == "concat":
                 offset += sub.embedding_dim
     return out, replicated
+
+
+def _checked_bounds(ps: ParameterSharding) -> ParameterSharding:
+    """Lookups raise on an index past their table's rows (unless the plan chose a mode), as the unsharded
+    module does: FBGEMM's default would read row 0 instead, so an out-of-range id with ``validate_ids=False``
+    would silently get some embedding."""
+    return ps if ps.bounds_check_mode is not None else replace(ps, bounds_check_mode=BoundsCheckMode.FATAL)
 
 
 def _row_split_sharding(

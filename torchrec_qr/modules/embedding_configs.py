@@ -126,7 +126,10 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
                 f"{where}: combine={self.combine!r} needs every sub-table at embedding_dim="
                 f"{self.embedding_dim}, got sub_dims={self.sub_dims}; drop sub_dims or use combine='concat'"
             )
-        self.partition.validate(self.num_embeddings)
+        try:
+            self.partition.validate(self.num_embeddings)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
 
     def _check_path(self, where: str, k: int) -> None:
         if k < 2:

@@ -76,14 +76,16 @@ class Partition(abc.ABC):
     def row_split(self) -> tuple[int, int] | None:
         """``(j, stride)`` when partition j's class is ``id // stride`` (rows of j follow id blocks).
 
-        Row-wise sharding needs it: a block of ``stride``-aligned ids then owns a contiguous, disjoint range
-        of sub-table j, and every other class depends only on ``id % stride``. None: no such partition.
+        Row-wise sharding uses it: a block of ``stride``-aligned ids then owns a contiguous, disjoint range
+        of sub-table j, and every other class depends only on ``id % stride``. None: no such partition
+        (row-wise sharding then replicates every sub-table).
         """
         return None
 
     def validate(self, num_embeddings: int) -> None:
         """Raise ``ValueError`` naming a colliding id pair if the partitions are not complementary on N."""
         _check_num_embeddings(num_embeddings)
+        self.sizes(num_embeddings)  # the scheme's own errors (e.g. a class map of the wrong length) first
         pair = self._collision(num_embeddings)
         if pair is not None:
             a, b = pair
@@ -127,7 +129,8 @@ class QuotientRemainder(Partition):
 
     def sizes(self, num_embeddings: int) -> list[int]:
         _check_num_embeddings(num_embeddings)
-        return [-(-num_embeddings // self.collisions), self.collisions]
+        # c > N: ids < N only reach remainders < N, so the remainder table needs at most N rows.
+        return [-(-num_embeddings // self.collisions), min(self.collisions, num_embeddings)]
 
     def indices(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(torch.int64)

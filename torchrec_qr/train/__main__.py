@@ -18,10 +18,12 @@ import torch.distributed as dist
 import yaml
 from torch.distributed.rendezvous import rendezvous
 
+from torchrec_qr.distributed.checkpoint import CheckpointWriteError
 from torchrec_qr.train.config import ConfigError, config_to_dict, load_config, validate
 from torchrec_qr.train.memory import format_bytes
 from torchrec_qr.train.sharding import check_plan_file
-from torchrec_qr.train.trainer import DistEnv, check_run_dir, train
+from torchrec_qr.train.run_dir import RunLock, check_run_dir, is_restart
+from torchrec_qr.train.trainer import DistEnv, TrainingDiverged, train
 
 EXIT_CONFIG_ERROR = 2
 
@@ -34,9 +36,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML config (default: built-in defaults)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--allow-config-change", action="append", default=[], metavar="KEY[,KEY...]",
+                        help="with --resume: accept these changed settings (e.g. run.seed,optimizer.sparse.lr)")
     parser.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    return parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    args.allow_config_change = [k.strip() for item in args.allow_config_change for k in item.split(",") if k.strip()]
+    return args
 
 
 def _use_cuda(device: str) -> bool:
@@ -123,16 +129,23 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    lock: RunLock | None = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.resume:
             cfg.checkpoint.resume = True
+        if args.allow_config_change and not cfg.checkpoint.resume:
+            raise ConfigError("--allow-config-change: only meaningful with --resume")
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world_size, torch.cuda.is_available())
-        check_run_dir(cfg)
         device_type = "cuda" if _use_cuda(cfg.run.device) else "cpu"
         check_plan_file(cfg, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), device_type)
+        if not args.check and os.environ.get("RANK", "0") == "0":  # one job per run directory, checked under it
+            lock = RunLock(cfg, wait_s=60.0 if is_restart() else 0.0)
+        check_run_dir(cfg, args.allow_config_change)
     except (ConfigError, OSError) as e:
+        if lock is not None:
+            lock.release()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.check:
@@ -142,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     env = _init_distributed(cfg.run.device)
     try:
         summary = train(cfg, env)
-    except (ValueError, FileNotFoundError) as e:  # bad data or checkpoints: the message says what to fix
+    except (ValueError, OSError, TrainingDiverged, CheckpointWriteError) as e:  # data, checkpoints, divergence
         print(f"[rank{env.rank}] error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
     if env.rank == 0:
         print(format_summary(summary), flush=True)
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -165,13 +167,15 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     """DCP checkpoints in ``<run dir>/checkpoints`` (or ``dir``) every N steps (0 = only at the end); the
-    newest ``keep_last`` are kept (null = all)."""
+    newest ``keep_last`` are kept (null = all). Resuming verifies checksums and falls back past a damaged
+    checkpoint with a warning; ``strict_resume`` fails instead."""
 
     every_steps: int = 0
     at_end: bool = True
     keep_last: int | None = 3
     resume: bool = False
     dir: str | None = None
+    strict_resume: bool = False
 
 
 @dataclass
@@ -219,6 +223,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     """``value`` checked against annotation ``tp`` (YAML already produced Python scalars and lists)."""
     origin = typing.get_origin(tp)
@@ -257,6 +264,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string: it needs "1.0e-3"
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -339,7 +348,9 @@ def config_to_dict(cfg: TrainingConfig) -> dict[str, Any]:
 
 
 def _positive(errors: list[str], path: str, value: int | float | None, allow_zero: bool = False) -> None:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+    if value is not None and not math.isfinite(value):
+        errors.append(f"{path}: must be a finite number, got {value}")
+    elif value is not None and (value < 0 or (value == 0 and not allow_zero)):
         errors.append(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 

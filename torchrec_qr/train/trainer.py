@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -22,6 +22,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
@@ -29,18 +32,19 @@ from tqdm import tqdm
 from torchrec_qr.data.criteo import CriteoArrays
 from torchrec_qr.data.id_counts import cached_id_counts
 from torchrec_qr.data.synthetic import bayes_log_loss
-from torchrec_qr.distributed.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from torchrec_qr.distributed.checkpoint import latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from torchrec_qr.distributed.planner import default_sharders
 from torchrec_qr.plan import budget_plan
-from torchrec_qr.train.config import ConfigError, TrainingConfig, config_to_dict, num_steps
+from torchrec_qr.train.config import TrainingConfig, config_to_dict, num_steps
 from torchrec_qr.train.data import GlobalBatchIterator, HashIds, eval_batches, prepare_splits
 from torchrec_qr.train.memory import memory_report, totals
 from torchrec_qr.train.metrics import EvalMetrics, MetricsLog
 from torchrec_qr.train.model import build_model, logical_tables, table_configs
 from torchrec_qr.train.optim import build_optimizer, fused_params
+from torchrec_qr.train.run_dir import checkpoint_root, is_restart, mark_run_dir, remove_previous_run, run_dir
 from torchrec_qr.train.sharding import SHARDING_TYPES_FILE, make_plan, sharding_types, write_plan
 
-__all__ = ["DistEnv", "Trainer", "check_run_dir", "checkpoint_root", "run_dir", "train"]
+__all__ = ["DistEnv", "Trainer", "TrainingDiverged", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,39 +58,23 @@ class DistEnv:
     device: torch.device
 
 
-def run_dir(cfg: TrainingConfig) -> Path:
-    assert cfg.run.name is not None
-    return Path(cfg.run.output_dir) / cfg.run.name
+class TrainingDiverged(RuntimeError):
+    """The loss (or a weight about to be checkpointed) is NaN or infinite: the run stops, saving nothing."""
 
 
-def checkpoint_root(cfg: TrainingConfig) -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"
-
-
-def is_restart() -> bool:
-    """Whether torchrun restarted this worker group after a failure (then the run always resumes)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-
-
-def check_run_dir(cfg: TrainingConfig) -> None:
-    """Refuse to mix a fresh run into an old one, or to resume nothing; runs before any process group."""
-    found = list_checkpoints(checkpoint_root(cfg))
-    if cfg.checkpoint.resume and not found and not is_restart():
-        raise ConfigError(
-            f"checkpoint.resume: no checkpoint under {checkpoint_root(cfg)}; start without --resume, or set "
-            "run.name / checkpoint.dir to the run to continue"
-        )
-    if found and not cfg.checkpoint.resume and not cfg.run.overwrite and not is_restart():
-        raise ConfigError(
-            f"run.name: {run_dir(cfg)} already holds a run (latest checkpoint {found[-1].name}); continue it "
-            "with --resume, replace it with run.overwrite=true, or choose another run.name"
-        )
-
-
-def _mean_over_ranks(total: float, count: int, device: torch.device) -> float:
-    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
-    dist.all_reduce(t)
-    return float(t[0] / t[1])
+def _nonfinite_entries(model: nn.Module) -> list[str]:
+    """Names of this rank's floating-point state entries (its shards of sharded tables) holding NaN / inf."""
+    bad = []
+    for name, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            local = [s.tensor for s in value.local_shards()]
+        elif isinstance(value, DTensor):
+            local = [value.to_local()]
+        else:
+            local = [value] if isinstance(value, torch.Tensor) else []
+        if any(t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()) for t in local):
+            bad.append(name)
+    return bad
 
 
 class Trainer:
@@ -99,12 +87,13 @@ class Trainer:
     def __init__(self, cfg: TrainingConfig, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
         self.out, self.ckpt_root = run_dir(cfg), checkpoint_root(cfg)
-        self.resume_from = latest_checkpoint(self.ckpt_root) if cfg.checkpoint.resume or is_restart() else None
+        self.resume_from = None
+        if cfg.checkpoint.resume or is_restart():  # the newest checkpoint that verifies (or strict: the newest)
+            self.resume_from = latest_intact_checkpoint(self.ckpt_root, strict=cfg.checkpoint.strict_resume)
         if env.rank == 0:
             if self.resume_from is None and cfg.run.overwrite and not is_restart():
-                shutil.rmtree(self.out, ignore_errors=True)
-                shutil.rmtree(self.ckpt_root, ignore_errors=True)
-            self.out.mkdir(parents=True, exist_ok=True)
+                remove_previous_run(cfg)
+            mark_run_dir(self.out)
             (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         dist.barrier()
 
@@ -140,7 +129,7 @@ class Trainer:
 
         self.step = 0
         if self.resume_from is not None:
-            self.step = int(load_checkpoint(self.resume_from, self.model, self.optimizer)["step"])
+            self.step = int(load_checkpoint(self.resume_from, self.model, self.optimizer, verify=False)["step"])
             logger.info("resumed from %s at step %d", self.resume_from, self.step)
         self.last_saved = self.step if self.resume_from is not None else None
         self.log = MetricsLog(self.out, env.rank == 0, cfg.run.tensorboard,
@@ -153,7 +142,9 @@ class Trainer:
         cfg, t, ck = self.cfg, self.cfg.train, self.cfg.checkpoint
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=self.env.rank != 0 or not cfg.run.progress_bar)
-        loss_sum, loss_count = 0.0, 0
+        # Losses stay on the device between log boundaries: no host sync per step.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        loss_count = 0
         while self.step < self.total_steps:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             batches = iter(GlobalBatchIterator(
@@ -171,15 +162,17 @@ class Trainer:
                         break
                     self.step += 1
                     self.steps_run += 1
-                    loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
+                    loss_sum, loss_count = loss_sum + loss.detach().double().sum(), loss_count + 1
                     bar.update(1)
                     if self.step % t.log_every_steps == 0:
-                        mean = _mean_over_ranks(loss_sum, loss_count, self.env.device)
+                        mean = self._mean_loss(loss_sum, loss_count)
                         rate = self._samples_per_s(self.train_seconds + time.perf_counter() - start)
                         bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:,.0f}")
                         self.log.write("train", self.step, loss=mean, samples_per_s=rate, epoch=epoch)
-                        loss_sum, loss_count = 0.0, 0
+                        loss_sum, loss_count = torch.zeros_like(loss_sum), 0
                 self.train_seconds += time.perf_counter() - start
+                if loss_count:  # a boundary: no step since the last check goes unchecked
+                    self._mean_loss(loss_sum.clone(), loss_count)
                 if ck.every_steps and self.step % ck.every_steps == 0:
                     self.save()
                 self._maybe_fail()
@@ -190,6 +183,23 @@ class Trainer:
         bar.close()
         if ck.at_end and self.last_saved != self.step:
             self.save()
+
+    def _mean_loss(self, loss_sum: torch.Tensor, count: int) -> float:
+        """The mean loss over ranks since the last log; raises ``TrainingDiverged`` on every rank if any
+        rank's loss was NaN or infinite (a non-finite term makes the sum non-finite)."""
+        t = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device)])
+        dist.all_reduce(t)
+        total, n = t.tolist()
+        if not math.isfinite(total):
+            raise TrainingDiverged(
+                f"step {self.step}: the training loss is {total} (NaN or infinite) in the last {count} steps; the "
+                f"run stops without checkpointing it (last checkpoint: {self._last_checkpoint()}). Lower "
+                "optimizer.sparse.lr / optimizer.dense.lr, or check the data for NaN or infinite dense features"
+            )
+        return total / n
+
+    def _last_checkpoint(self) -> str:
+        return f"step {self.last_saved}" if self.last_saved is not None else "none"
 
     def _next_boundary(self, epoch_end: int) -> int:
         every = (self.cfg.train.eval_every_steps, self.cfg.checkpoint.every_steps)
@@ -213,6 +223,17 @@ class Trainer:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def save(self) -> Path:
+        """Checkpoint the current step, unless some rank's weights are NaN or infinite (then raise)."""
+        box: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(box, _nonfinite_entries(self.model))
+        bad = [(r, names) for r, names in enumerate(box) if names]
+        if bad:
+            rank, names = bad[0]
+            raise TrainingDiverged(
+                f"step {self.step}: {len(names)} weights hold NaN or infinite values on rank "
+                f"{rank} (e.g. {names[:3]}); not checkpointing them (last checkpoint: {self._last_checkpoint()}). "
+                "Lower optimizer.sparse.lr / optimizer.dense.lr"
+            )
         self.last_saved = self.step
         return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, extra={"step": self.step},
                                keep_last=self.cfg.checkpoint.keep_last, overwrite=True)
