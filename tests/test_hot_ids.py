@@ -259,3 +259,15 @@ def test_meta_module_keeps_the_list_and_to_empty_restores_it():
     assert torch.equal(module.state_dict()["_hot_ids.big"], expected)
     module._hot_ids.to_empty(device="cpu")
     assert torch.equal(module._hot_ids.big, expected) and tables[0].partition.hot_ids is module._hot_ids.big
+
+
+def test_scripted_module_equals_eager_and_follows_a_loaded_list():
+    tables = hot_tables("qr", "mult", PoolingType.SUM)
+    sd = CompositionalEmbeddingBagCollection(tables).state_dict()
+    kjt = make_kjt({"f0": [[0, 1, 2], [59]], "f1": [[5], []], "g": [[1], [2]], "h": [[3], [36]]})
+    other = [replace(t, partition=HotIds(torch.arange(t.partition.num_hot), base=t.partition.base))
+             if isinstance(t, CompositionalEmbeddingBagConfig) else t for t in hot_tables("qr", "mult", PoolingType.SUM)]
+    module = CompositionalEmbeddingBagCollection(other)
+    module.load_state_dict(sd)
+    scripted = torch.jit.script(module)
+    torch.testing.assert_close(scripted(kjt).values(), module(kjt).values(), atol=1e-6, rtol=0)

@@ -13,7 +13,7 @@ from typing import List
 import torch
 from torch import nn
 
-__all__ = ["DivModIndexer", "LookupIndexer"]
+__all__ = ["DivModIndexer", "HotIdsIndexer", "LookupIndexer"]
 
 
 class DivModIndexer(nn.Module):
@@ -47,3 +47,23 @@ class LookupIndexer(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.class_maps.index_select(1, ids.to(torch.int64))
+
+
+class HotIdsIndexer(nn.Module):
+    """``HotIds.indices``: hot ids by a sorted search, the tail through the base scheme's indexer on tail ranks.
+    ``hot_ids`` is held by reference (non-persistent), so a hot-id list loaded into the collection is seen."""
+
+    def __init__(self, hot_ids: torch.Tensor, base: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("hot_ids", hot_ids, persistent=False)
+        self.base = base
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(torch.int64)
+        hot = self.hot_ids
+        pos = torch.searchsorted(hot, ids)
+        is_hot = hot[pos.clamp(max=hot.numel() - 1)] == ids
+        tail = self.base(torch.where(is_hot, torch.zeros_like(ids), ids - pos))
+        first = torch.where(is_hot, pos, tail[0] + hot.numel())
+        rest = torch.where(is_hot.unsqueeze(0), torch.zeros_like(tail[1:]), tail[1:] + 1)
+        return torch.cat([first.unsqueeze(0), rest])

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from torchrec_qr.modules.partition_indexers import DivModIndexer, LookupIndexer
+from torchrec_qr.modules.partition_indexers import DivModIndexer, HotIdsIndexer, LookupIndexer
 
 __all__ = [
     "Partition",
@@ -368,6 +368,9 @@ class HotIds(Partition):
         first = torch.where(is_hot, pos, tail[0] + hot.numel())
         rest = torch.where(is_hot.unsqueeze(0), 0, tail[1:] + 1)
         return torch.cat([first.unsqueeze(0), rest])
+
+    def indexer(self) -> nn.Module:
+        return HotIdsIndexer(self.hot_ids, self.base.indexer())
 
     def validate(self, num_embeddings: int) -> None:
         self._check_fits(num_embeddings)
