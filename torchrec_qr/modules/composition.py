@@ -17,6 +17,7 @@ module computes exactly what the unsharded one does, on whichever rank owns the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -36,7 +37,7 @@ from torchrec_qr.modules.grouped_compose import GroupedComposer
 from torchrec_qr.modules.partitions import Partition
 from torchrec_qr.modules.path_functions import PathFunctions
 
-__all__ = ["ComposeSlot", "CompositionPlan", "ExpandSlot", "Inputs", "LocalTable", "looks_up_per_id", "pools_first"]
+__all__ = ["ComposeSlot", "ExpandSlot", "Inputs", "LocalTable", "LookupComposer", "looks_up_per_id", "pools_first"]
 
 
 def looks_up_per_id(table: EmbeddingBagConfig, is_weighted: bool) -> bool:
@@ -94,8 +95,10 @@ class ComposeSlot:
     table: str = ""  # the logical table (a feature may be read by several)
 
 
-class CompositionPlan:
-    """How a set of logical tables maps onto physical lookups and back.
+class LookupComposer:
+    """Expands a set of logical tables' inputs into sub-table lookups and composes their outputs back.
+
+    (Named ``CompositionPlan`` before; that name still works and warns.)
 
     Args:
         tables: the logical table configs (plain and compositional) whose features are composed here.
@@ -155,11 +158,11 @@ class CompositionPlan:
         tables: list[EmbeddingBagConfig],
         is_weighted: bool,
         path_functions: Mapping[str, PathFunctions] | None = None,
-    ) -> "CompositionPlan":
+    ) -> "LookupComposer":
         """The plan of an unsharded collection: every table local and whole; physical features in the
         storage's order (tables grouped by pooling, as ``BatchedEmbeddingBags`` lays them out)."""
         storage = [t for group in group_by_pooling(physical_table_configs(tables)) for t in group]
-        return CompositionPlan.for_local_tables(
+        return LookupComposer.for_local_tables(
             tables, [LocalTable.whole(t) for t in tables], [[LocalTable.whole(t) for t in storage]],
             is_weighted, path_functions=path_functions,
         )
@@ -174,7 +177,7 @@ class CompositionPlan:
         path_functions: Mapping[str, PathFunctions] | None = None,
         path_grad_scale: float = 1.0,
         sharded_input: bool = False,
-    ) -> "CompositionPlan":
+    ) -> "LookupComposer":
         """The plan of the logical tables (or column shards) ``outputs`` composed from the physical tables
         (or shards) each lookup in ``sources`` serves, in their output order.
 
@@ -224,7 +227,7 @@ class CompositionPlan:
                     blocks = [block_of[(t.name, f, j, start)] for j in range(t.num_sub_tables)]
                 compose.append(ComposeSlot(f, t.combine, per_id, mean, tuple(blocks), pools_first(t), t.name))
         order = [(shard.name, f) for shard in outputs for f in shard.feature_names] if sharded_input else None
-        return CompositionPlan(tables, expand, widths, compose, path_functions, path_grad_scale, order)
+        return LookupComposer(tables, expand, widths, compose, path_functions, path_grad_scale, order)
 
     def physical_feature_names(self, source: int = 0) -> list[str]:
         return [
@@ -366,3 +369,10 @@ def _pool(
     if mean:
         pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
     return pooled
+
+
+def __getattr__(name: str) -> object:
+    if name == "CompositionPlan":  # the former name, easily confused with sharding plans and the plan CLI
+        warnings.warn("CompositionPlan is now LookupComposer", DeprecationWarning, stacklevel=2)
+        return LookupComposer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, 
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_qr.modules.batched_embedding_bags import BatchedEmbeddingBags
-from torchrec_qr.modules.composition import CompositionPlan, _combine
+from torchrec_qr.modules.composition import LookupComposer, _combine
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
 from torchrec_qr.modules.hot_id_buffers import HotIdBuffers
 from torchrec_qr.modules.path_functions import PathFunctions
@@ -53,9 +53,9 @@ def _pooled_embeddings(features: KeyedJaggedTensor, module: "CompositionalEmbedd
         return torch.empty(features.stride(), sum(module._embedding_dims), device="meta")
     if features.variable_stride_per_key():
         features = fixed_batch(features)
-    (lookup_input,) = module._plan.expand(features, weighted=module._is_weighted)
+    (lookup_input,) = module._composer.expand(features, weighted=module._is_weighted)
     looked_up = module._embedding_bag_collection(lookup_input)
-    return module._plan.compose(features, looked_up)
+    return module._composer.compose(features, looked_up)
 
 
 def _opaque_call(module: nn.Module, *args: object) -> object:
@@ -128,10 +128,10 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._embedding_bag_collection = storage(physical_table_configs(tables), device)
         self._path_functions = path_functions_for(tables, device)
         self._hot_ids = HotIdBuffers(tables, device)  # HotIds tables' lists: state dict keys _hot_ids.{table}
-        self._plan = CompositionPlan.for_tables(self._embedding_bag_configs, is_weighted, self._path_functions)
-        assert self._plan.physical_feature_names() == self._embedding_bag_collection.feature_names()
+        self._composer = LookupComposer.for_tables(self._embedding_bag_configs, is_weighted, self._path_functions)
+        assert self._composer.physical_feature_names() == self._embedding_bag_collection.feature_names()
         self._scripted = ScriptedComposition(
-            self._plan, self._embedding_bag_configs, self._feature_names, self._plan.physical_feature_names(),
+            self._composer, self._embedding_bag_configs, self._feature_names, self._composer.physical_feature_names(),
             is_weighted, device,
         )
 

@@ -22,17 +22,17 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_qr.modules.composition import CompositionPlan, _combine, _pool
+from torchrec_qr.modules.composition import LookupComposer, _combine, _pool
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
 
 __all__ = ["ScriptedComposition"]
 
 
 class ScriptedComposition(nn.Module):
-    """The precomputed structure of a ``CompositionPlan`` (unsharded) and the partitions' indexers.
+    """The precomputed structure of a ``LookupComposer`` (unsharded) and the partitions' indexers.
 
     Args:
-        plan: the collection's eager plan (``CompositionPlan.for_tables``).
+        plan: the collection's eager plan (``LookupComposer.for_tables``).
         tables: the logical table configs.
         feature_names: the collection's input features, each once.
         storage_feature_names: the storage's input features, in its order.
@@ -70,7 +70,7 @@ class ScriptedComposition(nn.Module):
 
     def __init__(
         self,
-        plan: CompositionPlan,
+        plan: LookupComposer,
         tables: List[EmbeddingBagConfig],
         feature_names: List[str],
         storage_feature_names: List[str],
@@ -135,7 +135,7 @@ class ScriptedComposition(nn.Module):
     def lookup_input(
         self, values: List[torch.Tensor], lengths: List[torch.Tensor], weights: List[torch.Tensor], batch: int
     ) -> Tuple[KeyedJaggedTensor, List[torch.Tensor]]:
-        """The storage's input KJT (as ``CompositionPlan.expand``) and each class computation's classes."""
+        """The storage's input KJT (as ``LookupComposer.expand``) and each class computation's classes."""
         classes: List[torch.Tensor] = []
         for i in range(len(self.class_inputs)):
             for k, indexer in enumerate(self.indexers):  # a module list is indexed by unrolling only
@@ -168,7 +168,7 @@ class ScriptedComposition(nn.Module):
         batch: int,
         path_rows: List[torch.Tensor],
     ) -> torch.Tensor:
-        """``[batch, sum of output dims]`` from the storage output (as ``CompositionPlan.compose``), given
+        """``[batch, sum of output dims]`` from the storage output (as ``LookupComposer.compose``), given
         each path output's per-id rows (``path_input`` passed through the table's functions)."""
         return _compose(
             looked_up, values, lengths, weights, batch, self.block_start, self.block_width, self.out_input,
