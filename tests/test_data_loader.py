@@ -8,7 +8,7 @@ from torchrec.datasets.criteo import DEFAULT_CAT_NAMES
 
 from torchrec_qr.data.criteo import CriteoArrays
 from torchrec_qr.data.dataloader import CriteoBatchIterator
-from torchrec_qr.train.data import HashIds
+from torchrec_qr.train.data import GlobalBatchIterator, HashIds
 
 
 def make_arrays(n: int) -> CriteoArrays:
@@ -135,3 +135,14 @@ def test_global_batches_do_not_depend_on_world_size(shuffle: bool) -> None:
     assert batch.sparse_features["cat_0"].values().tolist() == [i % 7 for i in range(48)]
     other_epoch = [_rows(b) for b in _global(arrays, 96, 0, 1, shuffle, seed=3, epoch=2)]
     assert (other_epoch != one) == shuffle
+
+
+def test_global_batch_iterator_is_a_deprecated_alias() -> None:
+    """The training app's former iterator warns and yields the same global batches."""
+    arrays = _arrays(200)
+    with pytest.warns(DeprecationWarning, match="global_batches=True"):
+        old = [_rows(b) for b in GlobalBatchIterator(arrays, 48, 1, 2, True, seed=3, epoch=1, start_step=1)]
+    assert old == [_rows(b) for b in _global(arrays, 48, 1, 2, True, seed=3, epoch=1, start_batch=1)]
+    assert len(old) == 3
+    with pytest.raises(ValueError, match="does not split over 2 ranks"):
+        GlobalBatchIterator(arrays, 47, 0, 2, False, 0, 0)

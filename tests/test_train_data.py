@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -13,11 +12,9 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_qr import ChineseRemainder, CompositionalEmbeddingBagConfig, MixedRadix, QuotientRemainder
-from torchrec_qr.data.criteo import CriteoArrays
-from torchrec_qr.data.dataloader import CriteoBatchIterator
 from torchrec_qr.modules.path_functions import PathFunction
 from torchrec_qr.train.config import load_config
-from torchrec_qr.train.data import GlobalBatchIterator, HashIds
+from torchrec_qr.train.data import HashIds
 from torchrec_qr.train.memory import memory_report, totals
 from torchrec_qr.train.model import logical_tables, table_configs
 
@@ -95,18 +92,3 @@ def test_memory_report_counts_sub_tables_and_optimizer_state() -> None:
     assert path.optimizer_bytes == (1025 + 2 * 4 * 16 * 16) * 4  # rowwise Adagrad rows, Adam on the maps
     total = totals(report)
     assert total["param_bytes"] == sum(r.param_bytes for r in report)
-
-
-def test_global_batch_iterator_is_a_deprecated_alias() -> None:
-    """The old training iterator warns and yields the unified iterator's global batches."""
-    rows = np.arange(200)
-    arrays = CriteoArrays(dense=np.repeat(rows[:, None], 13, axis=1).astype(np.float32),
-                          sparse=np.repeat(rows[:, None], 26, axis=1).astype(np.int64),
-                          labels=(rows % 2).astype(np.float32))
-    with pytest.warns(DeprecationWarning, match="global_batches=True"):
-        old = list(GlobalBatchIterator(arrays, 48, 1, 2, True, seed=3, epoch=1, start_step=1))
-    new = list(CriteoBatchIterator(arrays, 24, 1, 2, True, 3, 1, 1, global_batches=True))
-    assert len(old) == len(new) == 3
-    assert all(torch.equal(a.dense_features, b.dense_features) for a, b in zip(old, new))
-    with pytest.raises(ValueError, match="does not split over 2 ranks"):
-        GlobalBatchIterator(arrays, 47, 0, 2, False, 0, 0)

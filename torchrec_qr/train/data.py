@@ -24,7 +24,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_qr.data.criteo import CriteoArrays, load_criteo_splits
-from torchrec_qr.data.dataloader import CriteoBatchIterator, make_batch
+from torchrec_qr.data.dataloader import CriteoBatchIterator
 from torchrec_qr.data.synthetic import write_synthetic_criteo
 from torchrec_qr.train.config import CRITEO_NUM_SPARSE, ConfigError, TrainingConfig
 
