@@ -10,4 +10,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m torchrec_qr.experiments "$@"
+exec "$ROOT/.venv/bin/python" "$ROOT/experiments/grid.py" "$@"

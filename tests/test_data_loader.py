@@ -1,4 +1,5 @@
-"""Batch iterator: disjoint covering rank shards, KJT layout, deterministic order, exact resume."""
+"""Batch iterator: disjoint covering rank shards, global batches independent of the world size, KJT layout,
+deterministic order, exact resume."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from torchrec.datasets.criteo import DEFAULT_CAT_NAMES
 
 from torchrec_qr.data.criteo import CriteoArrays
 from torchrec_qr.data.dataloader import CriteoBatchIterator
+from torchrec_qr.train.data import GlobalBatchIterator, HashIds
 
 
 def make_arrays(n: int) -> CriteoArrays:
@@ -57,7 +59,7 @@ def test_batch_layout():
 def test_drop_last_and_len():
     arrays = make_arrays(100)
     assert len(CriteoBatchIterator(arrays, 32)) == 4
-    it = CriteoBatchIterator(arrays, 32, drop_last=True)
+    it = CriteoBatchIterator(arrays, 32, global_batches=True)  # global batches drop a final partial one
     assert len(it) == 3 and len(list(it)) == 3
     assert len(CriteoBatchIterator(arrays, 32, start_batch=3)) == 1
     with pytest.raises(ValueError):
@@ -97,3 +99,50 @@ def test_memory_mapped_arrays(tmp_path):
     batch = next(iter(CriteoBatchIterator(mapped, 16, shuffle=True)))
     batch.dense_features.add_(1.0)  # tensors own writable memory, not the read-only map
     assert batch.sparse_features.values().shape == (26 * 16,)
+
+
+def _arrays(n: int) -> CriteoArrays:
+    rows = np.arange(n)
+    return CriteoArrays(
+        dense=np.repeat(rows[:, None], 13, axis=1).astype(np.float32),
+        sparse=np.repeat(rows[:, None], 26, axis=1).astype(np.int64),
+        labels=(rows % 2).astype(np.float32),
+    )
+
+
+def _rows(batch) -> list[int]:
+    return batch.dense_features[:, 0].long().tolist()
+
+
+def _global(arrays, global_batch_size, rank, world_size, shuffle, **kw):
+    """The training layout: each rank's slice of global batches of ``global_batch_size`` rows."""
+    return CriteoBatchIterator(arrays, global_batch_size // world_size, rank, world_size, shuffle,
+                               global_batches=True, **kw)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_global_batches_do_not_depend_on_world_size(shuffle: bool) -> None:
+    arrays = _arrays(1000)
+    one = [_rows(b) for b in _global(arrays, 96, 0, 1, shuffle, seed=3, epoch=1)]
+    per_rank = [[_rows(b) for b in _global(arrays, 96, r, 4, shuffle, seed=3, epoch=1)] for r in range(4)]
+    assert len(one) == 1000 // 96 and all(len(p) == len(one) for p in per_rank)
+    for k, rows in enumerate(one):
+        assert sorted(sum((per_rank[r][k] for r in range(4)), [])) == sorted(rows)
+    resumed = [_rows(b) for b in _global(arrays, 96, 1, 2, shuffle, seed=3, epoch=1, start_batch=4)]
+    full = [_rows(b) for b in _global(arrays, 96, 1, 2, shuffle, seed=3, epoch=1)]
+    assert resumed == full[4:]
+    batch = next(iter(_global(arrays, 96, 0, 2, False, seed=0, epoch=0, transform=HashIds({"cat_0": 7}))))
+    assert batch.sparse_features["cat_0"].values().tolist() == [i % 7 for i in range(48)]
+    other_epoch = [_rows(b) for b in _global(arrays, 96, 0, 1, shuffle, seed=3, epoch=2)]
+    assert (other_epoch != one) == shuffle
+
+
+def test_global_batch_iterator_is_a_deprecated_alias() -> None:
+    """The training app's former iterator warns and yields the same global batches."""
+    arrays = _arrays(200)
+    with pytest.warns(DeprecationWarning, match="global_batches=True"):
+        old = [_rows(b) for b in GlobalBatchIterator(arrays, 48, 1, 2, True, seed=3, epoch=1, start_step=1)]
+    assert old == [_rows(b) for b in _global(arrays, 48, 1, 2, True, seed=3, epoch=1, start_batch=1)]
+    assert len(old) == 3
+    with pytest.raises(ValueError, match="does not split over 2 ranks"):
+        GlobalBatchIterator(arrays, 47, 0, 2, False, 0, 0)

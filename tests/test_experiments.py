@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from torchrec_qr.experiments import (
-    Grid,
-    RunRecord,
-    Setting,
-    aggregate,
-    expand_grid,
-    plot_pareto,
-    read_csv,
-    record_from_summary,
-    run_setting,
-    supported_combines,
-    welch_z,
-    write_csv,
-    write_markdown,
-)
+from experiments.report import aggregate, plot_pareto, welch_z, write_markdown
+from experiments.runs import RunRecord, read_csv, record_from_summary, run_setting, write_csv
+from experiments.settings import Grid, Setting, expand_grid, supported_combines
 from torchrec_qr.train.config import load_config, validate
 
 
@@ -112,3 +104,21 @@ def test_tiny_real_run(tmp_path: Path):
     assert rec.params < 16 * sum(10 + 40 * i for i in range(26))  # tables above 200 rows were hashed
     again = run_setting(grid.settings[0], 0, grid, "configs/synthetic_full.yaml", tmp_path / "runs", nproc=1)
     assert again == rec
+
+
+def test_script_and_deprecated_module_entry_points(tmp_path: Path):
+    """``python experiments/grid.py`` runs from any directory; ``torchrec_qr.experiments`` warns and delegates."""
+    root = Path(__file__).resolve().parents[1]
+    records = _fake_records()
+    write_csv(records, tmp_path / "results_quick.csv")
+    for command in ([sys.executable, str(root / "experiments" / "grid.py")],
+                    [sys.executable, "-m", "torchrec_qr.experiments"]):
+        proc = subprocess.run([*command, "--quick", "--report-only", "--out", str(tmp_path)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "results_quick.md").exists() and (tmp_path / "pareto_quick.png").exists()
+        assert ("deprecated" in proc.stderr) == ("torchrec_qr.experiments" in command)
+    sys.modules.pop("torchrec_qr.experiments", None)
+    with pytest.warns(DeprecationWarning, match="experiments/grid.py"):
+        old = importlib.import_module("torchrec_qr.experiments")
+    assert old.Setting is Setting and old.run_setting is run_setting and old.write_csv is write_csv

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments.runs import run_setting
+from experiments.settings import Grid, Setting, expand_grid
 from torchrec_qr.data.id_counts import cached_id_counts, count_ids
-from torchrec_qr.experiments import Grid, Setting, expand_grid, run_setting
 from torchrec_qr.train.config import ConfigError, load_config, validate
 
 

@@ -1,11 +1,10 @@
-"""The training data path without processes: hashing is exact, global batches do not depend on the world
-size, table configs and the memory report follow the embeddings config."""
+"""The training data path without processes: hashing is exact, table configs and the memory report follow
+the embeddings config; the global-batch layout itself is tested in test_data_loader.py."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -13,10 +12,9 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_qr import ChineseRemainder, CompositionalEmbeddingBagConfig, MixedRadix, QuotientRemainder
-from torchrec_qr.data.criteo import CriteoArrays
 from torchrec_qr.modules.path_functions import PathFunction
 from torchrec_qr.train.config import load_config
-from torchrec_qr.train.data import GlobalBatchIterator, HashIds
+from torchrec_qr.train.data import HashIds
 from torchrec_qr.train.memory import memory_report, totals
 from torchrec_qr.train.model import logical_tables, table_configs
 
@@ -94,33 +92,3 @@ def test_memory_report_counts_sub_tables_and_optimizer_state() -> None:
     assert path.optimizer_bytes == (1025 + 2 * 4 * 16 * 16) * 4  # rowwise Adagrad rows, Adam on the maps
     total = totals(report)
     assert total["param_bytes"] == sum(r.param_bytes for r in report)
-
-
-def _arrays(n: int) -> CriteoArrays:
-    rows = np.arange(n)
-    return CriteoArrays(
-        dense=np.repeat(rows[:, None], 13, axis=1).astype(np.float32),
-        sparse=np.repeat(rows[:, None], 26, axis=1).astype(np.int64),
-        labels=(rows % 2).astype(np.float32),
-    )
-
-
-def _rows(batch) -> list[int]:
-    return batch.dense_features[:, 0].long().tolist()
-
-
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_global_batches_do_not_depend_on_world_size(shuffle: bool) -> None:
-    arrays = _arrays(1000)
-    one = [_rows(b) for b in GlobalBatchIterator(arrays, 96, 0, 1, shuffle, seed=3, epoch=1)]
-    per_rank = [[_rows(b) for b in GlobalBatchIterator(arrays, 96, r, 4, shuffle, seed=3, epoch=1)] for r in range(4)]
-    assert len(one) == 1000 // 96 and all(len(p) == len(one) for p in per_rank)
-    for k, rows in enumerate(one):
-        assert sorted(sum((per_rank[r][k] for r in range(4)), [])) == sorted(rows)
-    resumed = [_rows(b) for b in GlobalBatchIterator(arrays, 96, 1, 2, shuffle, seed=3, epoch=1, start_step=4)]
-    full = [_rows(b) for b in GlobalBatchIterator(arrays, 96, 1, 2, shuffle, seed=3, epoch=1)]
-    assert resumed == full[4:]
-    batch = next(iter(GlobalBatchIterator(arrays, 96, 0, 2, False, 0, 0, transform=HashIds({"cat_0": 7}))))
-    assert batch.sparse_features["cat_0"].values().tolist() == [i % 7 for i in range(48)]
-    other_epoch = [_rows(b) for b in GlobalBatchIterator(arrays, 96, 0, 1, shuffle, seed=3, epoch=2)]
-    assert (other_epoch != one) == shuffle

@@ -32,23 +32,12 @@ from torchrec_qr.distributed.plan_checks import shardable_modules
 from torchrec_qr.distributed.plan_io import load_plan_yaml, plan_to_yaml
 from torchrec_qr.distributed.planner import propose_plan
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
-from torchrec_qr.train.config import CRITEO_NUM_SPARSE, ConfigError, TrainingConfig, load_config
+from torchrec_qr.train.config import TrainingConfig, load_config
+from torchrec_qr.train.data import num_embeddings  # re-exported: torchrec_qr.plan.num_embeddings stays importable
 from torchrec_qr.train.memory import format_bytes
 from torchrec_qr.train.model import build_model, logical_tables, table_configs
 
 EXIT_BAD_INPUT = 2
-
-
-def num_embeddings(cfg: TrainingConfig) -> list[int]:
-    """Table sizes without reading data: generator cardinalities, or the Criteo caps."""
-    d = cfg.data
-    if d.source == "synthetic":
-        return list(d.synthetic.cardinalities)
-    if d.num_embeddings_per_feature:
-        return list(d.num_embeddings_per_feature)
-    if d.max_ind_range:
-        return [d.max_ind_range] * CRITEO_NUM_SPARSE
-    raise ConfigError("data.num_embeddings_per_feature: Criteo table sizes are needed to plan (or data.max_ind_range)")
 
 
 def budget_plan(

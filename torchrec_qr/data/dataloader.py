@@ -1,13 +1,13 @@
-"""Batches of preprocessed Criteo rows as torchrec `Batch`es, sharded per rank and resumable.
+"""Batches of preprocessed Criteo rows as torchrec `Batch`es, per rank and resumable: one iterator for
+training and evaluation.
 
-Each rank reads an equal-sized contiguous shard of the (optionally permuted) rows, so every rank
-yields the same number of batches of the same sizes: collectives in data- and model-parallel
-training never wait on a rank that ran out. The order depends only on (seed, epoch), so a run
-resumed at batch k with `start_batch=k` sees exactly the batches an uninterrupted run would have.
+Every rank yields the same number of batches of the same sizes, so collectives in data- and model-parallel
+training never wait on a rank that ran out. The order depends only on (seed, epoch), so a run resumed at
+batch k with `start_batch=k` sees exactly the batches an uninterrupted run would have.
 """
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -48,11 +48,18 @@ def make_batch(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray, keys: 
 
 
 class CriteoBatchIterator:
-    """Iterate over one rank's share of `arrays` in batches of `batch_size`.
+    """One rank's batches of `batch_size` rows over one epoch of `arrays`.
 
-    Rank r of `world_size` takes rows [r * m, (r + 1) * m) of the row order, m = len(arrays) //
-    world_size (the remainder, fewer than world_size rows, is dropped). The row order is the stored
-    order, or with `shuffle` a permutation seeded by (seed, epoch), the same on every rank.
+    The epoch reads the rows in stored order, or with `shuffle` in a permutation seeded by (seed, epoch),
+    the same on every rank. Ranks split it one of two ways:
+
+    - contiguous shards (default; evaluation, where order does not matter): rank r of `world_size` reads
+      positions [r * m, (r + 1) * m), m = len(arrays) // world_size (the remainder, fewer than world_size
+      rows, is dropped); its last batch may be smaller.
+    - `global_batches=True` (training): global batch k is positions [k * G, (k + 1) * G),
+      G = batch_size * world_size, of which rank r takes the r-th `batch_size` rows; a final partial global
+      batch is dropped. For a fixed G the global batches do not depend on the world size, so a run resumed
+      at another world size continues with exactly the batches the original run would have seen next.
 
     Args:
         arrays: preprocessed rows (see `torchrec_qr.data.criteo`).
@@ -63,12 +70,13 @@ class CriteoBatchIterator:
         seed: seed of the permutation.
         epoch: epoch number, mixed into the permutation so epochs differ.
         start_batch: first batch to yield, to resume a run mid-epoch.
-        drop_last: drop a final batch smaller than `batch_size`.
+        global_batches: split global batches over ranks instead of contiguous shards.
+        transform: applied to every batch (e.g. `torchrec_qr.train.data.HashIds`).
 
     Example::
 
         splits = load_criteo_splits("data/synthetic")
-        batches = CriteoBatchIterator(splits["train"], batch_size=128, rank=0, world_size=2)
+        batches = CriteoBatchIterator(splits["train"], batch_size=128, rank=0, world_size=2, global_batches=True)
         for batch in batches:  # len(batches) batches of torchrec Batch
             loss = model(batch)
     """
@@ -83,7 +91,9 @@ class CriteoBatchIterator:
         seed: int = 0,
         epoch: int = 0,
         start_batch: int = 0,
-        drop_last: bool = False,
+        *,
+        global_batches: bool = False,
+        transform: Callable[[Batch], Batch] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -96,34 +106,37 @@ class CriteoBatchIterator:
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = epoch
-        self.drop_last = drop_last
+        self.global_batches = global_batches
+        self.transform = transform
         self.shard_size = len(arrays) // world_size
-        full, rest = divmod(self.shard_size, batch_size)
-        self.num_batches = full + (1 if rest and not drop_last else 0)
+        if global_batches:
+            self.num_batches = len(arrays) // (batch_size * world_size)
+        else:
+            self.num_batches = -(-self.shard_size // batch_size)
         if not 0 <= start_batch <= self.num_batches:
             raise ValueError(f"start_batch {start_batch} is not in [0, {self.num_batches}]")
         self.start_batch = start_batch
-        if self.shard_size == 0:
-            logger.warning("rank %d gets no rows: %d rows for %d ranks", rank, len(arrays), world_size)
+        if self.num_batches == 0:
+            logger.warning("rank %d gets no batches: %d rows for %d ranks", rank, len(arrays), world_size)
 
     def __len__(self) -> int:
         """Batches this iterator yields: the epoch's batches from `start_batch` on."""
         return self.num_batches - self.start_batch
 
-    def shard_rows(self) -> np.ndarray | slice:
-        """This rank's rows in iteration order: a slice, or indices when shuffling."""
+    def positions(self, b: int) -> tuple[int, int]:
+        """Batch `b` of this rank as the range [lo, hi) of positions in the epoch's row order."""
+        if self.global_batches:
+            lo = (b * self.world_size + self.rank) * self.batch_size
+            return lo, lo + self.batch_size
         begin = self.rank * self.shard_size
-        if not self.shuffle:
-            return slice(begin, begin + self.shard_size)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.arrays))
-        return order[begin : begin + self.shard_size]
+        return begin + b * self.batch_size, begin + min((b + 1) * self.batch_size, self.shard_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        rows = self.shard_rows()
+        a = self.arrays
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(a)) if self.shuffle else None
         for b in range(self.start_batch, self.num_batches):
-            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.shard_size)
-            if isinstance(rows, slice):
-                take: slice | np.ndarray = slice(rows.start + lo, rows.start + hi)
-            else:
-                take = np.sort(rows[lo:hi])  # sorted gathers read memory maps sequentially
-            yield make_batch(self.arrays.dense[take], self.arrays.sparse[take], self.arrays.labels[take])
+            lo, hi = self.positions(b)
+            # Sorted gathers read memory maps sequentially.
+            take: slice | np.ndarray = slice(lo, hi) if order is None else np.sort(order[lo:hi])
+            batch = make_batch(a.dense[take], a.sparse[take], a.labels[take])
+            yield self.transform(batch) if self.transform else batch

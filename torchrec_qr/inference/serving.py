@@ -33,9 +33,9 @@ from torchrec_qr.inference.modules import DTYPES, quantize_inference_model
 from torchrec_qr.inference.quant_storage import DEFAULT_ROW_ALIGNMENT
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
-from torchrec_qr.plan import budget_plan, num_embeddings
+from torchrec_qr.plan import budget_plan
 from torchrec_qr.train.config import CRITEO_NUM_DENSE, TrainingConfig, config_to_dict, load_config
-from torchrec_qr.train.data import HashIds
+from torchrec_qr.train.data import HashIds, num_embeddings
 from torchrec_qr.train.model import build_model, logical_tables, table_configs
 
 __all__ = [

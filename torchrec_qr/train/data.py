@@ -1,32 +1,37 @@
-"""Data for training: prepare the splits once per node, then iterate per-rank slices of global batches.
+"""Data for training: table sizes, the splits prepared once per node, and the batches of each rank.
 
 Training batches are *global* batches of ``global_batch_size`` consecutive rows of a (seed, epoch)
-permutation, each rank taking its own equal slice. Unlike contiguous per-rank shards, the global batches
-do not depend on the world size, so a run resumed at another world size continues with exactly the
-batches the original run would have seen next.
+permutation, each rank taking its own equal slice; evaluation reads contiguous per-rank shards. Both come
+from ``torchrec_qr.data.dataloader.CriteoBatchIterator``. Unlike contiguous shards, the global batches do
+not depend on the world size, so a run resumed at another world size continues with exactly the batches
+the original run would have seen next.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_qr.data.criteo import CriteoArrays, load_criteo_splits
-from torchrec_qr.data.dataloader import CriteoBatchIterator, make_batch
+from torchrec_qr.data.dataloader import CriteoBatchIterator
 from torchrec_qr.data.synthetic import write_synthetic_criteo
-from torchrec_qr.train.config import CRITEO_NUM_SPARSE, TrainingConfig
+from torchrec_qr.train.config import CRITEO_NUM_SPARSE, ConfigError, TrainingConfig
 
-__all__ = ["GlobalBatchIterator", "HashIds", "Splits", "eval_batches", "prepare_splits"]
+__all__ = [
+    "GlobalBatchIterator", "HashIds", "Splits", "eval_batches", "local_batch_size", "num_embeddings",
+    "prepare_splits", "train_batches",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +49,20 @@ class Splits:
     cache_dir: Path
 
 
+def num_embeddings(cfg: TrainingConfig) -> list[int]:
+    """Each categorical feature's table size, from the config alone (no data read): the generator's
+    cardinalities, or the Criteo sizes ids are taken modulo (``data.num_embeddings_per_feature``, else
+    ``data.max_ind_range`` for every feature)."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return list(d.synthetic.cardinalities)
+    if d.num_embeddings_per_feature:
+        return list(d.num_embeddings_per_feature)
+    if d.max_ind_range:
+        return [d.max_ind_range] * CRITEO_NUM_SPARSE
+    raise ConfigError("data.num_embeddings_per_feature: Criteo table sizes are needed to plan (or data.max_ind_range)")
+
+
 def _synthetic_dir(cfg: TrainingConfig) -> Path:
     """One cache directory per generator config, so configs with different data never overwrite each other."""
     key = hashlib.sha1(json.dumps(asdict(cfg.data.synthetic), sort_keys=True).encode()).hexdigest()[:10]
@@ -57,13 +76,11 @@ def prepare_splits(cfg: TrainingConfig, rank: int, local_rank: int, barrier: Cal
     d = cfg.data
     if d.source == "synthetic":
         source: Path = _synthetic_dir(cfg)
-        num_embeddings = list(d.synthetic.cardinalities)
         cardinalities, cache_dir = None, source / "cache"
     else:
         assert d.criteo_path is not None
         source = Path(d.criteo_path)
         cardinalities = d.num_embeddings_per_feature
-        num_embeddings = list(cardinalities) if cardinalities else [d.max_ind_range] * CRITEO_NUM_SPARSE
         cache_dir = Path(d.cache_dir).expanduser() / "criteo"
 
     def load() -> dict[str, CriteoArrays]:
@@ -90,7 +107,7 @@ def prepare_splits(cfg: TrainingConfig, rank: int, local_rank: int, barrier: Cal
         train=limit(splits["train"], d.limit_train_rows),
         val=limit(splits["val"], d.limit_eval_rows),
         test=limit(splits["test"], d.limit_eval_rows),
-        num_embeddings=num_embeddings,
+        num_embeddings=num_embeddings(cfg),
         num_malformed=malformed,
         source_dir=source,
         cache_dir=cache_dir,
@@ -124,12 +141,10 @@ class HashIds:
         return replace(batch, sparse_features=self.kjt(batch.sparse_features))
 
 
-class GlobalBatchIterator:
-    """This rank's slices of the global batches of one epoch, from ``start_step`` on.
+class GlobalBatchIterator(CriteoBatchIterator):
+    """Deprecated: ``CriteoBatchIterator(arrays, global_batch_size // world_size, ..., global_batches=True)``.
 
-    Global batch k is rows ``order[k*G : (k+1)*G]`` (``order`` a (seed, epoch) permutation, or the stored
-    order); rank r takes ``G / world_size`` of them at offset ``r * G / world_size``. A final partial global
-    batch is dropped, so every rank yields the same number of equal batches.
+    Kept so existing callers keep working; ``start_step`` is the iterator's ``start_batch``.
     """
 
     def __init__(
@@ -144,29 +159,40 @@ class GlobalBatchIterator:
         start_step: int = 0,
         transform: Callable[[Batch], Batch] | None = None,
     ) -> None:
-        if global_batch_size % world_size:
-            raise ValueError(f"global batch {global_batch_size} does not split over {world_size} ranks")
-        self.arrays, self.global_batch_size = arrays, global_batch_size
-        self.rank, self.world_size = rank, world_size
-        self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
-        self.num_steps = len(arrays) // global_batch_size
-        if not 0 <= start_step <= self.num_steps:
-            raise ValueError(f"start_step {start_step} is not in [0, {self.num_steps}]")
-        self.start_step = start_step
-        self.transform = transform
+        warnings.warn(
+            "GlobalBatchIterator is deprecated: use torchrec_qr.data.dataloader.CriteoBatchIterator with the "
+            "per-rank batch size and global_batches=True",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(
+            arrays, local_batch_size(global_batch_size, world_size), rank, world_size, shuffle, seed, epoch,
+            start_step, global_batches=True, transform=transform,
+        )
 
-    def __len__(self) -> int:
-        return self.num_steps - self.start_step
 
-    def __iter__(self) -> Iterator[Batch]:
-        local = self.global_batch_size // self.world_size
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.arrays)) if self.shuffle else None
-        a = self.arrays
-        for k in range(self.start_step, self.num_steps):
-            lo = k * self.global_batch_size + self.rank * local
-            take: slice | np.ndarray = slice(lo, lo + local) if order is None else np.sort(order[lo : lo + local])
-            batch = make_batch(a.dense[take], a.sparse[take], a.labels[take])
-            yield self.transform(batch) if self.transform else batch
+def local_batch_size(global_batch_size: int, world_size: int) -> int:
+    """Each rank's share of a global batch, which must split evenly (``validate`` checks it in the config)."""
+    if global_batch_size % world_size:
+        raise ValueError(f"global batch {global_batch_size} does not split over {world_size} ranks")
+    return global_batch_size // world_size
+
+
+def train_batches(
+    cfg: TrainingConfig,
+    arrays: CriteoArrays,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    start_step: int,
+    transform: Callable[[Batch], Batch] | None,
+) -> CriteoBatchIterator:
+    """This rank's slices of the epoch's global batches from ``start_step`` on (see ``CriteoBatchIterator``)."""
+    d = cfg.data
+    return CriteoBatchIterator(
+        arrays, local_batch_size(d.global_batch_size, world_size), rank, world_size, d.shuffle, cfg.run.seed,
+        epoch, start_step, global_batches=True, transform=transform,
+    )
 
 
 def eval_batches(
@@ -179,8 +205,5 @@ def eval_batches(
 ) -> Iterator[Batch]:
     """Evaluation batches of this rank's contiguous shard (order does not matter for summed metrics)."""
     per_rank = max(1, math.ceil(eval_batch_size / world_size))
-    it = CriteoBatchIterator(arrays, per_rank, rank=rank, world_size=world_size)
-    for i, batch in enumerate(it):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield transform(batch) if transform else batch
+    batches = CriteoBatchIterator(arrays, per_rank, rank=rank, world_size=world_size, transform=transform)
+    return itertools.islice(batches, max_batches)

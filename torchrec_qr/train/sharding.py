@@ -17,6 +17,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec_qr.distributed.plan_io import load_plan_yaml, save_plan_yaml
 from torchrec_qr.distributed.planner import plan_model
 from torchrec_qr.train.config import ConfigError, TrainingConfig
+from torchrec_qr.train.data import num_embeddings
 from torchrec_qr.train.model import build_model, table_configs
 
 __all__ = ["SHARDING_TYPES_FILE", "check_plan_file", "make_plan", "sharding_types", "write_plan"]
@@ -28,8 +29,6 @@ def check_plan_file(cfg: TrainingConfig, world_size: int, local_world_size: int,
     """Check ``sharding.plan_file`` against the model (built on meta from the config), before any process group."""
     if cfg.sharding.plan_file is None:
         return
-    from torchrec_qr.plan import num_embeddings
-
     model = build_model(cfg, table_configs(cfg, num_embeddings(cfg)), torch.device("meta"))
     try:
         load_plan_yaml(cfg.sharding.plan_file, model, world_size, device_type, local_world_size=local_world_size)

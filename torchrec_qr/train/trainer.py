@@ -36,7 +36,7 @@ from torchrec_qr.distributed.checkpoint import latest_intact_checkpoint, load_ch
 from torchrec_qr.distributed.planner import default_sharders
 from torchrec_qr.plan import budget_plan
 from torchrec_qr.train.config import TrainingConfig, config_to_dict, num_steps
-from torchrec_qr.train.data import GlobalBatchIterator, HashIds, eval_batches, prepare_splits
+from torchrec_qr.train.data import HashIds, eval_batches, prepare_splits, train_batches
 from torchrec_qr.train.memory import memory_report, totals
 from torchrec_qr.train.metrics import EvalMetrics, MetricsLog
 from torchrec_qr.train.model import build_model, logical_tables, table_configs
@@ -147,10 +147,8 @@ class Trainer:
         loss_count = 0
         while self.step < self.total_steps:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-            batches = iter(GlobalBatchIterator(
-                self.splits.train, cfg.data.global_batch_size, self.env.rank, self.env.world_size,
-                cfg.data.shuffle, cfg.run.seed, epoch, in_epoch, self.transform,
-            ))
+            batches = iter(train_batches(cfg, self.splits.train, self.env.rank, self.env.world_size, epoch, in_epoch,
+                                         self.transform))
             epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
             while self.step < epoch_end:
                 segment = itertools.islice(batches, self._next_boundary(epoch_end) - self.step)

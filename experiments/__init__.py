@@ -1,0 +1,1 @@
+"""Experiments that run the training app over grids of embedding settings (``python experiments/grid.py``)."""
