@@ -23,15 +23,16 @@ rank composing an id uses its function; see ``CompositionalLookup`` for the grad
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterable, Iterator, Mapping, Type
+from typing import Any, Iterable, Iterator, Type
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.comm import get_local_size
 from torchrec.distributed.comm_ops import get_gradient_division
-from torchrec.distributed.embedding_types import GroupedEmbeddingConfig, KJTList
+from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionContext,
     EmbeddingBagCollectionSharder,
@@ -48,9 +49,11 @@ from torchrec.distributed.types import (
 from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_qr.distributed import torchrec_internals as internals
+from torchrec_qr.distributed.compositional_lookup import CompositionalLookup, GradScaled, sharded_tables
 from torchrec_qr.distributed.sub_table_plan import (
     ROW_TYPES,
     SUPPORTED_SHARDING_TYPES,
@@ -64,11 +67,9 @@ from torchrec_qr.modules.compositional_embedding_modules import (
     CompositionalEmbeddingBagCollection,
     path_functions_for,
 )
-from torchrec_qr.modules.composition import CompositionPlan, LocalTable
+from torchrec_qr.modules.composition import LocalTable
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
 from torchrec_qr.modules.hot_id_buffers import HotIdBuffers
-from torchrec_qr.modules.partitions import Partition
-from torchrec_qr.modules.path_functions import PathFunctions, scale_grad
 from torchrec_qr.modules.validation import check_features, check_id_ranges
 
 __all__ = [
@@ -78,89 +79,24 @@ __all__ = [
 ]
 
 
-def _col_offset(table: Any) -> int:
-    meta = table.local_metadata
-    return meta.shard_offsets[1] if meta is not None and len(meta.shard_offsets) > 1 else 0
-
-
-def _sharded_tables(grouped: list[GroupedEmbeddingConfig]) -> list[LocalTable]:
-    return [
-        LocalTable(t.name, t.feature_names, _col_offset(t), t.local_cols)
-        for group in grouped
-        for t in group.embedding_tables
-    ]
-
-
-def _local_grouped_configs(sharding: Any, rank: int) -> list[GroupedEmbeddingConfig]:
-    """This rank's grouped configs (table_row_wise keeps only a per-rank list)."""
-    local = getattr(sharding, "_grouped_embedding_configs", None)
-    return local if local is not None else sharding._grouped_embedding_configs_per_rank[rank]
-
-
-class CompositionalLookup(nn.Module):
-    """The lookup of one logical sharding: expand → physical lookups → compose.
-
-    The physical lookups are held outside the module tree: they belong to ``_embedding_bag_collection``
-    (TorchRec's TBE lookups, registering parameters and fused optimizers once) and, for row-wise tables, to
-    ``_replicated_embedding_bags`` (the replicated small sub-tables); so are the path functions.
-
-    Gradient scales: replicated sub-tables (row-wise, source 1) and, in model-parallel shardings, path
-    functions are used on the rank composing an id, where their gradient arrives divided by the world size
-    (TorchRec's gradient division); DDP then averages over ranks, dividing again. The ranks' contributions
-    are disjoint, so the right total is their sum: ``replicated_grad_scale`` undoes one division. In
-    data_parallel, each rank composes its own batch with no division: there DDP's average is already right.
-    """
-
-    def __init__(
-        self,
-        tables: list[EmbeddingBagConfig],
-        logical_grouped: list[GroupedEmbeddingConfig],
-        sources: list[tuple[nn.Module, list[LocalTable]]],
-        is_weighted: bool,
-        mean_after_output_dist: bool = False,
-        replicated_grad_scale: int = 1,
-        path_functions: Mapping[str, PathFunctions] | None = None,
-        data_parallel: bool = False,
-        partitions: Mapping[tuple[str, str], Partition] | None = None,
-    ) -> None:
-        super().__init__()
-        self.__dict__["_sources"] = [module for module, _ in sources]
-        self._is_weighted = is_weighted
-        self.replicated_grad_scale = replicated_grad_scale
-        self.plan = CompositionPlan.for_local_tables(
-            tables, _sharded_tables(logical_grouped), [local for _, local in sources], is_weighted,
-            mean_after_output_dist, path_functions, 1 if data_parallel else replicated_grad_scale,
-            sharded_input=True,
-        )
-        self.plan.partitions.update(partitions or {})  # (table, feature) -> the scheme this rank's ids go through
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        inputs = self.plan.expand(features, weighted=self._is_weighted)
-        outputs = [lookup(kjt) for lookup, kjt in zip(self._sources, inputs)]
-        if len(outputs) > 1 and self.replicated_grad_scale != 1:
-            outputs[1] = scale_grad(outputs[1], self.replicated_grad_scale)
-        if not self.plan.compose_slots:
-            return outputs[0]  # an empty rank: the physical lookup's placeholder
-        looked_up = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        return self.plan.compose(features, looked_up)
-
-
-class _GradScaled(nn.Module):
-    """A replicated lookup whose gradient is multiplied by ``scale`` (see ``CompositionalLookup``); holds
-    ``bags`` outside the module tree, like the lookups' other sources."""
-
-    def __init__(self, bags: nn.Module, scale: int) -> None:
-        super().__init__()
-        self.__dict__["_bags"] = bags
-        self.scale = scale
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        return scale_grad(self._bags(features), self.scale)
-
-
 _REPLICATED = "_replicated_embedding_bags"
 _PHYSICAL = "_embedding_bag_collection"
 _PATHS = "_path_functions"
+
+
+@dataclass
+class _Parts:
+    """What the lookups are built from; a plain object, so it can be set before ``Module.__init__`` runs
+    (its modules are registered as children once it has)."""
+
+    tables: list[EmbeddingBagConfig]
+    logical_plan: dict[str, ParameterSharding]
+    physical: ShardedEmbeddingBagCollection
+    replicated: dict[str, BatchedEmbeddingBags]
+    path_functions: nn.ModuleDict
+    env: ShardingEnv
+    is_weighted: bool
+    output_layout: tuple[list[str], list[int]] = field(default_factory=lambda: ([], []))  # set by _create_lookups
 
 
 class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
@@ -213,26 +149,24 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             device=device,
             module_fqn=append_prefix(module_fqn or "", _PHYSICAL),
         )
-        # The base constructor builds lookups (see _create_lookups) before this module can hold children.
-        self.__dict__["_pending_physical"] = physical
         # One replicated module per row sharding type: each is called by that sharding's lookup only.
         owner = {sub.name: t.name for t in tables if isinstance(t, CompositionalEmbeddingBagConfig)
                  for sub in t.sub_table_configs()}
         by_type: dict[str, list[EmbeddingBagConfig]] = {}
         for c in replicated:
             by_type.setdefault(logical_plan[owner[c.name]].sharding_type, []).append(c)
-        self.__dict__["_pending_replicated"] = {
-            sharding_type: BatchedEmbeddingBags(configs, device=device) for sharding_type, configs in by_type.items()
-        }
-        # Fresh on every rank; DMP's data-parallel wrapper broadcasts rank 0's values.
-        self.__dict__["_pending_paths"] = path_functions_for(tables, device)
-        self.__dict__["_logical_tables"] = tables
-        self.__dict__["_logical_plan"] = logical_plan
-        self.__dict__["_validate_ids"] = module.validate_ids
-        self.__dict__["_row_wise_mean_features"] = {
-            f for t in tables if t.pooling == PoolingType.MEAN and logical_plan[t.name].sharding_type in ROW_TYPES
-            for f in t.feature_names
-        }
+        # The base constructor calls _create_lookups before this module can hold children: what the lookups
+        # read is set first, as a plain attribute (Module.__setattr__ stores non-modules before __init__).
+        self._parts = _Parts(
+            tables=tables,
+            logical_plan=logical_plan,
+            physical=physical,
+            replicated={st: BatchedEmbeddingBags(configs, device=device) for st, configs in by_type.items()},
+            # Fresh on every rank; DMP's data-parallel wrapper broadcasts rank 0's values.
+            path_functions=path_functions_for(tables, device),
+            env=env,
+            is_weighted=module.is_weighted(),
+        )
         super().__init__(
             EmbeddingBagCollection(dist_tables, is_weighted=module.is_weighted(), device=torch.device("meta")),
             logical_plan,
@@ -242,50 +176,59 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry,
             module_fqn=module_fqn,
         )
-        self._embedding_bag_collection: ShardedEmbeddingBagCollection = self.__dict__.pop("_pending_physical")
+        self._validate_ids = module.validate_ids
+        self._row_wise_mean_features = {
+            f for t in tables if t.pooling == PoolingType.MEAN and logical_plan[t.name].sharding_type in ROW_TYPES
+            for f in t.feature_names
+        }
+        self._embedding_bag_collection: ShardedEmbeddingBagCollection = physical
         # Its lookups are called locally and its input dist never runs; TrainPipelineSparseDist checks it did.
-        self._embedding_bag_collection._has_uninitialized_input_dist = False
-        replicated_bags = self.__dict__.pop("_pending_replicated")
-        if replicated_bags:
-            self._replicated_embedding_bags = nn.ModuleDict(replicated_bags)
+        internals.skip_input_dist(physical)
+        if self._parts.replicated:
+            self._replicated_embedding_bags = nn.ModuleDict(self._parts.replicated)
             self._register_state_dict_hook(_replicated_as_physical_keys)
             self._register_load_state_dict_pre_hook(_physical_keys_to_replicated, with_module=True)
-        self._path_functions: nn.ModuleDict = self.__dict__.pop("_pending_paths")
+        self._path_functions: nn.ModuleDict = self._parts.path_functions
         self._hot_ids = HotIdBuffers(tables, device)  # replicated; same keys as unsharded, so DCP reshards them
-        self._optim = CombinedOptimizer([(_PHYSICAL, self._embedding_bag_collection.fused_optimizer)])
+        internals.set_fused_optimizer(self, CombinedOptimizer([(_PHYSICAL, physical.fused_optimizer)]))
 
     def _create_lookups(self) -> None:
-        physical: ShardedEmbeddingBagCollection = self.__dict__["_pending_physical"]
-        replicated: dict[str, BatchedEmbeddingBags] = self.__dict__["_pending_replicated"]
-        by_type = dict(zip(physical._sharding_types, physical._lookups))
-        grad_scale = self._env.world_size if get_gradient_division() else 1
-        for sharding_type, sharding in zip(self._sharding_types, self._embedding_shardings):
+        """One ``CompositionalLookup`` per logical sharding, from ``_parts`` only: safe to run again
+        (TorchRec's ``update_shards`` does, after clearing the lookups)."""
+        parts = self._parts
+        physical = internals.lookups_by_sharding_type(parts.physical)
+        rank, world_size = parts.env.rank, parts.env.world_size
+        grad_scale = world_size if get_gradient_division() else 1
+        names: list[str] = []
+        dims: list[int] = []
+        for sharding_type, sharding in internals.shardings(self):
+            names += sharding.embedding_names()
+            dims += sharding.embedding_dims()
             sources = []
-            if sharding_type in by_type:
-                lookup = by_type[sharding_type]
+            if sharding_type in physical:
+                lookup = physical[sharding_type]
                 inner = lookup.module if isinstance(lookup, DistributedDataParallel) else lookup
-                sources.append((lookup, _sharded_tables(inner.grouped_configs)))
+                sources.append((lookup, sharded_tables(inner.grouped_configs)))
             row_wise = sharding_type in ROW_TYPES
-            if sharding_type in replicated:
-                bags = replicated[sharding_type]
+            if sharding_type in parts.replicated:
+                bags = parts.replicated[sharding_type]
                 # Without a physical lookup (only schemes with no row split) the bags are source 0, whose
                 # gradient the lookup does not rescale: rescale it here.
-                module = bags if sources else _GradScaled(bags, grad_scale)
+                module = bags if sources else GradScaled(bags, grad_scale)
                 sources.append((module, [LocalTable(t.name, t.feature_names, 0, t.embedding_dim) for t in bags.tables]))
-            self._lookups.append(
-                CompositionalLookup(
-                    self.__dict__["_logical_tables"],
-                    _local_grouped_configs(sharding, self._env.rank),
-                    sources,
-                    self._is_weighted,
-                    mean_after_output_dist=row_wise,
-                    replicated_grad_scale=grad_scale,
-                    path_functions=self.__dict__["_pending_paths"],
-                    data_parallel=sharding_type == ShardingType.DATA_PARALLEL.value,
-                    partitions=shifted_partitions(self.__dict__["_logical_tables"], self._logical_plan,
-                                                  self._env.rank) if row_wise else None,
-                )
-            )
+            internals.add_lookup(self, CompositionalLookup(
+                parts.tables,
+                internals.local_grouped_configs(sharding, rank),
+                sources,
+                parts.is_weighted,
+                mean_after_output_dist=row_wise,
+                replicated_grad_scale=grad_scale,
+                path_functions=parts.path_functions,
+                data_parallel=sharding_type == ShardingType.DATA_PARALLEL.value,
+                partitions=shifted_partitions(parts.tables, parts.logical_plan, rank) if row_wise else None,
+            ))
+        # The output's keys and widths in the output dist's order, for the row-wise MEAN divisor.
+        self._parts.output_layout = (names, dims)
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         """Everything but replicated sub-tables and path functions, which DMP's data-parallel wrapper syncs."""
@@ -304,10 +247,6 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         for functions in self._path_functions.values():
             functions.reset_parameters()
 
-    @property
-    def fused_optimizer(self) -> KeyedOptimizer:
-        return self._optim
-
     def input_dist(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
@@ -316,16 +255,14 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                 "the sharded CompositionalEmbeddingBagCollection takes one batch size for every feature; "
                 "expand variable-batch (VBE) inputs first (torchrec_qr.modules.variable_batch.fixed_batch)"
             )
-        check_features(features, [f for t in self._logical_tables for f in t.feature_names], self._is_weighted)
+        check_features(features, [f for t in self._parts.tables for f in t.feature_names], self._parts.is_weighted)
         if self._validate_ids:
-            check_id_ranges(features, self._logical_tables)
+            check_id_ranges(features, self._parts.tables)
         awaitable = super().input_dist(ctx, features)
-        if self._has_mean_pooling_callback:
+        if ctx.divisor is not None:  # TorchRec made one: some row-wise table pools by MEAN
             # TorchRec's divisor also divides other sharding types' features and uses sum(w) for weighted
             # bags; row-wise MEAN here divides the reduce-scattered sums by each bag's length, as the kernel does.
-            ctx.divisor = _row_wise_mean_divisor(
-                features, self._row_wise_mean_features, self._embedding_names, self._embedding_dims
-            )
+            ctx.divisor = _row_wise_mean_divisor(features, self._row_wise_mean_features, *self._parts.output_layout)
         return awaitable
 
     def output_dist(
@@ -370,7 +307,7 @@ def _check_shared_features(tables: list[EmbeddingBagConfig], plan: dict[str, Par
 
 
 def _add_to_values(kt: KeyedTensor, term: torch.Tensor) -> KeyedTensor:
-    kt._values.add_(term)
+    kt.values().add_(term)
     return kt
 
 
