@@ -53,10 +53,22 @@ from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_qr.distributed import torchrec_internals as internals
-from torchrec_qr.distributed.compositional_lookup import CompositionalLookup, GradScaled, sharded_tables
+from torchrec_qr.distributed.compositional_lookup import (
+    CompositionalLookup,
+    GradScaled,
+    row_wise_mean_divisor,
+    sharded_tables,
+)
+from torchrec_qr.distributed.replicated_sub_tables import (
+    PHYSICAL,
+    REPLICATED,
+    register_state_dict_keys,
+    replicated_bags,
+)
 from torchrec_qr.distributed.sub_table_plan import (
     ROW_TYPES,
     SUPPORTED_SHARDING_TYPES,
+    check_shared_features,
     logical_row_wise_sharding,
     physical_parameter_shardings,
     row_block_size,
@@ -79,8 +91,6 @@ __all__ = [
 ]
 
 
-_REPLICATED = "_replicated_embedding_bags"
-_PHYSICAL = "_embedding_bag_collection"
 _PATHS = "_path_functions"
 
 
@@ -122,7 +132,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         module_fqn: str | None = None,
     ) -> None:
         tables = module.embedding_bag_configs()
-        _check_shared_features(tables, table_name_to_parameter_sharding)
+        check_shared_features(tables, table_name_to_parameter_sharding)
         logical_plan, dist_tables = {}, []
         for t in tables:
             ps = table_name_to_parameter_sharding[t.name]
@@ -147,21 +157,15 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             physical_plan,
             env=env,
             device=device,
-            module_fqn=append_prefix(module_fqn or "", _PHYSICAL),
+            module_fqn=append_prefix(module_fqn or "", PHYSICAL),
         )
-        # One replicated module per row sharding type: each is called by that sharding's lookup only.
-        owner = {sub.name: t.name for t in tables if isinstance(t, CompositionalEmbeddingBagConfig)
-                 for sub in t.sub_table_configs()}
-        by_type: dict[str, list[EmbeddingBagConfig]] = {}
-        for c in replicated:
-            by_type.setdefault(logical_plan[owner[c.name]].sharding_type, []).append(c)
         # The base constructor calls _create_lookups before this module can hold children: what the lookups
         # read is set first, as a plain attribute (Module.__setattr__ stores non-modules before __init__).
         self._parts = _Parts(
             tables=tables,
             logical_plan=logical_plan,
             physical=physical,
-            replicated={st: BatchedEmbeddingBags(configs, device=device) for st, configs in by_type.items()},
+            replicated=replicated_bags(tables, logical_plan, replicated, device),
             # Fresh on every rank; DMP's data-parallel wrapper broadcasts rank 0's values.
             path_functions=path_functions_for(tables, device),
             env=env,
@@ -186,11 +190,10 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         internals.skip_input_dist(physical)
         if self._parts.replicated:
             self._replicated_embedding_bags = nn.ModuleDict(self._parts.replicated)
-            self._register_state_dict_hook(_replicated_as_physical_keys)
-            self._register_load_state_dict_pre_hook(_physical_keys_to_replicated, with_module=True)
+            register_state_dict_keys(self)
         self._path_functions: nn.ModuleDict = self._parts.path_functions
         self._hot_ids = HotIdBuffers(tables, device)  # replicated; same keys as unsharded, so DCP reshards them
-        internals.set_fused_optimizer(self, CombinedOptimizer([(_PHYSICAL, physical.fused_optimizer)]))
+        internals.set_fused_optimizer(self, CombinedOptimizer([(PHYSICAL, physical.fused_optimizer)]))
 
     def _create_lookups(self) -> None:
         """One ``CompositionalLookup`` per logical sharding, from ``_parts`` only: safe to run again
@@ -233,7 +236,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         """Everything but replicated sub-tables and path functions, which DMP's data-parallel wrapper syncs."""
         for name, _ in self.named_parameters(prefix):
-            if f"{_REPLICATED}." not in name and f"{_PATHS}." not in name:
+            if f"{REPLICATED}." not in name and f"{_PATHS}." not in name:
                 yield name
 
     def init_data_parallel(self) -> None:
@@ -262,7 +265,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         if ctx.divisor is not None:  # TorchRec made one: some row-wise table pools by MEAN
             # TorchRec's divisor also divides other sharding types' features and uses sum(w) for weighted
             # bags; row-wise MEAN here divides the reduce-scattered sums by each bag's length, as the kernel does.
-            ctx.divisor = _row_wise_mean_divisor(features, self._row_wise_mean_features, *self._parts.output_layout)
+            ctx.divisor = row_wise_mean_divisor(features, self._row_wise_mean_features, *self._parts.output_layout)
         return awaitable
 
     def output_dist(
@@ -289,23 +292,6 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         return CompositionalEmbeddingBagCollection
 
 
-def _check_shared_features(tables: list[EmbeddingBagConfig], plan: dict[str, ParameterSharding]) -> None:
-    """A feature read by several tables shards table-, column-wise or data-parallel; row-wise sharding of
-    such tables is not supported (each table bucketizes the feature's ids into its own row blocks)."""
-    readers: dict[str, list[str]] = {}
-    for t in tables:
-        for f in t.feature_names:
-            readers.setdefault(f, []).append(t.name)
-    for f, names in readers.items():
-        row_wise = [n for n in names if plan[n].sharding_type in ROW_TYPES]
-        if len(names) > 1 and row_wise:
-            raise ValueError(
-                f"feature {f!r} is read by tables {names}, and {row_wise} are sharded "
-                f"{plan[row_wise[0]].sharding_type}: row-wise sharding of tables that share a feature is not "
-                "supported; shard them table_wise, column_wise or data_parallel, or give each table its own feature"
-            )
-
-
 def _add_to_values(kt: KeyedTensor, term: torch.Tensor) -> KeyedTensor:
     kt.values().add_(term)
     return kt
@@ -326,38 +312,6 @@ def _carry_in_backward_optimizer(module: nn.Module, params: Iterable[nn.Paramete
     for param in params:
         for attribute in _IN_BACKWARD_ATTRIBUTES:
             setattr(param, attribute, getattr(source, attribute))
-
-
-def _row_wise_mean_divisor(
-    features: KeyedJaggedTensor, mean_features: set[str], names: list[str], dims: list[int]
-) -> torch.Tensor:
-    """``[B, sum(dims)]``: each row-wise MEAN feature's bag lengths (at least 1) under its columns, else 1."""
-    batch = features.stride()
-    lengths = features.lengths().view(-1, batch)
-    row_of = {k: i for i, k in enumerate(features.keys())}
-    ones = torch.ones(batch, device=lengths.device)
-    columns = [lengths[row_of[n]].clamp(min=1).float() if n in mean_features else ones for n in names]
-    repeats = torch.tensor(dims, device=lengths.device)
-    return torch.repeat_interleave(torch.stack(columns, dim=1), repeats, dim=1, output_size=sum(dims))
-
-
-def _replicated_as_physical_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
-    """Present replicated sub-tables (``_replicated_embedding_bags.{sharding type}.embedding_bags.X``) under
-    the keys the unsharded module uses."""
-    old = f"{prefix}{_REPLICATED}."
-    for key in [k for k in state_dict if k.startswith(old)]:
-        _, rest = key[len(old):].split(".", 1)
-        state_dict[f"{prefix}{_PHYSICAL}.{rest}"] = state_dict.pop(key)
-
-
-def _physical_keys_to_replicated(
-    module: "ShardedCompositionalEmbeddingBagCollection", state_dict: dict[str, Any], prefix: str, *_: Any
-) -> None:
-    for sharding_type, bags in module._replicated_embedding_bags.items():
-        for t in bags.tables:
-            key = f"{prefix}{_PHYSICAL}.embedding_bags.{t.name}.weight"
-            if key in state_dict:
-                state_dict[f"{prefix}{_REPLICATED}.{sharding_type}.embedding_bags.{t.name}.weight"] = state_dict.pop(key)
 
 
 class CompositionalEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
@@ -400,24 +354,43 @@ class CompositionalEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
             module_fqn=module_fqn,
         )
 
-    def shardable_parameters(self, module: CompositionalEmbeddingBagCollection) -> dict[str, nn.Parameter]:
-        """One meta parameter per logical table, sized as the bytes it really stores.
+    # The sharding types it serves, and the row-wise ones among them (whose shards split a compositional
+    # table's ids); other files ask the sharder instead of listing them.
+    SHARDING_TYPES: tuple[str, ...] = SUPPORTED_SHARDING_TYPES
+    ROW_WISE_TYPES: tuple[str, ...] = ROW_TYPES
 
-        The planner estimates storage from these shapes, so a compositional table presents
-        ``ceil(sum_j |P_j| D_j / D)`` rows of width D (never N x D); constraints are keyed by its name.
-        """
+    def shardable_parameters(self, module: CompositionalEmbeddingBagCollection) -> dict[str, nn.Parameter]:
+        """One meta parameter per logical table, sized as the bytes it really stores (``plan_shape``):
+        the planner estimates storage from these shapes; constraints are keyed by the table's name."""
         out: dict[str, nn.Parameter] = {}
         for t in module.embedding_bag_configs():
-            if isinstance(t, CompositionalEmbeddingBagConfig):
-                rows = -(-t.num_parameters() // t.embedding_dim)
-            else:
-                rows = t.num_embeddings
-            out[t.name] = nn.Parameter(torch.empty(rows, t.embedding_dim, device="meta"), requires_grad=False)
+            rows, cols = self.plan_shape(t, ShardingType.TABLE_WISE.value)
+            out[t.name] = nn.Parameter(torch.empty(rows, cols, device="meta"), requires_grad=False)
         _carry_in_backward_optimizer(module, out.values())  # the planner counts its state from these
         return out
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
-        return list(SUPPORTED_SHARDING_TYPES)
+        return list(self.SHARDING_TYPES)
+
+    @staticmethod
+    def plan_shape(table: EmbeddingBagConfig, sharding_type: str) -> tuple[int, int]:
+        """``[rows, cols]`` that a plan's shards of ``table`` cut: ``N x D`` for plain tables; for
+        compositional ones ``ceil(sum_j |P_j| D_j / D) x D`` (the stored bytes, never N x D), except that
+        row-wise shards cut the ids ``N x D`` (the sharder gives each rank a block of ids)."""
+        if isinstance(table, CompositionalEmbeddingBagConfig) and sharding_type not in ROW_TYPES:
+            return -(-table.num_parameters() // table.embedding_dim), table.embedding_dim
+        return table.num_embeddings, table.embedding_dim
+
+    @staticmethod
+    def check_table_sharding(
+        table: EmbeddingBagConfig, ps: ParameterSharding, world_size: int, local_size: int
+    ) -> None:
+        """Raise ``ValueError`` unless the sharder can build ``table`` sharded by ``ps``: its own derivation
+        of the sub-tables' shardings, run on this table alone (row-wise needs a row split or replication,
+        enough rows and per-id composition; path tables cannot be column-wise; see ``sub_table_plan``)."""
+        if isinstance(table, CompositionalEmbeddingBagConfig) and ps.sharding_type in ROW_TYPES:
+            ps = logical_row_wise_sharding(table, ps, world_size, local_size)
+        physical_parameter_shardings([table], {table.name: ps})
 
     @property
     def module_type(self) -> Type[CompositionalEmbeddingBagCollection]:

@@ -18,7 +18,7 @@ from torchrec_qr.modules.composition import CompositionPlan, LocalTable
 from torchrec_qr.modules.partitions import Partition
 from torchrec_qr.modules.path_functions import PathFunctions, scale_grad
 
-__all__ = ["CompositionalLookup", "GradScaled", "sharded_tables"]
+__all__ = ["CompositionalLookup", "GradScaled", "row_wise_mean_divisor", "sharded_tables"]
 
 
 def _col_offset(table: Any) -> int:
@@ -94,3 +94,17 @@ class GradScaled(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         return scale_grad(self._bags(features), self.scale)
+
+
+def row_wise_mean_divisor(
+    features: KeyedJaggedTensor, mean_features: set[str], names: list[str], dims: list[int]
+) -> torch.Tensor:
+    """``[B, sum(dims)]``: each row-wise MEAN feature's bag lengths (at least 1) under its columns, else 1: row-wise
+    lookups return partial sums (``mean_after_output_dist``), divided by this after the output dist."""
+    batch = features.stride()
+    lengths = features.lengths().view(-1, batch)
+    row_of = {k: i for i, k in enumerate(features.keys())}
+    ones = torch.ones(batch, device=lengths.device)
+    columns = [lengths[row_of[n]].clamp(min=1).float() if n in mean_features else ones for n in names]
+    repeats = torch.tensor(dims, device=lengths.device)
+    return torch.repeat_interleave(torch.stack(columns, dim=1), repeats, dim=1, output_size=sum(dims))
