@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torchrec.distributed.embeddingbag as torchrec_embeddingbag
+import torchrec.distributed.planner.shard_estimators as torchrec_estimators
 import torch.distributed as dist
 from torchrec.distributed.embedding_types import GroupedEmbeddingConfig
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
@@ -23,6 +25,7 @@ from torchrec.distributed.sharding_plan import (
 from torchrec.distributed.types import ShardingEnv
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer
 
 from dist_harness import run_ranks
@@ -43,6 +46,21 @@ def test_overridden_hooks_are_called_by_the_constructor_and_update_shards() -> N
         assert callable(getattr(ShardedEmbeddingBagCollection, hook)), hook
         assert f"self.{hook}(" in init, f"ShardedEmbeddingBagCollection.__init__ no longer calls {hook}"
     assert "self._create_lookups()" in inspect.getsource(ShardedEmbeddingBagCollection.update_shards)
+
+
+def test_in_backward_optimizer_attributes_are_what_torch_sets_and_torchrec_reads() -> None:
+    source = torch.nn.Parameter(torch.zeros(2, 4))
+    apply_optimizer_in_backward(torch.optim.SGD, [source], {"lr": 0.5})
+    assert all(hasattr(source, a) for a in internals.IN_BACKWARD_ATTRIBUTES)
+    copied, marked = torch.nn.Parameter(torch.zeros(2, 4)), torch.nn.Parameter(torch.zeros(2, 4))
+    internals.copy_in_backward_optimizer([torch.nn.Parameter(torch.zeros(1)), source], [copied])
+    assert copied._optimizer_classes == [torch.optim.SGD] and copied._optimizer_kwargs == [{"lr": 0.5}]
+    internals.copy_in_backward_optimizer([], [marked])  # no source: nothing set
+    assert not hasattr(marked, internals.IN_BACKWARD_ATTRIBUTES[0])
+    internals.set_in_backward_optimizer([marked], torch.optim.Adagrad, {})
+    assert marked._optimizer_classes == [torch.optim.Adagrad] and marked._optimizer_kwargs == [{}]
+    for torchrec_module in (torchrec_embeddingbag, torchrec_estimators):
+        assert '"_optimizer_classes"' in inspect.getsource(torchrec_module), torchrec_module.__name__
 
 
 def _plain_ebc(rank: int, world_size: int) -> dict:

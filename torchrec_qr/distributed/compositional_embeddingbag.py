@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterable, Iterator, Type
+from typing import Any, Iterator, Type
 
 import torch
 from torch import nn
@@ -151,7 +151,9 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             is_weighted=module.is_weighted(),
             device=torch.device("meta"),
         )
-        _carry_in_backward_optimizer(module, sub_tables.parameters())
+        # TorchRec makes an apply_optimizer_in_backward optimizer on the tables it shards the fused one; the
+        # sub-tables are built here from configs, so the unsharded module's choice is carried over.
+        internals.copy_in_backward_optimizer(module.parameters(), sub_tables.parameters())
         physical = ebc_sharder.shard(
             sub_tables,
             physical_plan,
@@ -297,23 +299,6 @@ def _add_to_values(kt: KeyedTensor, term: torch.Tensor) -> KeyedTensor:
     return kt
 
 
-_IN_BACKWARD_ATTRIBUTES = ("_optimizer_classes", "_optimizer_kwargs")
-
-
-def _carry_in_backward_optimizer(module: nn.Module, params: Iterable[nn.Parameter]) -> None:
-    """Copy an ``apply_optimizer_in_backward`` optimizer from the module's tables onto ``params``.
-
-    TorchRec reads it from the table parameters it shards (making it the fused optimizer); those are built
-    here from configs, so the unsharded module's choice must be carried over.
-    """
-    source = next((p for p in module.parameters() if hasattr(p, "_optimizer_classes")), None)
-    if source is None:
-        return
-    for param in params:
-        for attribute in _IN_BACKWARD_ATTRIBUTES:
-            setattr(param, attribute, getattr(source, attribute))
-
-
 class CompositionalEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
     """Shards ``CompositionalEmbeddingBagCollection`` with DMP and the TorchRec planner.
 
@@ -366,7 +351,7 @@ class CompositionalEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         for t in module.embedding_bag_configs():
             rows, cols = self.plan_shape(t, ShardingType.TABLE_WISE.value)
             out[t.name] = nn.Parameter(torch.empty(rows, cols, device="meta"), requires_grad=False)
-        _carry_in_backward_optimizer(module, out.values())  # the planner counts its state from these
+        internals.copy_in_backward_optimizer(module.parameters(), out.values())  # the planner counts its state
         return out
 
     def sharding_types(self, compute_device_type: str) -> list[str]:

@@ -38,6 +38,7 @@ from torchrec_qr.distributed.compositional_embeddingbag import CompositionalEmbe
 from torchrec_qr.distributed.plan_checks import shardable_modules
 from torchrec_qr.distributed.planner import STORAGE_RESERVATION, PlannerResult, propose_plan
 from torchrec_qr.distributed.sub_table_plan import row_split_stride
+from torchrec_qr.distributed.torchrec_internals import set_in_backward_optimizer
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, compress
 from torchrec_qr.modules.partitions import MixedRadix, QuotientRemainder
@@ -281,9 +282,7 @@ class CompressionPlanner:
         model = model_fn(configs) if model_fn else CompositionalEmbeddingBagCollection(
             configs, device="meta", validate_ids=False)
         for target in shardable_modules(model).values():  # TorchRec counts state for the class they carry
-            for p in target.module.parameters():
-                p._optimizer_classes = [OPTIMIZER_CLASSES[self.optimizer]]  # type: ignore[attr-defined]
-                p._optimizer_kwargs = [{}]  # type: ignore[attr-defined]
+            set_in_backward_optimizer(target.module.parameters(), OPTIMIZER_CLASSES[self.optimizer], {})
         return propose_plan(
             model, self.world_size, constraints=self.constraints, batch_size=self.batch_size,
             compute_device=self.compute_device, local_world_size=self.local_world_size,

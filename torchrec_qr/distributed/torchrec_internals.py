@@ -8,6 +8,9 @@ so a TorchRec upgrade that renames one fails there, by name, instead of deep ins
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
+import torch
 from torch import nn
 from torchrec.distributed.embedding_sharding import EmbeddingSharding
 from torchrec.distributed.embedding_types import GroupedEmbeddingConfig
@@ -15,14 +18,21 @@ from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.optim.keyed import KeyedOptimizer
 
 __all__ = [
+    "IN_BACKWARD_ATTRIBUTES",
     "OVERRIDDEN_HOOKS",
     "add_lookup",
+    "copy_in_backward_optimizer",
     "local_grouped_configs",
     "lookups_by_sharding_type",
     "set_fused_optimizer",
+    "set_in_backward_optimizer",
     "shardings",
     "skip_input_dist",
 ]
+
+# What ``apply_optimizer_in_backward`` sets on a parameter, and TorchRec's sharders and planner read from the
+# tables they shard (the fused optimizer, and the optimizer state the planner counts).
+IN_BACKWARD_ATTRIBUTES = ("_optimizer_classes", "_optimizer_kwargs")
 
 # ``ShardedEmbeddingBagCollection`` methods the sharded module overrides: the constructor calls both (and
 # ``update_shards`` calls ``_create_lookups`` again).
@@ -59,3 +69,23 @@ def skip_input_dist(module: ShardedEmbeddingBagCollection) -> None:
 def set_fused_optimizer(module: ShardedEmbeddingBagCollection, optimizer: KeyedOptimizer) -> None:
     """Replace what ``module.fused_optimizer`` returns (and ``update_shards`` reads)."""
     module._optim = optimizer  # type: ignore[assignment]
+
+
+def copy_in_backward_optimizer(sources: Iterable[nn.Parameter], params: Iterable[nn.Parameter]) -> None:
+    """Give ``params`` the in-backward optimizer of the first of ``sources`` that has one (if any)."""
+    source = next((p for p in sources if hasattr(p, IN_BACKWARD_ATTRIBUTES[0])), None)
+    if source is None:
+        return
+    for param in params:
+        for attribute in IN_BACKWARD_ATTRIBUTES:
+            setattr(param, attribute, getattr(source, attribute))
+
+
+def set_in_backward_optimizer(
+    params: Iterable[nn.Parameter], optimizer_class: type[torch.optim.Optimizer], kwargs: dict[str, Any]
+) -> None:
+    """Mark ``params`` as ``apply_optimizer_in_backward`` would, without building the optimizers (for a
+    planner that only reads the class)."""
+    for param in params:
+        param._optimizer_classes = [optimizer_class]  # type: ignore[attr-defined]
+        param._optimizer_kwargs = [kwargs]  # type: ignore[attr-defined]
