@@ -23,15 +23,16 @@ rank composing an id uses its function; see ``CompositionalLookup`` for the grad
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterable, Iterator, Mapping, Type
+from typing import Any, Iterator, Type
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.comm import get_local_size
 from torchrec.distributed.comm_ops import get_gradient_division
-from torchrec.distributed.embedding_types import GroupedEmbeddingConfig, KJTList
+from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionContext,
     EmbeddingBagCollectionSharder,
@@ -48,12 +49,26 @@ from torchrec.distributed.types import (
 from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_qr.distributed import torchrec_internals as internals
+from torchrec_qr.distributed.compositional_lookup import (
+    CompositionalLookup,
+    GradScaled,
+    row_wise_mean_divisor,
+    sharded_tables,
+)
+from torchrec_qr.distributed.replicated_sub_tables import (
+    PHYSICAL,
+    REPLICATED,
+    register_state_dict_keys,
+    replicated_bags,
+)
 from torchrec_qr.distributed.sub_table_plan import (
     ROW_TYPES,
     SUPPORTED_SHARDING_TYPES,
+    check_shared_features,
     logical_row_wise_sharding,
     physical_parameter_shardings,
     row_block_size,
@@ -64,11 +79,9 @@ from torchrec_qr.modules.compositional_embedding_modules import (
     CompositionalEmbeddingBagCollection,
     path_functions_for,
 )
-from torchrec_qr.modules.composition import CompositionPlan, LocalTable
+from torchrec_qr.modules.composition import LocalTable
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
 from torchrec_qr.modules.hot_id_buffers import HotIdBuffers
-from torchrec_qr.modules.partitions import Partition
-from torchrec_qr.modules.path_functions import PathFunctions, scale_grad
 from torchrec_qr.modules.validation import check_features, check_id_ranges
 
 __all__ = [
@@ -78,89 +91,22 @@ __all__ = [
 ]
 
 
-def _col_offset(table: Any) -> int:
-    meta = table.local_metadata
-    return meta.shard_offsets[1] if meta is not None and len(meta.shard_offsets) > 1 else 0
-
-
-def _sharded_tables(grouped: list[GroupedEmbeddingConfig]) -> list[LocalTable]:
-    return [
-        LocalTable(t.name, t.feature_names, _col_offset(t), t.local_cols)
-        for group in grouped
-        for t in group.embedding_tables
-    ]
-
-
-def _local_grouped_configs(sharding: Any, rank: int) -> list[GroupedEmbeddingConfig]:
-    """This rank's grouped configs (table_row_wise keeps only a per-rank list)."""
-    local = getattr(sharding, "_grouped_embedding_configs", None)
-    return local if local is not None else sharding._grouped_embedding_configs_per_rank[rank]
-
-
-class CompositionalLookup(nn.Module):
-    """The lookup of one logical sharding: expand → physical lookups → compose.
-
-    The physical lookups are held outside the module tree: they belong to ``_embedding_bag_collection``
-    (TorchRec's TBE lookups, registering parameters and fused optimizers once) and, for row-wise tables, to
-    ``_replicated_embedding_bags`` (the replicated small sub-tables); so are the path functions.
-
-    Gradient scales: replicated sub-tables (row-wise, source 1) and, in model-parallel shardings, path
-    functions are used on the rank composing an id, where their gradient arrives divided by the world size
-    (TorchRec's gradient division); DDP then averages over ranks, dividing again. The ranks' contributions
-    are disjoint, so the right total is their sum: ``replicated_grad_scale`` undoes one division. In
-    data_parallel, each rank composes its own batch with no division: there DDP's average is already right.
-    """
-
-    def __init__(
-        self,
-        tables: list[EmbeddingBagConfig],
-        logical_grouped: list[GroupedEmbeddingConfig],
-        sources: list[tuple[nn.Module, list[LocalTable]]],
-        is_weighted: bool,
-        mean_after_output_dist: bool = False,
-        replicated_grad_scale: int = 1,
-        path_functions: Mapping[str, PathFunctions] | None = None,
-        data_parallel: bool = False,
-        partitions: Mapping[tuple[str, str], Partition] | None = None,
-    ) -> None:
-        super().__init__()
-        self.__dict__["_sources"] = [module for module, _ in sources]
-        self._is_weighted = is_weighted
-        self.replicated_grad_scale = replicated_grad_scale
-        self.plan = CompositionPlan.for_local_tables(
-            tables, _sharded_tables(logical_grouped), [local for _, local in sources], is_weighted,
-            mean_after_output_dist, path_functions, 1 if data_parallel else replicated_grad_scale,
-            sharded_input=True,
-        )
-        self.plan.partitions.update(partitions or {})  # (table, feature) -> the scheme this rank's ids go through
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        inputs = self.plan.expand(features, weighted=self._is_weighted)
-        outputs = [lookup(kjt) for lookup, kjt in zip(self._sources, inputs)]
-        if len(outputs) > 1 and self.replicated_grad_scale != 1:
-            outputs[1] = scale_grad(outputs[1], self.replicated_grad_scale)
-        if not self.plan.compose_slots:
-            return outputs[0]  # an empty rank: the physical lookup's placeholder
-        looked_up = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        return self.plan.compose(features, looked_up)
-
-
-class _GradScaled(nn.Module):
-    """A replicated lookup whose gradient is multiplied by ``scale`` (see ``CompositionalLookup``); holds
-    ``bags`` outside the module tree, like the lookups' other sources."""
-
-    def __init__(self, bags: nn.Module, scale: int) -> None:
-        super().__init__()
-        self.__dict__["_bags"] = bags
-        self.scale = scale
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        return scale_grad(self._bags(features), self.scale)
-
-
-_REPLICATED = "_replicated_embedding_bags"
-_PHYSICAL = "_embedding_bag_collection"
 _PATHS = "_path_functions"
+
+
+@dataclass
+class _Parts:
+    """What the lookups are built from; a plain object, so it can be set before ``Module.__init__`` runs
+    (its modules are registered as children once it has)."""
+
+    tables: list[EmbeddingBagConfig]
+    logical_plan: dict[str, ParameterSharding]
+    physical: ShardedEmbeddingBagCollection
+    replicated: dict[str, BatchedEmbeddingBags]
+    path_functions: nn.ModuleDict
+    env: ShardingEnv
+    is_weighted: bool
+    output_layout: tuple[list[str], list[int]] = field(default_factory=lambda: ([], []))  # set by _create_lookups
 
 
 class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
@@ -186,7 +132,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         module_fqn: str | None = None,
     ) -> None:
         tables = module.embedding_bag_configs()
-        _check_shared_features(tables, table_name_to_parameter_sharding)
+        check_shared_features(tables, table_name_to_parameter_sharding)
         logical_plan, dist_tables = {}, []
         for t in tables:
             ps = table_name_to_parameter_sharding[t.name]
@@ -205,34 +151,28 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             is_weighted=module.is_weighted(),
             device=torch.device("meta"),
         )
-        _carry_in_backward_optimizer(module, sub_tables.parameters())
+        # TorchRec makes an apply_optimizer_in_backward optimizer on the tables it shards the fused one; the
+        # sub-tables are built here from configs, so the unsharded module's choice is carried over.
+        internals.copy_in_backward_optimizer(module.parameters(), sub_tables.parameters())
         physical = ebc_sharder.shard(
             sub_tables,
             physical_plan,
             env=env,
             device=device,
-            module_fqn=append_prefix(module_fqn or "", _PHYSICAL),
+            module_fqn=append_prefix(module_fqn or "", PHYSICAL),
         )
-        # The base constructor builds lookups (see _create_lookups) before this module can hold children.
-        self.__dict__["_pending_physical"] = physical
-        # One replicated module per row sharding type: each is called by that sharding's lookup only.
-        owner = {sub.name: t.name for t in tables if isinstance(t, CompositionalEmbeddingBagConfig)
-                 for sub in t.sub_table_configs()}
-        by_type: dict[str, list[EmbeddingBagConfig]] = {}
-        for c in replicated:
-            by_type.setdefault(logical_plan[owner[c.name]].sharding_type, []).append(c)
-        self.__dict__["_pending_replicated"] = {
-            sharding_type: BatchedEmbeddingBags(configs, device=device) for sharding_type, configs in by_type.items()
-        }
-        # Fresh on every rank; DMP's data-parallel wrapper broadcasts rank 0's values.
-        self.__dict__["_pending_paths"] = path_functions_for(tables, device)
-        self.__dict__["_logical_tables"] = tables
-        self.__dict__["_logical_plan"] = logical_plan
-        self.__dict__["_validate_ids"] = module.validate_ids
-        self.__dict__["_row_wise_mean_features"] = {
-            f for t in tables if t.pooling == PoolingType.MEAN and logical_plan[t.name].sharding_type in ROW_TYPES
-            for f in t.feature_names
-        }
+        # The base constructor calls _create_lookups before this module can hold children: what the lookups
+        # read is set first, as a plain attribute (Module.__setattr__ stores non-modules before __init__).
+        self._parts = _Parts(
+            tables=tables,
+            logical_plan=logical_plan,
+            physical=physical,
+            replicated=replicated_bags(tables, logical_plan, replicated, device),
+            # Fresh on every rank; DMP's data-parallel wrapper broadcasts rank 0's values.
+            path_functions=path_functions_for(tables, device),
+            env=env,
+            is_weighted=module.is_weighted(),
+        )
         super().__init__(
             EmbeddingBagCollection(dist_tables, is_weighted=module.is_weighted(), device=torch.device("meta")),
             logical_plan,
@@ -242,55 +182,63 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry,
             module_fqn=module_fqn,
         )
-        self._embedding_bag_collection: ShardedEmbeddingBagCollection = self.__dict__.pop("_pending_physical")
+        self._validate_ids = module.validate_ids
+        self._row_wise_mean_features = {
+            f for t in tables if t.pooling == PoolingType.MEAN and logical_plan[t.name].sharding_type in ROW_TYPES
+            for f in t.feature_names
+        }
+        self._embedding_bag_collection: ShardedEmbeddingBagCollection = physical
         # Its lookups are called locally and its input dist never runs; TrainPipelineSparseDist checks it did.
-        self._embedding_bag_collection._has_uninitialized_input_dist = False
-        replicated_bags = self.__dict__.pop("_pending_replicated")
-        if replicated_bags:
-            self._replicated_embedding_bags = nn.ModuleDict(replicated_bags)
-            self._register_state_dict_hook(_replicated_as_physical_keys)
-            self._register_load_state_dict_pre_hook(_physical_keys_to_replicated, with_module=True)
-        self._path_functions: nn.ModuleDict = self.__dict__.pop("_pending_paths")
+        internals.skip_input_dist(physical)
+        if self._parts.replicated:
+            self._replicated_embedding_bags = nn.ModuleDict(self._parts.replicated)
+            register_state_dict_keys(self)
+        self._path_functions: nn.ModuleDict = self._parts.path_functions
         self._hot_ids = HotIdBuffers(tables, device)  # replicated; same keys as unsharded, so DCP reshards them
-        self._optim = CombinedOptimizer([(_PHYSICAL, self._embedding_bag_collection.fused_optimizer)])
+        internals.set_fused_optimizer(self, CombinedOptimizer([(PHYSICAL, physical.fused_optimizer)]))
 
     def _create_lookups(self) -> None:
-        physical: ShardedEmbeddingBagCollection = self.__dict__["_pending_physical"]
-        replicated: dict[str, BatchedEmbeddingBags] = self.__dict__["_pending_replicated"]
-        by_type = dict(zip(physical._sharding_types, physical._lookups))
-        grad_scale = self._env.world_size if get_gradient_division() else 1
-        for sharding_type, sharding in zip(self._sharding_types, self._embedding_shardings):
+        """One ``CompositionalLookup`` per logical sharding, from ``_parts`` only: safe to run again
+        (TorchRec's ``update_shards`` does, after clearing the lookups)."""
+        parts = self._parts
+        physical = internals.lookups_by_sharding_type(parts.physical)
+        rank, world_size = parts.env.rank, parts.env.world_size
+        grad_scale = world_size if get_gradient_division() else 1
+        names: list[str] = []
+        dims: list[int] = []
+        for sharding_type, sharding in internals.shardings(self):
+            names += sharding.embedding_names()
+            dims += sharding.embedding_dims()
             sources = []
-            if sharding_type in by_type:
-                lookup = by_type[sharding_type]
+            if sharding_type in physical:
+                lookup = physical[sharding_type]
                 inner = lookup.module if isinstance(lookup, DistributedDataParallel) else lookup
-                sources.append((lookup, _sharded_tables(inner.grouped_configs)))
+                sources.append((lookup, sharded_tables(inner.grouped_configs)))
             row_wise = sharding_type in ROW_TYPES
-            if sharding_type in replicated:
-                bags = replicated[sharding_type]
+            if sharding_type in parts.replicated:
+                bags = parts.replicated[sharding_type]
                 # Without a physical lookup (only schemes with no row split) the bags are source 0, whose
                 # gradient the lookup does not rescale: rescale it here.
-                module = bags if sources else _GradScaled(bags, grad_scale)
+                module = bags if sources else GradScaled(bags, grad_scale)
                 sources.append((module, [LocalTable(t.name, t.feature_names, 0, t.embedding_dim) for t in bags.tables]))
-            self._lookups.append(
-                CompositionalLookup(
-                    self.__dict__["_logical_tables"],
-                    _local_grouped_configs(sharding, self._env.rank),
-                    sources,
-                    self._is_weighted,
-                    mean_after_output_dist=row_wise,
-                    replicated_grad_scale=grad_scale,
-                    path_functions=self.__dict__["_pending_paths"],
-                    data_parallel=sharding_type == ShardingType.DATA_PARALLEL.value,
-                    partitions=shifted_partitions(self.__dict__["_logical_tables"], self._logical_plan,
-                                                  self._env.rank) if row_wise else None,
-                )
-            )
+            internals.add_lookup(self, CompositionalLookup(
+                parts.tables,
+                internals.local_grouped_configs(sharding, rank),
+                sources,
+                parts.is_weighted,
+                mean_after_output_dist=row_wise,
+                replicated_grad_scale=grad_scale,
+                path_functions=parts.path_functions,
+                data_parallel=sharding_type == ShardingType.DATA_PARALLEL.value,
+                partitions=shifted_partitions(parts.tables, parts.logical_plan, rank) if row_wise else None,
+            ))
+        # The output's keys and widths in the output dist's order, for the row-wise MEAN divisor.
+        self._parts.output_layout = (names, dims)
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         """Everything but replicated sub-tables and path functions, which DMP's data-parallel wrapper syncs."""
         for name, _ in self.named_parameters(prefix):
-            if f"{_REPLICATED}." not in name and f"{_PATHS}." not in name:
+            if f"{REPLICATED}." not in name and f"{_PATHS}." not in name:
                 yield name
 
     def init_data_parallel(self) -> None:
@@ -304,10 +252,6 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         for functions in self._path_functions.values():
             functions.reset_parameters()
 
-    @property
-    def fused_optimizer(self) -> KeyedOptimizer:
-        return self._optim
-
     def input_dist(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
@@ -316,16 +260,14 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                 "the sharded CompositionalEmbeddingBagCollection takes one batch size for every feature; "
                 "expand variable-batch (VBE) inputs first (torchrec_qr.modules.variable_batch.fixed_batch)"
             )
-        check_features(features, [f for t in self._logical_tables for f in t.feature_names], self._is_weighted)
+        check_features(features, [f for t in self._parts.tables for f in t.feature_names], self._parts.is_weighted)
         if self._validate_ids:
-            check_id_ranges(features, self._logical_tables)
+            check_id_ranges(features, self._parts.tables)
         awaitable = super().input_dist(ctx, features)
-        if self._has_mean_pooling_callback:
+        if ctx.divisor is not None:  # TorchRec made one: some row-wise table pools by MEAN
             # TorchRec's divisor also divides other sharding types' features and uses sum(w) for weighted
             # bags; row-wise MEAN here divides the reduce-scattered sums by each bag's length, as the kernel does.
-            ctx.divisor = _row_wise_mean_divisor(
-                features, self._row_wise_mean_features, self._embedding_names, self._embedding_dims
-            )
+            ctx.divisor = row_wise_mean_divisor(features, self._row_wise_mean_features, *self._parts.output_layout)
         return awaitable
 
     def output_dist(
@@ -352,75 +294,9 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         return CompositionalEmbeddingBagCollection
 
 
-def _check_shared_features(tables: list[EmbeddingBagConfig], plan: dict[str, ParameterSharding]) -> None:
-    """A feature read by several tables shards table-, column-wise or data-parallel; row-wise sharding of
-    such tables is not supported (each table bucketizes the feature's ids into its own row blocks)."""
-    readers: dict[str, list[str]] = {}
-    for t in tables:
-        for f in t.feature_names:
-            readers.setdefault(f, []).append(t.name)
-    for f, names in readers.items():
-        row_wise = [n for n in names if plan[n].sharding_type in ROW_TYPES]
-        if len(names) > 1 and row_wise:
-            raise ValueError(
-                f"feature {f!r} is read by tables {names}, and {row_wise} are sharded "
-                f"{plan[row_wise[0]].sharding_type}: row-wise sharding of tables that share a feature is not "
-                "supported; shard them table_wise, column_wise or data_parallel, or give each table its own feature"
-            )
-
-
 def _add_to_values(kt: KeyedTensor, term: torch.Tensor) -> KeyedTensor:
-    kt._values.add_(term)
+    kt.values().add_(term)
     return kt
-
-
-_IN_BACKWARD_ATTRIBUTES = ("_optimizer_classes", "_optimizer_kwargs")
-
-
-def _carry_in_backward_optimizer(module: nn.Module, params: Iterable[nn.Parameter]) -> None:
-    """Copy an ``apply_optimizer_in_backward`` optimizer from the module's tables onto ``params``.
-
-    TorchRec reads it from the table parameters it shards (making it the fused optimizer); those are built
-    here from configs, so the unsharded module's choice must be carried over.
-    """
-    source = next((p for p in module.parameters() if hasattr(p, "_optimizer_classes")), None)
-    if source is None:
-        return
-    for param in params:
-        for attribute in _IN_BACKWARD_ATTRIBUTES:
-            setattr(param, attribute, getattr(source, attribute))
-
-
-def _row_wise_mean_divisor(
-    features: KeyedJaggedTensor, mean_features: set[str], names: list[str], dims: list[int]
-) -> torch.Tensor:
-    """``[B, sum(dims)]``: each row-wise MEAN feature's bag lengths (at least 1) under its columns, else 1."""
-    batch = features.stride()
-    lengths = features.lengths().view(-1, batch)
-    row_of = {k: i for i, k in enumerate(features.keys())}
-    ones = torch.ones(batch, device=lengths.device)
-    columns = [lengths[row_of[n]].clamp(min=1).float() if n in mean_features else ones for n in names]
-    repeats = torch.tensor(dims, device=lengths.device)
-    return torch.repeat_interleave(torch.stack(columns, dim=1), repeats, dim=1, output_size=sum(dims))
-
-
-def _replicated_as_physical_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
-    """Present replicated sub-tables (``_replicated_embedding_bags.{sharding type}.embedding_bags.X``) under
-    the keys the unsharded module uses."""
-    old = f"{prefix}{_REPLICATED}."
-    for key in [k for k in state_dict if k.startswith(old)]:
-        _, rest = key[len(old):].split(".", 1)
-        state_dict[f"{prefix}{_PHYSICAL}.{rest}"] = state_dict.pop(key)
-
-
-def _physical_keys_to_replicated(
-    module: "ShardedCompositionalEmbeddingBagCollection", state_dict: dict[str, Any], prefix: str, *_: Any
-) -> None:
-    for sharding_type, bags in module._replicated_embedding_bags.items():
-        for t in bags.tables:
-            key = f"{prefix}{_PHYSICAL}.embedding_bags.{t.name}.weight"
-            if key in state_dict:
-                state_dict[f"{prefix}{_REPLICATED}.{sharding_type}.embedding_bags.{t.name}.weight"] = state_dict.pop(key)
 
 
 class CompositionalEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
@@ -463,24 +339,43 @@ class CompositionalEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
             module_fqn=module_fqn,
         )
 
-    def shardable_parameters(self, module: CompositionalEmbeddingBagCollection) -> dict[str, nn.Parameter]:
-        """One meta parameter per logical table, sized as the bytes it really stores.
+    # The sharding types it serves, and the row-wise ones among them (whose shards split a compositional
+    # table's ids); other files ask the sharder instead of listing them.
+    SHARDING_TYPES: tuple[str, ...] = SUPPORTED_SHARDING_TYPES
+    ROW_WISE_TYPES: tuple[str, ...] = ROW_TYPES
 
-        The planner estimates storage from these shapes, so a compositional table presents
-        ``ceil(sum_j |P_j| D_j / D)`` rows of width D (never N x D); constraints are keyed by its name.
-        """
+    def shardable_parameters(self, module: CompositionalEmbeddingBagCollection) -> dict[str, nn.Parameter]:
+        """One meta parameter per logical table, sized as the bytes it really stores (``plan_shape``):
+        the planner estimates storage from these shapes; constraints are keyed by the table's name."""
         out: dict[str, nn.Parameter] = {}
         for t in module.embedding_bag_configs():
-            if isinstance(t, CompositionalEmbeddingBagConfig):
-                rows = -(-t.num_parameters() // t.embedding_dim)
-            else:
-                rows = t.num_embeddings
-            out[t.name] = nn.Parameter(torch.empty(rows, t.embedding_dim, device="meta"), requires_grad=False)
-        _carry_in_backward_optimizer(module, out.values())  # the planner counts its state from these
+            rows, cols = self.plan_shape(t, ShardingType.TABLE_WISE.value)
+            out[t.name] = nn.Parameter(torch.empty(rows, cols, device="meta"), requires_grad=False)
+        internals.copy_in_backward_optimizer(module.parameters(), out.values())  # the planner counts its state
         return out
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
-        return list(SUPPORTED_SHARDING_TYPES)
+        return list(self.SHARDING_TYPES)
+
+    @staticmethod
+    def plan_shape(table: EmbeddingBagConfig, sharding_type: str) -> tuple[int, int]:
+        """``[rows, cols]`` that a plan's shards of ``table`` cut: ``N x D`` for plain tables; for
+        compositional ones ``ceil(sum_j |P_j| D_j / D) x D`` (the stored bytes, never N x D), except that
+        row-wise shards cut the ids ``N x D`` (the sharder gives each rank a block of ids)."""
+        if isinstance(table, CompositionalEmbeddingBagConfig) and sharding_type not in ROW_TYPES:
+            return -(-table.num_parameters() // table.embedding_dim), table.embedding_dim
+        return table.num_embeddings, table.embedding_dim
+
+    @staticmethod
+    def check_table_sharding(
+        table: EmbeddingBagConfig, ps: ParameterSharding, world_size: int, local_size: int
+    ) -> None:
+        """Raise ``ValueError`` unless the sharder can build ``table`` sharded by ``ps``: its own derivation
+        of the sub-tables' shardings, run on this table alone (row-wise needs a row split or replication,
+        enough rows and per-id composition; path tables cannot be column-wise; see ``sub_table_plan``)."""
+        if isinstance(table, CompositionalEmbeddingBagConfig) and ps.sharding_type in ROW_TYPES:
+            ps = logical_row_wise_sharding(table, ps, world_size, local_size)
+        physical_parameter_shardings([table], {table.name: ps})
 
     @property
     def module_type(self) -> Type[CompositionalEmbeddingBagCollection]:

@@ -34,9 +34,11 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from torchrec_qr.distributed.compositional_embeddingbag import CompositionalEmbeddingBagCollectionSharder
 from torchrec_qr.distributed.plan_checks import shardable_modules
 from torchrec_qr.distributed.planner import STORAGE_RESERVATION, PlannerResult, propose_plan
-from torchrec_qr.distributed.sub_table_plan import ROW_TYPES
+from torchrec_qr.distributed.sub_table_plan import row_split_stride
+from torchrec_qr.distributed.torchrec_internals import set_in_backward_optimizer
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, compress
 from torchrec_qr.modules.partitions import MixedRadix, QuotientRemainder
@@ -280,9 +282,7 @@ class CompressionPlanner:
         model = model_fn(configs) if model_fn else CompositionalEmbeddingBagCollection(
             configs, device="meta", validate_ids=False)
         for target in shardable_modules(model).values():  # TorchRec counts state for the class they carry
-            for p in target.module.parameters():
-                p._optimizer_classes = [OPTIMIZER_CLASSES[self.optimizer]]  # type: ignore[attr-defined]
-                p._optimizer_kwargs = [{}]  # type: ignore[attr-defined]
+            set_in_backward_optimizer(target.module.parameters(), OPTIMIZER_CLASSES[self.optimizer], {})
         return propose_plan(
             model, self.world_size, constraints=self.constraints, batch_size=self.batch_size,
             compute_device=self.compute_device, local_world_size=self.local_world_size,
@@ -397,14 +397,14 @@ def _bytes_per_rank(result: PlannerResult, optimizer: str) -> dict[int, int]:
     out = result.storage_per_rank()
     for option in result.options:
         config = next((t for t in option.module[1].embedding_bag_configs() if t.name == option.name), None)
-        if not isinstance(config, CompositionalEmbeddingBagConfig) or option.sharding_type not in ROW_TYPES:
+        row_wise = option.sharding_type in CompositionalEmbeddingBagCollectionSharder.ROW_WISE_TYPES
+        if not isinstance(config, CompositionalEmbeddingBagConfig) or not row_wise:
             continue
-        split = config.partition.row_split()
-        assert split is not None  # the sharder rejects row-wise sharding without a row split
+        split, _ = row_split_stride(config)  # the sub-table row-wise shards split; the sharder replicates the rest
         replicated = sum(
             s.num_embeddings * (s.embedding_dim * DATA_TYPE_NUM_BITS[s.data_type] // 8
                                 + optimizer_state_floats_per_row(optimizer, s.embedding_dim) * STATE_BYTES)
-            for j, s in enumerate(config.sub_table_configs()) if j != split[0]
+            for j, s in enumerate(config.sub_table_configs()) if j != split
         )
         for shard in option.shards:
             assert shard.rank is not None

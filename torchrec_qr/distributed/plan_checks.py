@@ -17,15 +17,17 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingPlan, ShardingType
 
 from torchrec_qr.distributed.compositional_embeddingbag import CompositionalEmbeddingBagCollectionSharder
-from torchrec_qr.distributed.planner import default_sharders, sharder_rejects
-from torchrec_qr.distributed.sub_table_plan import ROW_TYPES
+from torchrec_qr.distributed.planner import default_sharders
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
 
 __all__ = ["KNOWN_SHARDING_TYPES", "ShardableModule", "shardable_modules", "validate_plan"]
 
+_SHARDER = CompositionalEmbeddingBagCollectionSharder
 _TW, _CW, _TWCW = ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value
 _RW, _DP = ShardingType.ROW_WISE.value, ShardingType.DATA_PARALLEL.value
-KNOWN_SHARDING_TYPES = (_TW, _CW, _TWCW, _RW, ShardingType.TABLE_ROW_WISE.value, _DP)
+# Every type a sharder here serves on CPU: the compositional sharder's are the EBC sharder's plus row-wise.
+KNOWN_SHARDING_TYPES = _SHARDER.SHARDING_TYPES
+_ROW_TYPES = _SHARDER.ROW_WISE_TYPES
 _DENSE = EmbeddingComputeKernel.DENSE.value
 FUSED_WIDTH_MULTIPLE = 4  # FBGEMM's fused TBE kernels need every local width to be a multiple of 4
 
@@ -43,15 +45,15 @@ class ShardableModule:
 
     def shape(self, table: str, sharding_type: str) -> tuple[int, int]:
         config = self.config(table)
-        if isinstance(config, CompositionalEmbeddingBagConfig) and sharding_type in ROW_TYPES:
-            return config.num_embeddings, config.embedding_dim
+        if isinstance(config, CompositionalEmbeddingBagConfig):
+            return _SHARDER.plan_shape(config, sharding_type)
         return self.shapes[table]
 
     def sharding_types(self, device_type: str) -> list[str]:
         types = list(self.sharder.sharding_types(device_type))
-        if device_type == "cpu" and not isinstance(self.sharder, CompositionalEmbeddingBagCollectionSharder):
+        if device_type == "cpu" and not isinstance(self.sharder, _SHARDER):
             # TorchRec lists row_wise / table_row_wise for GPUs only, yet its EBC runs them on CPU.
-            types += [t for t in ROW_TYPES if t not in types]
+            types += [t for t in _ROW_TYPES if t not in types]
         return types
 
     def compute_kernels(self, sharding_type: str, device_type: str) -> list[str]:
@@ -108,9 +110,10 @@ def validate_plan(
             _check_table(where, target, name, module_plan[name], world_size, device_type)
             config = target.config(name)
             if isinstance(config, CompositionalEmbeddingBagConfig):
-                problem = sharder_rejects(config, module_plan[name], world_size, local_world_size or world_size)
-                if problem is not None:
-                    raise ValueError(f"{where}: {problem}")
+                try:
+                    _SHARDER.check_table_sharding(config, module_plan[name], world_size, local_world_size or world_size)
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from e
 
 
 def _check_table(
@@ -147,7 +150,7 @@ def _check_table(
     config = target.config(name)
     rows, cols = target.shape(name, kind)
     _check_cover(where, shards, kind, rows, cols, config)
-    if kind in ROW_TYPES:
+    if kind in _ROW_TYPES:
         _check_even_rows(where, shards, rows)
     if ps.compute_kernel != _DENSE:
         _check_widths(where, shards, config)
@@ -164,7 +167,7 @@ def _check_cover(where: str, shards: list[ShardMetadata], kind: str, rows: int, 
     that they do not overlap, of total area ``rows x cols``."""
     described = f"the {rows} x {cols} table"
     if isinstance(config, CompositionalEmbeddingBagConfig):
-        described += f" ({'rows are its ids' if kind in ROW_TYPES else 'rows of its stored parameters'})"
+        described += f" ({'rows are its ids' if kind in _ROW_TYPES else 'rows of its stored parameters'})"
     if kind == _TW and len(shards) > 1:
         raise ValueError(f"{where}: table_wise puts the whole table in one shard, got {len(shards)}")
     for i, s in enumerate(shards):
@@ -173,12 +176,12 @@ def _check_cover(where: str, shards: list[ShardMetadata], kind: str, rows: int, 
             raise ValueError(f"{where}: shard {i} (offsets [{r0}, {c0}], sizes [{h}, {w}]) lies outside {described}")
         if kind in (_CW, _TWCW) and (r0, h) != (0, rows):
             raise ValueError(f"{where}: column shard {i} must span all {rows} rows, got rows [{r0}, {r0 + h})")
-        if kind in ROW_TYPES and (c0, w) != (0, cols):
+        if kind in _ROW_TYPES and (c0, w) != (0, cols):
             raise ValueError(f"{where}: row shard {i} must span all {cols} columns, got columns [{c0}, {c0 + w})")
     area = sum(s.shard_sizes[0] * s.shard_sizes[1] for s in shards)
     if area != rows * cols:
         hint = ""
-        if isinstance(config, CompositionalEmbeddingBagConfig) and kind in ROW_TYPES:
+        if isinstance(config, CompositionalEmbeddingBagConfig) and kind in _ROW_TYPES:
             hint = (" (TorchRec's planner splits the stored rows instead: plan with "
                     "torchrec_qr.distributed.planner.plan_model, whose callback splits the ids)")
         raise ValueError(f"{where}: shards cover {area} of the {rows * cols} cells of {described}; "

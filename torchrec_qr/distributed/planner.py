@@ -30,7 +30,6 @@ from torchrec.distributed.sharding_plan import (
 from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingPlan, ShardingType
 
 from torchrec_qr.distributed.compositional_embeddingbag import CompositionalEmbeddingBagCollectionSharder
-from torchrec_qr.distributed.sub_table_plan import ROW_TYPES, logical_row_wise_sharding, physical_parameter_shardings
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
 
@@ -61,13 +60,10 @@ def default_sharders(fused_params: dict | None = None) -> list[ModuleSharder[nn.
 def sharder_rejects(
     table: CompositionalEmbeddingBagConfig, ps: ParameterSharding, world_size: int, local_world_size: int
 ) -> str | None:
-    """The sharder's error for sharding ``table`` by ``ps`` (None: it can): its own derivation of the
-    sub-tables' shardings, run on this table alone (row-wise needs enough rows and per-id composition,
-    path tables cannot be column-wise, ...; see ``sub_table_plan``)."""
+    """The sharder's error for sharding ``table`` by ``ps`` (None: it can); see
+    ``CompositionalEmbeddingBagCollectionSharder.check_table_sharding``."""
     try:
-        if ps.sharding_type in ROW_TYPES:
-            ps = logical_row_wise_sharding(table, ps, world_size, local_world_size)
-        physical_parameter_shardings([table], {table.name: ps})
+        CompositionalEmbeddingBagCollectionSharder.check_table_sharding(table, ps, world_size, local_world_size)
     except ValueError as e:
         return str(e)
     return None
@@ -85,8 +81,8 @@ def _probe(
         ShardingType.DATA_PARALLEL.value: data_parallel(),
     }
     generator = generators.get(sharding_type, column_wise(ranks=[0]))
-    rows = table.num_embeddings if sharding_type in ROW_TYPES else -(-table.num_parameters() // table.embedding_dim)
-    param = nn.Parameter(torch.empty(rows, table.embedding_dim, device="meta"), requires_grad=False)
+    rows, cols = CompositionalEmbeddingBagCollectionSharder.plan_shape(table, sharding_type)
+    param = nn.Parameter(torch.empty(rows, cols, device="meta"), requires_grad=False)
     ps = generator(param, local_world_size, world_size, compute_device, sharder)
     return replace(ps, sharding_type=sharding_type)
 
@@ -142,7 +138,8 @@ def logical_row_shards(options: list[ShardingOption]) -> list[ShardingOption]:
     """
     for option in options:
         module = option.module[1]
-        if option.sharding_type not in ROW_TYPES or not isinstance(module, CompositionalEmbeddingBagCollection):
+        row_wise = option.sharding_type in CompositionalEmbeddingBagCollectionSharder.ROW_WISE_TYPES
+        if not row_wise or not isinstance(module, CompositionalEmbeddingBagCollection):
             continue
         table = next(t for t in module.embedding_bag_configs() if t.name == option.name)
         if not isinstance(table, CompositionalEmbeddingBagConfig):

@@ -44,6 +44,7 @@ __all__ = [
     "ROW_TYPES",
     "SUPPORTED_SHARDING_TYPES",
     "ShiftedPartition",
+    "check_shared_features",
     "logical_row_wise_sharding",
     "physical_parameter_shardings",
     "row_block_size",
@@ -166,6 +167,23 @@ def shifted_partitions(
         offset = next(s.shard_offsets[0] for s in ps.sharding_spec.shards if s.placement.rank() == rank)
         out.update({(t.name, f): ShiftedPartition(t.partition, offset) for f in t.feature_names})
     return out
+
+
+def check_shared_features(tables: list[EmbeddingBagConfig], plan: dict[str, ParameterSharding]) -> None:
+    """A feature read by several tables shards table-, column-wise or data-parallel; row-wise sharding of
+    such tables is not supported (each table bucketizes the feature's ids into its own row blocks)."""
+    readers: dict[str, list[str]] = {}
+    for t in tables:
+        for f in t.feature_names:
+            readers.setdefault(f, []).append(t.name)
+    for f, names in readers.items():
+        row_wise = [n for n in names if plan[n].sharding_type in ROW_TYPES]
+        if len(names) > 1 and row_wise:
+            raise ValueError(
+                f"feature {f!r} is read by tables {names}, and {row_wise} are sharded "
+                f"{plan[row_wise[0]].sharding_type}: row-wise sharding of tables that share a feature is not "
+                "supported; shard them table_wise, column_wise or data_parallel, or give each table its own feature"
+            )
 
 
 def physical_parameter_shardings(
