@@ -14,7 +14,7 @@ from torchrec.distributed.embedding_types import GroupedEmbeddingConfig
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_qr.modules.composition import CompositionPlan, LocalTable
+from torchrec_qr.modules.composition import LocalTable, LookupComposer
 from torchrec_qr.modules.partitions import Partition
 from torchrec_qr.modules.path_functions import PathFunctions, scale_grad
 
@@ -65,22 +65,22 @@ class CompositionalLookup(nn.Module):
         self.__dict__["_sources"] = [module for module, _ in sources]
         self._is_weighted = is_weighted
         self.replicated_grad_scale = replicated_grad_scale
-        self.plan = CompositionPlan.for_local_tables(
+        self.composer = LookupComposer.for_local_tables(
             tables, sharded_tables(logical_grouped), [local for _, local in sources], is_weighted,
             mean_after_output_dist, path_functions, 1 if data_parallel else replicated_grad_scale,
             sharded_input=True,
         )
-        self.plan.partitions.update(partitions or {})  # (table, feature) -> the scheme this rank's ids go through
+        self.composer.partitions.update(partitions or {})  # (table, feature) -> the scheme this rank's ids go through
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        inputs = self.plan.expand(features, weighted=self._is_weighted)
+        inputs = self.composer.expand(features, weighted=self._is_weighted)
         outputs = [lookup(kjt) for lookup, kjt in zip(self._sources, inputs)]
         if len(outputs) > 1 and self.replicated_grad_scale != 1:
             outputs[1] = scale_grad(outputs[1], self.replicated_grad_scale)
-        if not self.plan.compose_slots:
+        if not self.composer.compose_slots:
             return outputs[0]  # an empty rank: the physical lookup's placeholder
         looked_up = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        return self.plan.compose(features, looked_up)
+        return self.composer.compose(features, looked_up)
 
 
 class GradScaled(nn.Module):
