@@ -47,7 +47,7 @@ from torchrec_qr.train.data import prepare_splits  # noqa: E402
 
 
 def _load() -> str:
-    return "load average %.2f, %.2f, %.2f" % os.getloadavg()
+    return "load average {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
 
 
 def _bytes_table(models: dict[str, torch.nn.Module], tables) -> None:
@@ -94,8 +94,10 @@ def main() -> None:
     dlrm = trained.model.eval()
     models = {d: quantize_inference_model(copy.deepcopy(dlrm), DTYPES[d]).eval() for d in DTYPES}
     packed = quantize_inference_model(copy.deepcopy(dlrm), torch.int8, row_alignment=1)
-    print(f"run {run}, {_load()}, {args.threads} thread(s)\n\n== bytes per table (rows padded to 16 bytes; "
-          "int8/a1: row alignment 1, CPU kernels) ==")
+    print(
+        f"run {run}, {_load()}, {args.threads} thread(s)\n\n== bytes per table (rows padded to 16 bytes; "
+        "int8/a1: row alignment 1, CPU kernels) =="
+    )
     _bytes_table({**models, "int8/a1": packed}, tables)
 
     print(f"\n== test split ({len(splits.test):,} rows) ==")
@@ -116,11 +118,17 @@ def main() -> None:
     rows = sum(d.shape[0] for d, _ in batches)
     # The whole model, and its embedding collection alone (what the compositional forward adds).
     calls = {name: (lambda d, k, m=m: m(d, k)) for name, m in contenders.items()}
-    calls.update({f"{name}, collection only": (lambda d, k, m=m: m.sparse_arch.embedding_bag_collection(k))
-                  for name, m in contenders.items()})
+    calls.update(
+        {
+            f"{name}, collection only": (lambda d, k, m=m: m.sparse_arch.embedding_bag_collection(k))
+            for name, m in contenders.items()
+        }
+    )
     times = {name: [0.0] * args.rounds for name in calls}
-    print(f"\n== throughput: {len(batches)} batches of {args.batch}, {args.rounds} rounds, contenders alternating "
-          f"batch by batch; before: {_load()} ==")
+    print(
+        f"\n== throughput: {len(batches)} batches of {args.batch}, {args.rounds} rounds, contenders alternating "
+        f"batch by batch; before: {_load()} =="
+    )
     with torch.no_grad():
         for call in calls.values():  # warm-up (TorchRec's QuantEBC caches its feature order)
             call(*batches[0])

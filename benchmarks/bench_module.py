@@ -111,8 +111,11 @@ def time_steps(module, opt, batches, warmup: int, iters: int, target: torch.Tens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layouts", default="26x100000,26x1000000,2x10000000",
-                        help="comma-separated TABLESxROWS table layouts (default: %(default)s)")
+    parser.add_argument(
+        "--layouts",
+        default="26x100000,26x1000000,2x10000000",
+        help="comma-separated TABLESxROWS table layouts (default: %(default)s)",
+    )
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--multi-hot", type=int, default=1, metavar="L", help="ids per feature per sample")
@@ -122,8 +125,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--mem-limit-gb", type=float, default=14.0,
-                        help="skip a variant whose parameters + dense gradients exceed this")
+    parser.add_argument(
+        "--mem-limit-gb", type=float, default=14.0, help="skip a variant whose parameters + dense gradients exceed this"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -136,8 +140,10 @@ def main() -> None:
         f"warmup={args.warmup}, median of {args.iters} steps, {allocator_state()}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
-    header = (f"{'layout':>13} | {'variant':<8} | {'ms/step':>9} | {'min..max':>17} | {'vs plain':>8} | "
-              f"{'vs fused':>8} | {'param MB':>9} | {'compression':>11}")
+    header = (
+        f"{'layout':>13} | {'variant':<8} | {'ms/step':>9} | {'min..max':>17} | {'vs plain':>8} | "
+        f"{'vs fused':>8} | {'param MB':>9} | {'compression':>11}"
+    )
     print(header)
     print("-" * len(header))
     for num_tables, rows in parse_layouts(args.layouts):
@@ -153,7 +159,8 @@ def main() -> None:
         for variant in variants:
             need = estimated_gb(variant, num_tables, rows, args.dim, args.collisions)
             if need > args.mem_limit_gb:
-                print(f"{layout:>13} | {variant:<8} | skipped: needs ~{need:.1f} GB > --mem-limit-gb {args.mem_limit_gb:g}")
+                limit = f"--mem-limit-gb {args.mem_limit_gb:g}"
+                print(f"{layout:>13} | {variant:<8} | skipped: needs ~{need:.1f} GB > {limit}")
                 continue
             module, opt = build(variant, configs, args.collisions, args.lr)
             times = time_steps(module, opt, batches, args.warmup, args.iters, target)

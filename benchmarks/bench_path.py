@@ -36,7 +36,9 @@ from common import make_batches, parse_variants  # noqa: E402
 VARIANTS = ("qr_mult", "path_linear", "path_mlp")
 
 
-def build(variant: str, configs: list[EmbeddingBagConfig], collisions: int, hidden: int) -> CompositionalEmbeddingBagCollection:
+def build(
+    variant: str, configs: list[EmbeddingBagConfig], collisions: int, hidden: int
+) -> CompositionalEmbeddingBagCollection:
     partition = QuotientRemainder(collisions)
     if variant == "qr_mult":
         tables = compress(configs, partition, combine="mult")
@@ -72,8 +74,10 @@ def main() -> None:
     variants = parse_variants(parser, args.variants, VARIANTS)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    configs = [EmbeddingBagConfig(name=f"t{i}", num_embeddings=args.rows, embedding_dim=args.dim,
-                                  feature_names=[f"f{i}"]) for i in range(args.tables)]
+    configs = [
+        EmbeddingBagConfig(name=f"t{i}", num_embeddings=args.rows, embedding_dim=args.dim, feature_names=[f"f{i}"])
+        for i in range(args.tables)
+    ]
     modules = {v: build(v, configs, args.collisions, args.mlp_hidden) for v in variants}
     batches = make_batches(args.tables, args.rows, args.batch, args.multi_hot, 3, args.seed)
     target = torch.randn(args.batch, args.tables * args.dim)

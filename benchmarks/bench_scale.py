@@ -57,8 +57,32 @@ from common import git_state  # noqa: E402
 # MLPerf DLRM v1 (Criteo Terabyte) rows per categorical feature, cat_0..cat_25, as in TorchRec's DLRM example
 # (--num_embeddings_per_feature): 177,944,275 rows in total.
 MLPERF_CARDINALITIES = [
-    45833188, 36746, 17245, 7413, 20243, 3, 7114, 1441, 62, 29275261, 1572176, 345138, 10, 2209, 11267, 128,
-    4, 974, 14, 48937457, 11316796, 40094537, 452104, 12606, 104, 35,
+    45833188,
+    36746,
+    17245,
+    7413,
+    20243,
+    3,
+    7114,
+    1441,
+    62,
+    29275261,
+    1572176,
+    345138,
+    10,
+    2209,
+    11267,
+    128,
+    4,
+    974,
+    14,
+    48937457,
+    11316796,
+    40094537,
+    452104,
+    12606,
+    104,
+    35,
 ]
 EBC_PATH = "model.sparse_arch.embedding_bag_collection"
 
@@ -83,34 +107,45 @@ def full_tables(dim: int) -> list[EmbeddingBagConfig]:
 
 def dlrm(configs: list[EmbeddingBagConfig], args: argparse.Namespace, device: torch.device) -> DLRMTrain:
     ebc = CompositionalEmbeddingBagCollection(configs, device="meta", validate_ids=False)
-    return DLRMTrain(DLRM(
-        embedding_bag_collection=ebc,
-        dense_in_features=len(DEFAULT_INT_NAMES),
-        dense_arch_layer_sizes=[int(x) for x in args.dense_arch.split(",")],
-        over_arch_layer_sizes=[int(x) for x in args.over_arch.split(",")],
-        dense_device=device,
-    ))
+    return DLRMTrain(
+        DLRM(
+            embedding_bag_collection=ebc,
+            dense_in_features=len(DEFAULT_INT_NAMES),
+            dense_arch_layer_sizes=[int(x) for x in args.dense_arch.split(",")],
+            over_arch_layer_sizes=[int(x) for x in args.over_arch.split(",")],
+            dense_device=device,
+        )
+    )
 
 
 def budget_plan(args: argparse.Namespace, ws: int, local_ranks: int, device: torch.device) -> CompressionPlan:
     """Rank 0 runs the compression planner for ``--memory-per-rank`` and sends every rank its result."""
     result: list[CompressionPlan | None] = [None]
     if dist.get_rank() == 0:
-        planner = CompressionPlanner(ws, args.memory_per_rank, optimizer="rowwise_adagrad", threshold=args.threshold,
-                                     batch_size=args.batch, local_world_size=local_ranks)
+        planner = CompressionPlanner(
+            ws,
+            args.memory_per_rank,
+            optimizer="rowwise_adagrad",
+            threshold=args.threshold,
+            batch_size=args.batch,
+            local_world_size=local_ranks,
+        )
         result[0] = planner.plan(full_tables(args.dim), model_fn=lambda t: dlrm(t, args, device))
     dist.broadcast_object_list(result, src=0)
     assert result[0] is not None
     return result[0]
 
 
-def table_wise_plan(ebc: CompositionalEmbeddingBagCollection, sharder: CompositionalEmbeddingBagCollectionSharder,
-                    world_size: int) -> ShardingPlan:
+def table_wise_plan(
+    ebc: CompositionalEmbeddingBagCollection, sharder: CompositionalEmbeddingBagCollectionSharder, world_size: int
+) -> ShardingPlan:
     """Greedy table-wise plan: largest stored table first, each onto the rank holding the fewest bytes;
     tables under 1% of the stored bytes go to the rank with the fewest tables (lookups and output-dist
     traffic grow with the number of features, not with table size)."""
-    stored = {t.name: sum(p.num_embeddings * p.embedding_dim for p in physical_table_configs([t]))
-              for t in ebc.embedding_bag_configs()}
+    stored = {
+        t.name: sum(p.num_embeddings * p.embedding_dim for p in physical_table_configs([t]))
+        for t in ebc.embedding_bag_configs()
+    }
     small = 0.01 * sum(stored.values())
     load = [0] * world_size
     count = [0] * world_size
@@ -145,21 +180,31 @@ def local_embedding_bytes(dmp: DistributedModelParallel) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--collisions", type=int, default=16)
-    parser.add_argument("--memory-per-rank", default=None,
-                        help="e.g. 10GiB: the compression planner chooses storage and plan "
-                             "(ignores --collisions, --plan)")
+    parser.add_argument(
+        "--memory-per-rank",
+        default=None,
+        help="e.g. 10GiB: the compression planner chooses storage and plan (ignores --collisions, --plan)",
+    )
     parser.add_argument("--threshold", type=int, default=20_000, help="tables with at most this many rows stay full")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2048, help="samples per rank per step")
     parser.add_argument("--ids-per-feature", type=int, default=1)
     parser.add_argument("--dense-arch", default="512,256,128", help="bottom MLP (last = --dim)")
     parser.add_argument("--over-arch", default="512,256,1", help="top MLP (last = 1)")
-    parser.add_argument("--plan", choices=("tw", "planner"), default="tw",
-                        help="tw: greedy table-wise by stored bytes; planner: TorchRec's EmbeddingShardingPlanner")
+    parser.add_argument(
+        "--plan",
+        choices=("tw", "planner"),
+        default="tw",
+        help="tw: greedy table-wise by stored bytes; planner: TorchRec's EmbeddingShardingPlanner",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30, help="measured steps")
-    parser.add_argument("--num-batches", type=int, default=0,
-                        help="distinct random batches per rank, cycled (0: one per step, no batch repeats)")
+    parser.add_argument(
+        "--num-batches",
+        type=int,
+        default=0,
+        help="distinct random batches per rank, cycled (0: one per step, no batch repeats)",
+    )
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
     parser.add_argument("--json", default=None)
@@ -179,22 +224,36 @@ def main() -> None:
             print(*a, flush=True)
 
     budget = budget_plan(args, ws, local_ranks, device) if args.memory_per_rank else None
-    configs = budget.tables if budget else compress(full_tables(args.dim), QuotientRemainder(args.collisions),
-                                                    combine="mult", threshold=args.threshold)
+    configs = (
+        budget.tables
+        if budget
+        else compress(
+            full_tables(args.dim), QuotientRemainder(args.collisions), combine="mult", threshold=args.threshold
+        )
+    )
     full_bytes = sum(MLPERF_CARDINALITIES) * args.dim * 4
     physical = physical_table_configs(configs)
     stored_rows = sum(p.num_embeddings for p in physical)
     stored_bytes = sum(p.num_embeddings * p.embedding_dim * 4 for p in physical)
     compressed = [t for t in configs if len(physical_table_configs([t])) > 1]
-    say(f"torch {torch.__version__}, torchrec_qr at {git_state()}, world size {ws}, "
-        f"threads/rank {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
-    say(f"MLPerf DLRM v1 tables: 26 tables, {sum(MLPERF_CARDINALITIES):,} logical rows, D={args.dim}: "
-        f"{full_bytes / 1e9:.1f} GB full (fp32)")
-    chosen = (f"compression planner for {args.memory_per_rank} per rank" if budget
-              else f"QR mult, collisions {args.collisions}")
-    say(f"{chosen}, threshold {args.threshold:,}: {len(compressed)} tables compressed, "
+    say(
+        f"torch {torch.__version__}, torchrec_qr at {git_state()}, world size {ws}, "
+        f"threads/rank {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
+    )
+    say(
+        f"MLPerf DLRM v1 tables: 26 tables, {sum(MLPERF_CARDINALITIES):,} logical rows, D={args.dim}: "
+        f"{full_bytes / 1e9:.1f} GB full (fp32)"
+    )
+    chosen = (
+        f"compression planner for {args.memory_per_rank} per rank"
+        if budget
+        else f"QR mult, collisions {args.collisions}"
+    )
+    say(
+        f"{chosen}, threshold {args.threshold:,}: {len(compressed)} tables compressed, "
         f"{26 - len(compressed)} kept full; {stored_rows:,} stored rows = {stored_bytes / 1e9:.2f} GB "
-        f"({full_bytes / stored_bytes:.1f}x smaller)")
+        f"({full_bytes / stored_bytes:.1f}x smaller)"
+    )
     if budget:
         say("\n".join(f"  {c.name}: {c.storage}" for c in budget.choices if c.storage != "full"))
 
@@ -216,8 +275,9 @@ def main() -> None:
             batch_size=args.batch,
         )
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=device,
-                                   plan=plan, sharders=sharders)
+    dmp = DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=device, plan=plan, sharders=sharders
+    )
     shard_s = time.perf_counter() - t0
     mem["sharded"] = memory_kib()
     local_bytes = local_embedding_bytes(dmp)
@@ -227,8 +287,12 @@ def main() -> None:
     dense_opt = torch.optim.Adagrad(dense, lr=args.lr)
     num_batches = args.num_batches or args.warmup + args.steps
     dataset = RandomRecDataset(
-        keys=list(DEFAULT_CAT_NAMES), batch_size=args.batch, hash_sizes=MLPERF_CARDINALITIES,
-        ids_per_feature=args.ids_per_feature, num_dense=len(DEFAULT_INT_NAMES), manual_seed=args.seed * 1000 + rank,
+        keys=list(DEFAULT_CAT_NAMES),
+        batch_size=args.batch,
+        hash_sizes=MLPERF_CARDINALITIES,
+        ids_per_feature=args.ids_per_feature,
+        num_dense=len(DEFAULT_INT_NAMES),
+        manual_seed=args.seed * 1000 + rank,
         num_generated_batches=num_batches,
     )
     batches = [b.to(device) for b in itertools.islice(iter(dataset), num_batches)]
@@ -252,9 +316,17 @@ def main() -> None:
     wall = time.perf_counter() - measured_start
     mem["trained"] = memory_kib()
 
-    mine = {"rank": rank, "local_embedding_bytes": local_bytes,
-            "estimate_bytes": budget.bytes_per_rank[rank] if budget else None, "memory_kib": mem, "step_ms": step_ms,
-            "wall_s": wall, "shard_s": shard_s, "first_loss": losses[0], "last_loss": losses[-1]}
+    mine = {
+        "rank": rank,
+        "local_embedding_bytes": local_bytes,
+        "estimate_bytes": budget.bytes_per_rank[rank] if budget else None,
+        "memory_kib": mem,
+        "step_ms": step_ms,
+        "wall_s": wall,
+        "shard_s": shard_s,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
     everyone: list[Any] = [None] * ws
     dist.all_gather_object(everyone, mine)
     if rank == 0:
@@ -264,14 +336,27 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def report(args: argparse.Namespace, ws: int, everyone: list[dict[str, Any]], placement: dict[str, Any],
-           full_bytes: int, stored_bytes: int, stored_rows: int) -> None:
+def report(
+    args: argparse.Namespace,
+    ws: int,
+    everyone: list[dict[str, Any]],
+    placement: dict[str, Any],
+    full_bytes: int,
+    stored_bytes: int,
+    stored_rows: int,
+) -> None:
     wall = max(r["wall_s"] for r in everyone)
     samples = args.steps * args.batch * ws
     slowest = [max(s) for s in zip(*(r["step_ms"] for r in everyone))]
     median_ms = statistics.median(slowest)
-    short = {"table_wise": "tw", "column_wise": "cw", "row_wise": "rw", "table_row_wise": "twrw",
-             "table_column_wise": "twcw", "data_parallel": "dp"}
+    short = {
+        "table_wise": "tw",
+        "column_wise": "cw",
+        "row_wise": "rw",
+        "table_row_wise": "twrw",
+        "table_column_wise": "twcw",
+        "data_parallel": "dp",
+    }
     by_rank: dict[int, list[str]] = {}
     for table, (kind, ranks) in sorted(placement.items(), key=lambda kv: int(kv[0].rsplit("_", 1)[1])):
         for r in ranks or range(ws):
@@ -281,32 +366,57 @@ def report(args: argparse.Namespace, ws: int, everyone: list[dict[str, Any]], pl
     for r in sorted(by_rank):
         print(f"  rank {r}: {len(by_rank[r])} tables: {' '.join(by_rank[r])}")
     print(f"\nglobal batch {args.batch * ws} ({args.batch}/rank), {args.warmup} warmup + {args.steps} measured steps")
-    print(f"throughput: {samples / wall:,.0f} samples/s over the measured steps "
-          f"({wall:.1f}s); median step {median_ms:.0f} ms (slowest rank) = "
-          f"{args.batch * ws / median_ms * 1e3:,.0f} samples/s")
-    print(f"loss (random labels: shows only that training runs): {everyone[0]['first_loss']:.4f} (first step) -> "
-          f"{everyone[0]['last_loss']:.4f} (last), rank 0")
-    header = (f"{'rank':>4} | {'emb GB held':>11} | {'RSS GB meta model':>17} | {'peak RSS GB sharded':>19} | "
-              f"{'peak RSS GB trained':>19} | {'planner estimate GB':>19} | {'RSS / estimate':>14}")
+    print(
+        f"throughput: {samples / wall:,.0f} samples/s over the measured steps "
+        f"({wall:.1f}s); median step {median_ms:.0f} ms (slowest rank) = "
+        f"{args.batch * ws / median_ms * 1e3:,.0f} samples/s"
+    )
+    print(
+        f"loss (random labels: shows only that training runs): {everyone[0]['first_loss']:.4f} (first step) -> "
+        f"{everyone[0]['last_loss']:.4f} (last), rank 0"
+    )
+    header = (
+        f"{'rank':>4} | {'emb GB held':>11} | {'RSS GB meta model':>17} | {'peak RSS GB sharded':>19} | "
+        f"{'peak RSS GB trained':>19} | {'planner estimate GB':>19} | {'RSS / estimate':>14}"
+    )
     print("\n" + header)
     print("-" * len(header))
     for r in everyone:
         m = r["memory_kib"]
-        print(f"{r['rank']:>4} | {r['local_embedding_bytes'] / 1e9:11.2f} | "
-              f"{m['model on meta']['VmHWM'] * 1024 / 1e9:17.2f} | "
-              f"{m['sharded']['VmHWM'] * 1024 / 1e9:19.2f} | {m['trained']['VmHWM'] * 1024 / 1e9:19.2f} | "
-              + (f"{r['estimate_bytes'] / 1e9:19.2f} | {m['trained']['VmHWM'] * 1024 / r['estimate_bytes']:14.2f}"
-                 if r["estimate_bytes"] else f"{'-':>19} | {'-':>14}"))
-    print(f"\ntables: full {full_bytes / 1e9:.1f} GB (fp32, {sum(MLPERF_CARDINALITIES):,} rows) vs stored "
-          f"{stored_bytes / 1e9:.2f} GB ({stored_rows:,} rows): {full_bytes / stored_bytes:.1f}x smaller; "
-          f"peak RSS summed over ranks "
-          f"{sum(r['memory_kib']['trained']['VmHWM'] for r in everyone) * 1024 / 1e9:.2f} GB")
+        print(
+            f"{r['rank']:>4} | {r['local_embedding_bytes'] / 1e9:11.2f} | "
+            f"{m['model on meta']['VmHWM'] * 1024 / 1e9:17.2f} | "
+            f"{m['sharded']['VmHWM'] * 1024 / 1e9:19.2f} | {m['trained']['VmHWM'] * 1024 / 1e9:19.2f} | "
+            + (
+                f"{r['estimate_bytes'] / 1e9:19.2f} | {m['trained']['VmHWM'] * 1024 / r['estimate_bytes']:14.2f}"
+                if r["estimate_bytes"]
+                else f"{'-':>19} | {'-':>14}"
+            )
+        )
+    print(
+        f"\ntables: full {full_bytes / 1e9:.1f} GB (fp32, {sum(MLPERF_CARDINALITIES):,} rows) vs stored "
+        f"{stored_bytes / 1e9:.2f} GB ({stored_rows:,} rows): {full_bytes / stored_bytes:.1f}x smaller; "
+        f"peak RSS summed over ranks "
+        f"{sum(r['memory_kib']['trained']['VmHWM'] for r in everyone) * 1024 / 1e9:.2f} GB"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "world_size": ws, "git": git_state(), "full_table_bytes": full_bytes,
-                       "stored_table_bytes": stored_bytes, "stored_rows": stored_rows,
-                       "samples_per_s": samples / wall, "median_step_ms": median_ms,
-                       "placement": placement, "ranks": everyone}, f, indent=1)
+            json.dump(
+                {
+                    "config": vars(args),
+                    "world_size": ws,
+                    "git": git_state(),
+                    "full_table_bytes": full_bytes,
+                    "stored_table_bytes": stored_bytes,
+                    "stored_rows": stored_rows,
+                    "samples_per_s": samples / wall,
+                    "median_step_ms": median_ms,
+                    "placement": placement,
+                    "ranks": everyone,
+                },
+                f,
+                indent=1,
+            )
         print(f"wrote {args.json}")
 
 

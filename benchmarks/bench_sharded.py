@@ -47,7 +47,8 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,8 +70,16 @@ from common import CollectiveCounter, allocator_state, git_state, make_batches, 
 from naive_compositional import NaiveCompositionalModel, naive_table_configs  # noqa: E402
 
 VARIANTS = ("plain", "naive", "qr", "qr_pooled", "qr_add", "qr_concat", "qr_sqrt")
-LABELS = {"plain": "(a) plain EBC", "naive": "(b) naive", "qr": "(c) torchrec_qr", "qr_pooled": "(c') qr pooled",
-          "qr_add": "(d) qr add", "qr_concat": "(e) qr concat", "qr_sqrt": "(f) qr c~sqrt(N)"}
+LABELS = {
+    "plain": "(a) plain EBC",
+    "naive": "(b) naive",
+    "qr": "(c) torchrec_qr",
+    "qr_pooled": "(c') qr pooled",
+    "qr_add": "(d) qr add",
+    "qr_concat": "(e) qr concat",
+    "qr_sqrt": "(f) qr c~sqrt(N)",
+}
+
 
 class PooledModel(nn.Module):
     """``forward(kjt) -> [B, F*D]``: the collection's pooled output (in feature order when ``ordered``)."""
@@ -123,8 +132,9 @@ def build(variant: str, args: argparse.Namespace, device: torch.device) -> tuple
         sharder = EmbeddingBagCollectionSharder(fused_params=fused)
         wrapper = NaiveCompositionalModel(ebc, features, args.collisions)
     else:
-        ebc = CompositionalEmbeddingBagCollection(variant_tables(variant, args), device="meta",
-                                                  validate_ids=args.validate_ids)
+        ebc = CompositionalEmbeddingBagCollection(
+            variant_tables(variant, args), device="meta", validate_ids=args.validate_ids
+        )
         sharder = CompositionalEmbeddingBagCollectionSharder(fused_params=fused)
         wrapper = PooledModel(ebc, features)
     plan = construct_module_sharding_plan(
@@ -150,8 +160,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model: nn.Module, kjt: KeyedJaggedTensor, target: torch.Tensor, device: torch.device,
-               counter: CollectiveCounter | None = None) -> tuple[float, float]:
+def train_step(
+    model: nn.Module,
+    kjt: KeyedJaggedTensor,
+    target: torch.Tensor,
+    device: torch.device,
+    counter: CollectiveCounter | None = None,
+) -> tuple[float, float]:
     """One forward + backward (the fused optimizer updates inside it); returns (forward, backward) ms."""
     start = time.perf_counter()
     if counter is not None:
@@ -170,8 +185,9 @@ def train_step(model: nn.Module, kjt: KeyedJaggedTensor, target: torch.Tensor, d
 
 
 @torch.no_grad()
-def check_outputs(models: dict[str, tuple[DistributedModelParallel, nn.Module]], args: argparse.Namespace,
-                  kjt: KeyedJaggedTensor) -> dict[str, float]:
+def check_outputs(
+    models: dict[str, tuple[DistributedModelParallel, nn.Module]], args: argparse.Namespace, kjt: KeyedJaggedTensor
+) -> dict[str, float]:
     """Max |difference| of each ``qr*`` variant from its unsharded module holding the same weights, and of
     ``naive`` from ``qr`` / ``qr_pooled`` (the same sub-table weights loaded into both)."""
     local = kjt.to(torch.device("cpu"))
@@ -193,13 +209,22 @@ def check_outputs(models: dict[str, tuple[DistributedModelParallel, nn.Module]],
     other = "qr" if args.ids_per_feature == 1 else "qr_pooled"
     if "naive" in models and other in outs:
         prefix = "_embedding_bag_collection."
-        models["naive"][0].load_state_dict({"ebc." + k.removeprefix(prefix): v.clone() for k, v in states[other].items()})
+        models["naive"][0].load_state_dict(
+            {"ebc." + k.removeprefix(prefix): v.clone() for k, v in states[other].items()}
+        )
         errors[f"naive vs {other}"] = (models["naive"][0](kjt).detach().cpu() - outs[other]).abs().max().item()
     return errors
 
 
-def profile_variants(models: dict[str, tuple[DistributedModelParallel, nn.Module]], batches: list[KeyedJaggedTensor],
-                     target: torch.Tensor, steps: int, rank: int, device: torch.device, top: int) -> dict[str, str]:
+def profile_variants(
+    models: dict[str, tuple[DistributedModelParallel, nn.Module]],
+    batches: list[KeyedJaggedTensor],
+    target: torch.Tensor,
+    steps: int,
+    rank: int,
+    device: torch.device,
+    top: int,
+) -> dict[str, str]:
     """Rank 0 profiles ``steps`` steps of each variant (the other ranks run them unprofiled)."""
     tables: dict[str, str] = {}
     for name, (dmp, _) in models.items():
@@ -226,21 +251,33 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4096, help="samples per rank")
-    parser.add_argument("--ids-per-feature", default="1",
-                        help="ids per bag (multi-hot when > 1); a comma list runs each in turn, e.g. 1,8")
+    parser.add_argument(
+        "--ids-per-feature",
+        default="1",
+        help="ids per bag (multi-hot when > 1); a comma list runs each in turn, e.g. 1,8",
+    )
     parser.add_argument("--collisions", type=int, default=4, help="QR collisions c: sub-tables ceil(N/c) and c rows")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
+    )
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps per variant before timing")
     parser.add_argument("--iters", type=int, default=5, help="measured steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all variants (order rotates)")
     parser.add_argument("--num-batches", type=int, default=4, help="distinct batches per rank, cycled")
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--validate-ids", action="store_true",
-                        help="keep torchrec_qr's per-batch id-range check on (off: plain EBC does no such check)")
+    parser.add_argument(
+        "--validate-ids",
+        action="store_true",
+        help="keep torchrec_qr's per-batch id-range check on (off: plain EBC does no such check)",
+    )
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the output equality check")
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="after timing, profile STEPS steps of each variant on rank 0 and print the top ops")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after timing, profile STEPS steps of each variant on rank 0 and print the top ops",
+    )
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
     parser.add_argument("--json", default=None, help="write the results here (rank 0)")
@@ -262,36 +299,51 @@ def main() -> None:
         if rank == 0:
             print(*a, flush=True)
 
-    say(f"torch {torch.__version__}, torchrec_qr at {git_state()}, backend {dist.get_backend()}, world size {ws}, "
+    say(
+        f"torch {torch.__version__}, torchrec_qr at {git_state()}, backend {dist.get_backend()}, world size {ws}, "
         f"device {device.type}, threads/rank {torch.get_num_threads()}, {allocator_state()}, "
-        f"load average {os.getloadavg()[0]:.1f}")
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     bag_sizes = [int(x) for x in str(args.ids_per_feature).split(",") if x]
     all_results = {}
     for ids_per_feature in bag_sizes:
         args.ids_per_feature = ids_per_feature
-        say(f"\n== {args.tables} tables x {args.rows:,} rows x dim {args.dim}; batch {args.batch}/rank; "
+        say(
+            f"\n== {args.tables} tables x {args.rows:,} rows x dim {args.dim}; batch {args.batch}/rank; "
             f"{ids_per_feature} id(s)/feature; QR collisions {args.collisions} (sqrt: {round(math.sqrt(args.rows))}); "
             f"table-wise round robin; fused rowwise Adagrad lr {args.lr}; warmup {args.warmup}, "
-            f"{args.rounds} rounds x {args.iters} steps ==")
+            f"{args.rounds} rounds x {args.iters} steps =="
+        )
         all_results[ids_per_feature] = run_case(args, variants, device, rank, ws, say)
     if rank == 0:
         print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min)")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"config": vars(args), "world_size": ws, "torch": torch.__version__, "git": git_state(),
-                           "cases": all_results}, f, indent=1)
+                json.dump(
+                    {
+                        "config": vars(args),
+                        "world_size": ws,
+                        "torch": torch.__version__,
+                        "git": git_state(),
+                        "cases": all_results,
+                    },
+                    f,
+                    indent=1,
+                )
             print(f"wrote {args.json}")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def run_case(args: argparse.Namespace, variants: list[str], device: torch.device, rank: int, ws: int,
-             say: Callable[..., None]) -> dict[str, Any]:
+def run_case(
+    args: argparse.Namespace, variants: list[str], device: torch.device, rank: int, ws: int, say: Callable[..., None]
+) -> dict[str, Any]:
     """Every variant at ``args.ids_per_feature``: build, check, time (interleaved), count bytes, report."""
     t0 = time.perf_counter()
     models = {v: build(v, args, device) for v in variants}
-    batches = make_batches(args.tables, args.rows, args.batch, args.ids_per_feature, args.num_batches,
-                           args.seed * 1000 + rank, device)
+    batches = make_batches(
+        args.tables, args.rows, args.batch, args.ids_per_feature, args.num_batches, args.seed * 1000 + rank, device
+    )
     target = torch.randn(args.batch, args.tables * args.dim, generator=torch.Generator().manual_seed(1)).to(device)
     say(f"built {len(models)} sharded models in {time.perf_counter() - t0:.1f}s")
 
@@ -303,7 +355,7 @@ def run_case(args: argparse.Namespace, variants: list[str], device: torch.device
         errors = {k: max(g[k] for g in gathered) for k in errors}
         say("check (max |diff| over ranks): " + (", ".join(f"{k} {v:.2e}" for k, v in errors.items()) or "n/a"))
 
-    for name, (dmp, _) in models.items():
+    for dmp, _ in models.values():
         for i in range(args.warmup):
             train_step(dmp, batches[i % len(batches)], target, device)
         sync(device)
@@ -311,7 +363,7 @@ def run_case(args: argparse.Namespace, variants: list[str], device: torch.device
     times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     step = 0
     for r in range(args.rounds):
-        for name in variants[r % len(variants):] + variants[: r % len(variants)]:
+        for name in variants[r % len(variants) :] + variants[: r % len(variants)]:
             dmp = models[name][0]
             for _ in range(args.iters):
                 dist.barrier()
@@ -343,9 +395,15 @@ def run_case(args: argparse.Namespace, variants: list[str], device: torch.device
     return out
 
 
-def report(args: argparse.Namespace, variants: list[str], ws: int,
-           all_times: list[dict[str, list[tuple[float, float]]]], all_counts: list[dict[str, dict[str, Any]]],
-           errors: dict[str, float], profiles: dict[str, str]) -> dict[str, Any]:
+def report(
+    args: argparse.Namespace,
+    variants: list[str],
+    ws: int,
+    all_times: list[dict[str, list[tuple[float, float]]]],
+    all_counts: list[dict[str, dict[str, Any]]],
+    errors: dict[str, float],
+    profiles: dict[str, str],
+) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for v in variants:
         per_step = list(zip(*(t[v] for t in all_times)))  # per step: each rank's (forward, backward) ms
@@ -353,7 +411,10 @@ def report(args: argparse.Namespace, variants: list[str], ws: int,
         q = statistics.quantiles(slowest, n=10) if len(slowest) > 1 else [slowest[0]] * 9
         c0 = all_counts[0][v]
         results[v] = {
-            "ms_median": statistics.median(slowest), "ms_p10": q[0], "ms_p90": q[-1], "ms_all": slowest,
+            "ms_median": statistics.median(slowest),
+            "ms_p10": q[0],
+            "ms_p90": q[-1],
+            "ms_all": slowest,
             "fwd_ms_median": statistics.median(max(f for f, _ in ranks) for ranks in per_step),
             "bwd_ms_median": statistics.median(max(b for _, b in ranks) for ranks in per_step),
             "bytes_per_rank": [c[v]["total"] for c in all_counts],
@@ -361,9 +422,11 @@ def report(args: argparse.Namespace, variants: list[str], ws: int,
             "calls_rank0": c0["calls"],
         }
     mib = 2**20
-    header = (f"{'variant':<16} | {'ms/step':>8} | {'p10..p90':>15} | {'fwd':>6} | {'bwd':>6} | {'vs (a)':>6} | "
-              f"{'MiB sent/step/rank':>18} | "
-              f"{'ids fwd':>8} | {'emb fwd':>8} | {'emb bwd':>8} | {'vs (a)':>6}")
+    header = (
+        f"{'variant':<16} | {'ms/step':>8} | {'p10..p90':>15} | {'fwd':>6} | {'bwd':>6} | {'vs (a)':>6} | "
+        f"{'MiB sent/step/rank':>18} | "
+        f"{'ids fwd':>8} | {'emb fwd':>8} | {'emb bwd':>8} | {'vs (a)':>6}"
+    )
     print()
     print(header)
     print("-" * len(header))
@@ -375,29 +438,41 @@ def report(args: argparse.Namespace, variants: list[str], ws: int,
         t_ratio = f"{r['ms_median'] / base['ms_median']:.2f}x" if base else "n/a"
         base_bytes = base["bytes_per_rank"][0] if base else 0
         b_ratio = f"{r['bytes_per_rank'][0] / base_bytes:.2f}x" if base_bytes else "n/a"
-        print(f"{LABELS[v]:<16} | {r['ms_median']:8.1f} | {r['ms_p10']:6.1f}..{r['ms_p90']:7.1f} | "
-              f"{r['fwd_ms_median']:6.1f} | {r['bwd_ms_median']:6.1f} | {t_ratio:>6} | "
-              f"{per_rank:>18} | {b0['fwd_ids'] / mib:8.2f} | {b0['fwd_emb'] / mib:8.2f} | "
-              f"{b0['bwd_emb'] / mib:8.2f} | "
-              f"{b_ratio:>6}")
-    print(f"(ms: slowest rank per step, median of {args.rounds * args.iters}; fwd/bwd: the same for each phase "
-          f"(bwd includes the fused update); bytes: per rank as rank0/rank1/...; breakdown columns are rank 0's)")
+        print(
+            f"{LABELS[v]:<16} | {r['ms_median']:8.1f} | {r['ms_p10']:6.1f}..{r['ms_p90']:7.1f} | "
+            f"{r['fwd_ms_median']:6.1f} | {r['bwd_ms_median']:6.1f} | {t_ratio:>6} | "
+            f"{per_rank:>18} | {b0['fwd_ids'] / mib:8.2f} | {b0['fwd_emb'] / mib:8.2f} | "
+            f"{b0['bwd_emb'] / mib:8.2f} | "
+            f"{b_ratio:>6}"
+        )
+    print(
+        f"(ms: slowest rank per step, median of {args.rounds * args.iters}; fwd/bwd: the same for each phase "
+        f"(bwd includes the fused update); bytes: per rank as rank0/rank1/...; breakdown columns are rank 0's)"
+    )
 
     ratios: dict[str, Any] = {}
     checks = []
-    targets = {"qr": 1.15 if args.ids_per_feature == 1 else 1.5, "qr_pooled": 1.1, "qr_add": 1.1, "qr_concat": 1.1,
-               "qr_sqrt": 1.0}
+    targets = {
+        "qr": 1.15 if args.ids_per_feature == 1 else 1.5,
+        "qr_pooled": 1.1,
+        "qr_add": 1.1,
+        "qr_concat": 1.1,
+        "qr_sqrt": 1.0,
+    }
     for v, bound in targets.items():
         if "plain" not in results or v not in results:
             continue
         ratio = results[v]["ms_median"] / results["plain"]["ms_median"]
-        byte_ratios = [q / p if p else float(q == 0) for q, p in
-                       zip(results[v]["bytes_per_rank"], results["plain"]["bytes_per_rank"])]
+        byte_ratios = [
+            q / p if p else float(q == 0)
+            for q, p in zip(results[v]["bytes_per_rank"], results["plain"]["bytes_per_rank"])
+        ]
         ratios[f"{v}_over_plain"], ratios[f"bytes_{v}_over_plain"] = ratio, byte_ratios
         label = LABELS[v].split()[0]
         checks.append((f"{label}/(a) time", f"{ratio:.2f}", f"<= {bound}", ratio <= bound))
-        checks.append((f"bytes{label}/(a)", "/".join(f"{x:.3f}" for x in byte_ratios), "= 1",
-                       all(x == 1.0 for x in byte_ratios)))
+        checks.append(
+            (f"bytes{label}/(a)", "/".join(f"{x:.3f}" for x in byte_ratios), "= 1", all(x == 1.0 for x in byte_ratios))
+        )
     if "naive" in results and "qr" in results:
         ratios["naive_over_qr"] = results["naive"]["ms_median"] / results["qr"]["ms_median"]
         checks.append(("(b)/(c) time", f"{ratios['naive_over_qr']:.2f}", ">= 1.7", ratios["naive_over_qr"] >= 1.7))

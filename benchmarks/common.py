@@ -6,8 +6,9 @@ import argparse
 import os
 import subprocess
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,8 +20,13 @@ __all__ = ["CollectiveCounter", "allocator_state", "git_state", "make_batches", 
 def git_state() -> str:
     """``<commit>[-dirty]`` of the checkout the library is imported from (results depend on it)."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
@@ -32,8 +38,9 @@ def allocator_state() -> str:
     return "malloc tuned (launch/cpu_allocator.sh)" if tuned else "malloc default"
 
 
-def make_batches(num_tables: int, rows: int, batch: int, ids_per_bag: int, count: int, seed: int,
-                 device: torch.device | None = None) -> list[KeyedJaggedTensor]:
+def make_batches(
+    num_tables: int, rows: int, batch: int, ids_per_bag: int, count: int, seed: int, device: torch.device | None = None
+) -> list[KeyedJaggedTensor]:
     """``count`` KJTs over features ``f0..`` with ``ids_per_bag`` uniform ids in ``[0, rows)`` per bag."""
     g = torch.Generator().manual_seed(seed)
     n = num_tables * batch * ids_per_bag
@@ -56,9 +63,15 @@ def parse_variants(parser: argparse.ArgumentParser, text: str, known: tuple[str,
 
 
 # Collective -> the keyword naming the tensor(s) it sends (its 2nd positional argument, all_reduce's 1st).
-_SENT_ARG = {"all_to_all_single": "input", "all_to_all": "input_tensor_list", "reduce_scatter": "input_list",
-             "reduce_scatter_tensor": "input", "all_gather": "tensor", "all_gather_into_tensor": "input_tensor",
-             "all_reduce": "tensor"}
+_SENT_ARG = {
+    "all_to_all_single": "input",
+    "all_to_all": "input_tensor_list",
+    "reduce_scatter": "input_list",
+    "reduce_scatter_tensor": "input",
+    "all_gather": "tensor",
+    "all_gather_into_tensor": "input_tensor",
+    "all_reduce": "tensor",
+}
 
 
 class CollectiveCounter:
@@ -85,7 +98,7 @@ class CollectiveCounter:
 
         return call
 
-    def __enter__(self) -> "CollectiveCounter":
+    def __enter__(self) -> CollectiveCounter:
         self.bytes.clear()
         self.calls.clear()
         for name in _SENT_ARG:

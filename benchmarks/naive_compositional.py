@@ -32,7 +32,7 @@ __all__ = ["NaiveCompositionalModel", "naive_table_configs", "split_features"]
 def naive_table_configs(tables: list[CompositionalEmbeddingBagConfig]) -> list[EmbeddingBagConfig]:
     """Every table's ``__p0`` sub-table, then every table's ``__p1`` sub-table (one feature each)."""
     subs = [t.sub_table_configs() for t in tables]
-    for t, s in zip(tables, subs):
+    for t in tables:
         if t.num_partitions != 2 or t.combine != "mult" or len(t.feature_names) != 1:
             raise ValueError(f"table {t.name!r}: the naive baseline covers QR mult tables with one feature")
     return [s[0] for s in subs] + [s[1] for s in subs]
@@ -69,8 +69,7 @@ class NaiveCompositionalModel(nn.Module):
         if self._index is None or self._keys != keys:
             pos = {k: i for i, k in enumerate(keys)}
             self._index = tuple(
-                torch.tensor([pos[sub_feature_name(f, j)] for f in self.feature_names], device=device)
-                for j in (0, 1)
+                torch.tensor([pos[sub_feature_name(f, j)] for f in self.feature_names], device=device) for j in (0, 1)
             )  # type: ignore[assignment]
             self._keys = list(keys)
         assert self._index is not None

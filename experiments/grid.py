@@ -46,9 +46,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default="runs/experiments", help="run directories (summaries are reused)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run; > 1 launches torchrun (default 1)")
     p.add_argument("--max-card", type=int, help="largest synthetic table (default 10k quick, 20k otherwise)")
-    p.add_argument("--only", type=lambda v: v.split(","), metavar="S1,S2",
-                   help="run only these setting labels, comma-separated (e.g. full,hash-c4-t200); the CSV keeps "
-                        "its rows of the other settings")
+    p.add_argument(
+        "--only",
+        type=lambda v: v.split(","),
+        metavar="S1,S2",
+        help="run only these setting labels, comma-separated (e.g. full,hash-c4-t200); the CSV keeps "
+        "its rows of the other settings",
+    )
     p.add_argument("--report-only", action="store_true", help="redraw outputs from the existing CSV")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra training-app overrides for every run")
     args = p.parse_args(argv)
@@ -73,8 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report_only:
         records = read_csv(csv_path)
     else:
-        print(f"grid {name}: {len(settings)} settings x {len(grid.seeds)} seeds, base config {config}, "
-              f"{'torchrun x ' + str(args.nproc) if args.nproc > 1 else 'one process'} per run", flush=True)
+        print(
+            f"grid {name}: {len(settings)} settings x {len(grid.seeds)} seeds, base config {config}, "
+            f"{'torchrun x ' + str(args.nproc) if args.nproc > 1 else 'one process'} per run",
+            flush=True,
+        )
         kept = [r for r in read_csv(csv_path) if r.setting not in args.only] if args.only and csv_path.exists() else []
         records, failed, start = list(kept), [], time.perf_counter()
         for seed in grid.seeds:  # seed-major: a partial sweep still covers every setting
@@ -84,22 +91,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                     failed.append(f"{s.label}-s{seed}")
                     continue
                 records.append(rec)
-                print(f"  {s.label:<22} seed {seed}: test log loss {rec.test_log_loss:.5f}, "
-                      f"{rec.params:,} params, {rec.samples_per_s:,.0f} samples/s", flush=True)
+                print(
+                    f"  {s.label:<22} seed {seed}: test log loss {rec.test_log_loss:.5f}, "
+                    f"{rec.params:,} params, {rec.samples_per_s:,.0f} samples/s",
+                    flush=True,
+                )
                 write_csv(records, csv_path)
-        print(f"grid {name}: {len(records) - len(kept)} runs in {time.perf_counter() - start:.0f} s"
-              + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+        print(
+            f"grid {name}: {len(records) - len(kept)} runs in {time.perf_counter() - start:.0f} s"
+            + (f"; failed: {', '.join(failed)}" if failed else ""),
+            flush=True,
+        )
     if not records:
         print("no finished runs", file=sys.stderr)
         return 1
     write_csv(records, csv_path)
     n_seeds = len({r.seed for r in records})
-    desc = (f"{args.data} data, {n_seeds} seed(s); base config {config}; common overrides: "
-            + " ".join(f"`{o}`" for o in (*grid.common, *extra)))
+    desc = f"{args.data} data, {n_seeds} seed(s); base config {config}; common overrides: " + " ".join(
+        f"`{o}`" for o in (*grid.common, *extra)
+    )
     write_markdown(records, out / f"results_{name}.md", f"Results: {name} grid", [desc])
     refs = references(records) if args.data == "synthetic" else {}
-    plot_pareto(records, out / f"pareto_{name}.png", f"{name} grid ({args.data}): test log loss vs embedding "
-                f"parameters, {n_seeds} seed(s)", refs)
+    plot_pareto(
+        records,
+        out / f"pareto_{name}.png",
+        f"{name} grid ({args.data}): test log loss vs embedding parameters, {n_seeds} seed(s)",
+        refs,
+    )
     print(f"wrote {csv_path}, {out / f'results_{name}.md'}, {out / f'pareto_{name}.png'}")
     return 0
 

@@ -13,7 +13,13 @@ from experiments.runs import ROOT, RunRecord
 from experiments.settings import METHODS
 
 __all__ = [
-    "Aggregate", "aggregate", "comparison_table", "markdown_table", "plot_pareto", "references", "welch_z",
+    "Aggregate",
+    "aggregate",
+    "comparison_table",
+    "markdown_table",
+    "plot_pareto",
+    "references",
+    "welch_z",
     "write_markdown",
 ]
 
@@ -52,13 +58,26 @@ def aggregate(records: Sequence[RunRecord]) -> list[Aggregate]:
     out = []
     for label, rs in groups.items():
         stats = {k: _mean_std([getattr(r, f"test_{k}") for r in rs]) for k in ("log_loss", "ne", "auc", "accuracy")}
-        out.append(Aggregate(
-            setting=label, method=rs[0].method, collisions=rs[0].collisions, threshold=rs[0].threshold,
-            seeds=len(rs), params=rs[0].params, optimizer_bytes=rs[0].optimizer_bytes,
-            log_loss=stats["log_loss"][0], log_loss_std=stats["log_loss"][1], ne=stats["ne"][0], ne_std=stats["ne"][1],
-            auc=stats["auc"][0], auc_std=stats["auc"][1], accuracy=stats["accuracy"][0],
-            accuracy_std=stats["accuracy"][1], samples_per_s=statistics.fmean(r.samples_per_s for r in rs),
-        ))
+        out.append(
+            Aggregate(
+                setting=label,
+                method=rs[0].method,
+                collisions=rs[0].collisions,
+                threshold=rs[0].threshold,
+                seeds=len(rs),
+                params=rs[0].params,
+                optimizer_bytes=rs[0].optimizer_bytes,
+                log_loss=stats["log_loss"][0],
+                log_loss_std=stats["log_loss"][1],
+                ne=stats["ne"][0],
+                ne_std=stats["ne"][1],
+                auc=stats["auc"][0],
+                auc_std=stats["auc"][1],
+                accuracy=stats["accuracy"][0],
+                accuracy_std=stats["accuracy"][1],
+                samples_per_s=statistics.fmean(r.samples_per_s for r in rs),
+            )
+        )
     return out
 
 
@@ -81,7 +100,8 @@ def markdown_table(aggs: Sequence[Aggregate]) -> str:
     order = {m: i for i, m in enumerate(METHODS)}
     rows = sorted(aggs, key=lambda a: (order.get(a.method, len(order)), -a.params, a.threshold or 0))
     lines = [
-        "| setting | c | threshold | seeds | emb. params | opt. state | test log loss | vs full | NE | AUC | accuracy | samples/s |",
+        "| setting | c | threshold | seeds | emb. params | opt. state | test log loss | vs full | NE | AUC | accuracy "
+        "| samples/s |",
         "|---|---:|---:|---:|---:|---:|---|---:|---|---|---|---:|",
     ]
     for a in rows:
@@ -98,15 +118,19 @@ def markdown_table(aggs: Sequence[Aggregate]) -> str:
 def comparison_table(aggs: Sequence[Aggregate], baseline: str = "hash") -> str:
     """Each compositional QR op against hashing at the same collisions and threshold: positive = QR better."""
     by_key = {(a.method, a.collisions, a.threshold): a for a in aggs}
-    lines = ["| collisions | threshold | method | params vs hash | log loss gain vs hash | gain / SE |",
-             "|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        "| collisions | threshold | method | params vs hash | log loss gain vs hash | gain / SE |",
+        "|---:|---:|---|---:|---:|---:|",
+    ]
     for (method, c, t), a in sorted(by_key.items(), key=lambda kv: (kv[0][1] or 0, kv[0][2] or 0, kv[0][0])):
         base = by_key.get((baseline, c, t))
         if not method.startswith("qr-") or base is None:
             continue
         z = welch_z(a, base)
-        lines.append(f"| {c} | {t} | {method} | {a.params / base.params:.3f}x | {base.log_loss - a.log_loss:+.5f} | "
-                     f"{'n/a' if math.isnan(z) else f'{z:+.1f}'} |")
+        lines.append(
+            f"| {c} | {t} | {method} | {a.params / base.params:.3f}x | {base.log_loss - a.log_loss:+.5f} | "
+            f"{'n/a' if math.isnan(z) else f'{z:+.1f}'} |"
+        )
     return "\n".join(lines)
 
 
@@ -120,13 +144,25 @@ def _bytes(n: float) -> str:
 
 def write_markdown(records: Sequence[RunRecord], path: Path, title: str, notes: Sequence[str] = ()) -> None:
     aggs = aggregate(records)
-    parts = [f"# {title}", "", *notes, "" if notes else "", markdown_table(aggs), "",
-             "QR against the hashing trick at the same collisions and threshold (gain = hash log loss - QR log "
-             "loss; SE = standard error of the difference of the seed means):", "", comparison_table(aggs), ""]
+    parts = [
+        f"# {title}",
+        "",
+        *notes,
+        "" if notes else "",
+        markdown_table(aggs),
+        "",
+        "QR against the hashing trick at the same collisions and threshold (gain = hash log loss - QR log "
+        "loss; SE = standard error of the difference of the seed means):",
+        "",
+        comparison_table(aggs),
+        "",
+    ]
     path.write_text("\n".join(parts))
 
 
-def plot_pareto(records: Sequence[RunRecord], path: Path, title: str, references: dict[str, float] | None = None) -> None:
+def plot_pareto(
+    records: Sequence[RunRecord], path: Path, title: str, references: dict[str, float] | None = None
+) -> None:
     """Embedding parameters (log x) against test log loss: one line per method at the default threshold."""
     import matplotlib
 
@@ -147,18 +183,40 @@ def plot_pareto(records: Sequence[RunRecord], path: Path, title: str, references
         x = [a.params for a in pts]
         y = [a.log_loss for a in pts]
         err = [a.log_loss_std for a in pts]
-        ax.errorbar(x, y, yerr=err, marker=markers.get(method, "o"), markersize=9 if method == "full" else 6, capsize=3,
-                    linestyle="-" if len(pts) > 1 else "none", label=method, color=colors.get(method))
+        ax.errorbar(
+            x,
+            y,
+            yerr=err,
+            marker=markers.get(method, "o"),
+            markersize=9 if method == "full" else 6,
+            capsize=3,
+            linestyle="-" if len(pts) > 1 else "none",
+            label=method,
+            color=colors.get(method),
+        )
         if method == "full":
             ax.axhline(y[0], color=ax.lines[-1].get_color(), linestyle="--", linewidth=0.8)
         if method in ("hash", "qr-mult") or "-hot" in method:
             for a in pts:
-                ax.annotate(f"c={a.collisions}", (a.params, a.log_loss), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color=ax.lines[-1].get_color())
+                ax.annotate(
+                    f"c={a.collisions}",
+                    (a.params, a.log_loss),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=ax.lines[-1].get_color(),
+                )
     for name, value in (references or {}).items():
         ax.axhline(value, color="gray", linestyle=":", linewidth=1)
-        ax.annotate(name, (0.01, value), xycoords=("axes fraction", "data"), textcoords="offset points",
-                    xytext=(0, 3), fontsize=7, color="gray")
+        ax.annotate(
+            name,
+            (0.01, value),
+            xycoords=("axes fraction", "data"),
+            textcoords="offset points",
+            xytext=(0, 3),
+            fontsize=7,
+            color="gray",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("embedding parameters (floats, all 26 tables)")
     ax.set_ylabel("test log loss (nats; mean ± std over seeds)")

@@ -53,24 +53,47 @@ def record_from_summary(setting: Setting, seed: int, summary: dict) -> RunRecord
     """The CSV row of a run, from the training app's ``summary.json``."""
     test, mem = summary["metrics"]["test"], summary["memory"]
     return RunRecord(
-        setting=setting.label, method=setting.family, collisions=setting.collisions,
-        threshold=None if setting.method == "full" else setting.threshold, seed=seed,
-        params=int(mem["param_bytes"]) // BYTES_PER_FLOAT, param_bytes=int(mem["param_bytes"]),
-        optimizer_bytes=int(mem["optimizer_bytes"]), compression=float(mem["compression"]),
-        test_log_loss=test["log_loss"], test_ne=test["ne"], test_auc=test["auc"], test_accuracy=test["accuracy"],
-        samples_per_s=summary["samples_per_s"], train_seconds=summary["train_seconds"], steps=summary["steps"],
-        world_size=summary["world_size"], run_dir=summary["run_dir"],
+        setting=setting.label,
+        method=setting.family,
+        collisions=setting.collisions,
+        threshold=None if setting.method == "full" else setting.threshold,
+        seed=seed,
+        params=int(mem["param_bytes"]) // BYTES_PER_FLOAT,
+        param_bytes=int(mem["param_bytes"]),
+        optimizer_bytes=int(mem["optimizer_bytes"]),
+        compression=float(mem["compression"]),
+        test_log_loss=test["log_loss"],
+        test_ne=test["ne"],
+        test_auc=test["auc"],
+        test_accuracy=test["accuracy"],
+        samples_per_s=summary["samples_per_s"],
+        train_seconds=summary["train_seconds"],
+        steps=summary["steps"],
+        world_size=summary["world_size"],
+        run_dir=summary["run_dir"],
     )
 
 
 def _command(config: str, overrides: list[str], nproc: int) -> list[str]:
-    launcher = ([str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
+    launcher = (
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
     return [*launcher, "-m", "torchrec_qr.train", "--config", config, *overrides]
 
 
-def run_setting(setting: Setting, seed: int, grid: Grid, config: str, runs_dir: Path, nproc: int,
-                extra: Sequence[str] = (), timeout: float = 1800.0, attempts: int = 2) -> RunRecord | None:
+def run_setting(
+    setting: Setting,
+    seed: int,
+    grid: Grid,
+    config: str,
+    runs_dir: Path,
+    nproc: int,
+    extra: Sequence[str] = (),
+    timeout: float = 1800.0,
+    attempts: int = 2,
+) -> RunRecord | None:
     """Train one (setting, seed) through the app unless its summary exists; None if every attempt failed.
 
     Success is judged by ``summary.json`` rather than the exit code: torchrun occasionally aborts at exit
@@ -82,22 +105,36 @@ def run_setting(setting: Setting, seed: int, grid: Grid, config: str, runs_dir: 
     if summary_path.exists():
         return record_from_summary(setting, seed, json.loads(summary_path.read_text()))
     overrides = [
-        *grid.common, *setting.overrides(), f"run.seed={seed}", f"run.output_dir={out}",
-        f"run.name={run_dir.name}", "run.overwrite=true", "run.progress_bar=false", "run.tensorboard=false",
-        "checkpoint.at_end=false", *extra,
+        *grid.common,
+        *setting.overrides(),
+        f"run.seed={seed}",
+        f"run.output_dir={out}",
+        f"run.name={run_dir.name}",
+        "run.overwrite=true",
+        "run.progress_bar=false",
+        "run.tensorboard=false",
+        "checkpoint.at_end=false",
+        *extra,
     ]
     # One thread per process: on a shared CPU, OpenMP threads that spin-wait for a busy core made runs
     # 10-15x slower than single-threaded ones.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(1, attempts + 1):
         start = time.perf_counter()
-        proc = subprocess.run(_command(config, overrides, nproc), cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            _command(config, overrides, nproc), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
         if summary_path.exists():
             logger.info("%s seed %d: %.0f s", setting.label, seed, time.perf_counter() - start)
             return record_from_summary(setting, seed, json.loads(summary_path.read_text()))
-        logger.warning("%s seed %d attempt %d failed (exit %d): %s", setting.label, seed, attempt,
-                       proc.returncode, proc.stderr.strip().splitlines()[-5:])
+        logger.warning(
+            "%s seed %d attempt %d failed (exit %d): %s",
+            setting.label,
+            seed,
+            attempt,
+            proc.returncode,
+            proc.stderr.strip().splitlines()[-5:],
+        )
     return None
 
 
@@ -123,4 +160,3 @@ def read_csv(path: Path) -> list[RunRecord]:
                 values[name] = None if text == "" and base is not str else base(text)
             out.append(RunRecord(**values))
     return out
-

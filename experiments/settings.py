@@ -51,14 +51,31 @@ class Setting:
             op = self.method[3:]
             path = ["embeddings.path.kind=linear", "embeddings.path.bias=false"] if op == "path" else []
             hot = [f"embeddings.hot_rows={self.hot_rows}"] if self.hot_rows else []
-            return ["embeddings.kind=compositional", "embeddings.scheme=qr", f"embeddings.collisions={self.collisions}",
-                    f"embeddings.combine={op}", t, *path, *hot]
+            return [
+                "embeddings.kind=compositional",
+                "embeddings.scheme=qr",
+                f"embeddings.collisions={self.collisions}",
+                f"embeddings.combine={op}",
+                t,
+                *path,
+                *hot,
+            ]
         if self.method == "mixed-radix-3":
-            return ["embeddings.kind=compositional", "embeddings.scheme=mixed_radix", "embeddings.num_partitions=3",
-                    "embeddings.combine=mult", t]
+            return [
+                "embeddings.kind=compositional",
+                "embeddings.scheme=mixed_radix",
+                "embeddings.num_partitions=3",
+                "embeddings.combine=mult",
+                t,
+            ]
         if self.method == "crt-2":
-            return ["embeddings.kind=compositional", "embeddings.scheme=chinese_remainder",
-                    "embeddings.num_partitions=2", "embeddings.combine=mult", t]
+            return [
+                "embeddings.kind=compositional",
+                "embeddings.scheme=chinese_remainder",
+                "embeddings.num_partitions=2",
+                "embeddings.combine=mult",
+                t,
+            ]
         raise ValueError(f"unknown method {self.method!r}")
 
 
@@ -70,7 +87,6 @@ class Grid:
     settings: tuple[Setting, ...]
     seeds: tuple[int, ...]
     common: tuple[str, ...]
-
 
 
 def supported_combines() -> tuple[str, ...]:
@@ -94,16 +110,24 @@ def _synthetic_common(rows: int, days: int, max_card: int, batch: int) -> tuple[
     the comparison.
     """
     return (
-        f"data.synthetic.num_rows={rows}", f"data.synthetic.num_days={days}",
+        f"data.synthetic.num_rows={rows}",
+        f"data.synthetic.num_days={days}",
         f"data.synthetic.cardinalities={_cardinalities(max_card)}",
-        f"data.global_batch_size={batch}", "data.eval_batch_size=16384",
-        "model.dense_arch_layer_sizes=[64,16]", "model.over_arch_layer_sizes=[128,64,1]",
+        f"data.global_batch_size={batch}",
+        "data.eval_batch_size=16384",
+        "model.dense_arch_layer_sizes=[64,16]",
+        "model.over_arch_layer_sizes=[128,64,1]",
         "sharding.sharding_types=[table_wise]",
     )
 
 
-def _settings(collisions: Sequence[int], combines: Sequence[str], combine_collisions: Sequence[int],
-              thresholds: Sequence[int], hot: Sequence[tuple[str, int, int]] = ()) -> tuple[Setting, ...]:
+def _settings(
+    collisions: Sequence[int],
+    combines: Sequence[str],
+    combine_collisions: Sequence[int],
+    thresholds: Sequence[int],
+    hot: Sequence[tuple[str, int, int]] = (),
+) -> tuple[Setting, ...]:
     out = [Setting("full")]
     out += [Setting("hash", c) for c in collisions]
     out += [Setting("qr-mult", c) for c in collisions]
@@ -114,8 +138,13 @@ def _settings(collisions: Sequence[int], combines: Sequence[str], combine_collis
     return tuple(out)
 
 
-def expand_grid(quick: bool, seeds: int | None = None, data: str = "synthetic",
-                combines: Iterable[str] | None = None, max_card: int | None = None) -> Grid:
+def expand_grid(
+    quick: bool,
+    seeds: int | None = None,
+    data: str = "synthetic",
+    combines: Iterable[str] | None = None,
+    max_card: int | None = None,
+) -> Grid:
     """The quick or default grid; ``combines`` defaults to what the training app supports."""
     ops = [op for op in ("add", "concat", "path") if op in (supported_combines() if combines is None else combines)]
     if quick:
@@ -123,7 +152,9 @@ def expand_grid(quick: bool, seeds: int | None = None, data: str = "synthetic",
         common = _synthetic_common(rows=40_000, days=4, max_card=max_card or 10_000, batch=1024)
         n_seeds = 1
     else:
-        hot = [(op, k, c) for op, ks in (("qr-mult", HOT_ROWS), ("qr-add", HOT_ROWS[-1:])) for k in ks for c in (4, 8, 60)]
+        hot = [
+            (op, k, c) for op, ks in (("qr-mult", HOT_ROWS), ("qr-add", HOT_ROWS[-1:])) for k in ks for c in (4, 8, 60)
+        ]
         settings = _settings([2, 4, 8, 60], ops, [4, 60], [0, 5000], hot)
         common = _synthetic_common(rows=100_000, days=4, max_card=max_card or 20_000, batch=2048)
         n_seeds = 3

@@ -33,7 +33,10 @@ def make_kjt(bags: Bags, weights: dict[str, list[list[float]]] | None = None) ->
 def random_bags(rng: random.Random, sizes: dict[str, int], batch: int, max_len: int = 4) -> Bags:
     """Random multi-hot bags per feature (``sizes[f]`` is the id range), about one in five empty."""
     return {
-        f: [[rng.randrange(n) for _ in range(0 if rng.random() < 0.2 else rng.randint(1, max_len))] for _ in range(batch)]
+        f: [
+            [rng.randrange(n) for _ in range(0 if rng.random() < 0.2 else rng.randint(1, max_len))]
+            for _ in range(batch)
+        ]
         for f, n in sizes.items()
     }
 

@@ -42,7 +42,13 @@ def module():
 
 @pytest.mark.parametrize(
     "feature, bad_id, table, n",
-    [("f", 38, "big", 38), ("f", -1, "big", 38), ("f2", 2**40, "big", 38), ("g", 10, "small", 10), ("g", -7, "small", 10)],
+    [
+        ("f", 38, "big", 38),
+        ("f", -1, "big", 38),
+        ("f2", 2**40, "big", 38),
+        ("g", 10, "small", 10),
+        ("g", -7, "small", 10),
+    ],
 )
 def test_out_of_range_ids_name_table_feature_and_id(module, feature, bad_id, table, n):
     bags = {"f": [[1], [2, 3]], "f2": [[0], []], "g": [[9], [0]]}
@@ -95,8 +101,12 @@ def test_missing_feature_is_named(module):
 
 def test_extra_features_are_ignored_like_torchrec(module):
     # EmbeddingBagCollection looks up its own features and ignores others; the drop-in must do the same.
-    tables = [EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=8,
-                                 feature_names=list(t.feature_names)) for t in module.embedding_bag_configs()]
+    tables = [
+        EmbeddingBagConfig(
+            name=t.name, num_embeddings=t.num_embeddings, embedding_dim=8, feature_names=list(t.feature_names)
+        )
+        for t in module.embedding_bag_configs()
+    ]
     ebc = EmbeddingBagCollection(tables)
     bags = {"f": [[1], [2]], "f2": [[3], []], "g": [[4], [5]]}
     extra = {"zzz": [[10**9], [-5]], **bags}
@@ -126,8 +136,9 @@ def test_lengths_values_mismatch(module):
 
 def test_weights_values_mismatch():
     weighted = CompositionalEmbeddingBagCollection([comp()], is_weighted=True)
-    kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]),
-                            weights=torch.tensor([1.0, 2.0, 3.0]))
+    kjt = KeyedJaggedTensor(
+        keys=["f"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]), weights=torch.tensor([1.0, 2.0, 3.0])
+    )
     with pytest.raises(ValueError, match="3 weights for 2 values"):
         weighted(kjt)
 
@@ -170,7 +181,11 @@ def test_partition_must_be_a_partition(partition):
 
 @pytest.mark.parametrize(
     "partition, n",
-    [(ChineseRemainder((4, 6)), 30), (MixedRadix((3, 3)), 10), (ExplicitPartitions((torch.arange(12) // 4, torch.arange(12) % 3)), 12)],
+    [
+        (ChineseRemainder((4, 6)), 30),
+        (MixedRadix((3, 3)), 10),
+        (ExplicitPartitions((torch.arange(12) // 4, torch.arange(12) % 3)), 12),
+    ],
 )
 def test_non_complementary_partition_rejected_in_config(partition, n):
     with pytest.raises(ValueError, match=r"table 'big'|not complementary for num_embeddings=\d+: ids \d+ and \d+"):
@@ -188,7 +203,9 @@ def test_feature_listed_twice_in_one_table():
     # A feature shared by two tables is allowed (outputs f@big, f@small; see test_ebc_parity.py); listed twice
     # within one table it is a mistake.
     assert CompositionalEmbeddingBagCollection([comp(features=("f",)), plain(features=("f",))])._embedding_names == [
-        "f@big", "f@small"]
+        "f@big",
+        "f@small",
+    ]
     with pytest.raises(ValueError, match="table 'big' lists a feature twice"):
         CompositionalEmbeddingBagCollection([comp(features=("f", "f"))])
 
@@ -202,8 +219,9 @@ def test_empty_and_non_config_tables():
 
 @pytest.mark.parametrize("value", [1.7, float("nan")])
 def test_float_ids_are_rejected_not_truncated(module, value):
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f", "f2", "g"], values=torch.tensor([value, 1.0, 2.0]),
-                                              lengths=torch.tensor([1, 1, 1]))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f", "f2", "g"], values=torch.tensor([value, 1.0, 2.0]), lengths=torch.tensor([1, 1, 1])
+    )
     with pytest.raises(TypeError, match=r"values are ids and must be torch.int64 or torch.int32, got torch.float32"):
         module(kjt)
 
@@ -240,14 +258,18 @@ def test_plain_table_named_like_a_sub_table():
 
 def test_explicit_class_map_shorter_than_the_table():
     short = ExplicitPartitions((torch.arange(8) // 3, torch.arange(8) % 3))
-    with pytest.raises(ValueError, match=r"^table 'big': ExplicitPartitions covers 8 ids but the table has "
-                                         r"num_embeddings=10; give one class per id"):
+    with pytest.raises(
+        ValueError,
+        match=r"^table 'big': ExplicitPartitions covers 8 ids but the table has "
+        r"num_embeddings=10; give one class per id",
+    ):
         comp(n=10, partition=short)
 
 
 def test_empty_batch_is_named(module):
-    empty = KeyedJaggedTensor(keys=["f", "f2", "g"], values=torch.tensor([], dtype=torch.int64),
-                              lengths=torch.tensor([], dtype=torch.int64))
+    empty = KeyedJaggedTensor(
+        keys=["f", "f2", "g"], values=torch.tensor([], dtype=torch.int64), lengths=torch.tensor([], dtype=torch.int64)
+    )
     with pytest.raises(ValueError, match=r"has no bags \(batch size 0"):
         module(empty)
 

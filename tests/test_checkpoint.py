@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from dist_harness import run_ranks
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
 from torch import nn
@@ -30,7 +31,6 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dist_harness import run_ranks
 from torchrec_qr.distributed.checkpoint import (
     checkpoint_step,
     gather_full_state_dict,
@@ -41,8 +41,9 @@ from torchrec_qr.distributed.checkpoint import (
     save_checkpoint,
 )
 
-TABLES = [EmbeddingBagConfig(name=f"t{i}", num_embeddings=40, embedding_dim=8, feature_names=[f"f{i}"])
-          for i in range(3)]
+TABLES = [
+    EmbeddingBagConfig(name=f"t{i}", num_embeddings=40, embedding_dim=8, feature_names=[f"f{i}"]) for i in range(3)
+]
 CW_TABLES = [EmbeddingBagConfig(name="c0", num_embeddings=30, embedding_dim=16, feature_names=["g0"])]
 FUSED = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.1}
 BATCH = 4
@@ -77,17 +78,20 @@ def _batch(seed: int, tables: list[EmbeddingBagConfig] = TABLES) -> KeyedJaggedT
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
 
 
-def _sharded(generators: dict[str, Any], tables: list[EmbeddingBagConfig] = TABLES, dtensor: bool = False
-             ) -> DistributedModelParallel:
+def _sharded(
+    generators: dict[str, Any], tables: list[EmbeddingBagConfig] = TABLES, dtensor: bool = False
+) -> DistributedModelParallel:
     ws = dist.get_world_size()
     model = EbcDense(tables, device="meta")
     sharder = _CpuSharder(fused_params=FUSED)
-    plan = construct_module_sharding_plan(model.ebc, per_param_sharding=generators, sharder=sharder,
-                                          local_size=ws, world_size=ws, device_type="cpu")
+    plan = construct_module_sharding_plan(
+        model.ebc, per_param_sharding=generators, sharder=sharder, local_size=ws, world_size=ws, device_type="cpu"
+    )
     env = ShardingEnv.from_process_group(dist.group.WORLD)
     env.output_dtensor = dtensor  # state dicts hold DTensor instead of ShardedTensor
-    return DistributedModelParallel(model, env=env, device=torch.device("cpu"), plan=ShardingPlan({"ebc": plan}),
-                                    sharders=[sharder])
+    return DistributedModelParallel(
+        model, env=env, device=torch.device("cpu"), plan=ShardingPlan({"ebc": plan}), sharders=[sharder]
+    )
 
 
 def _fused_kernels(opt: Any) -> list[SplitTableBatchedEmbeddingBagsCodegen]:
@@ -100,8 +104,9 @@ def _fused_kernels(opt: Any) -> list[SplitTableBatchedEmbeddingBagsCodegen]:
 
 def _optimizer(dmp: DistributedModelParallel) -> CombinedOptimizer:
     """TorchRec's usual pair: the fused (in-backward) table optimizer and a keyed Adam for dense weights."""
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: torch.optim.Adam(params, lr=0.01))
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda params: torch.optim.Adam(params, lr=0.01)
+    )
     return CombinedOptimizer([("sparse", dmp.fused_optimizer), ("dense", dense)])
 
 
@@ -130,7 +135,7 @@ def _gather_vs_local_shards(dmp: DistributedModelParallel, full: dict[str, torch
         if isinstance(value, ShardedTensor):
             for shard in value.local_shards():
                 (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                worst = max(worst, (shard.tensor - full[key][r:r + h, c:c + w]).abs().max().item())
+                worst = max(worst, (shard.tensor - full[key][r : r + h, c : c + w]).abs().max().item())
         else:
             worst = max(worst, (value - full[key]).abs().max().item())
     return worst
@@ -140,10 +145,16 @@ def _resume_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
     """Train on plan A, save, crash a save, reload into plan B; continue both for one step."""
     root_path = Path(root)
     torch.manual_seed(0)
-    plan_a = {"t0": table_wise(rank=0, compute_kernel="fused"), "t1": table_wise(rank=1, compute_kernel="fused"),
-              "t2": table_wise(rank=1, compute_kernel="fused")}
-    plan_b = {"t0": row_wise(compute_kernel="fused"), "t1": row_wise(compute_kernel="fused"),
-              "t2": table_wise(rank=0, compute_kernel="fused")}
+    plan_a = {
+        "t0": table_wise(rank=0, compute_kernel="fused"),
+        "t1": table_wise(rank=1, compute_kernel="fused"),
+        "t2": table_wise(rank=1, compute_kernel="fused"),
+    }
+    plan_b = {
+        "t0": row_wise(compute_kernel="fused"),
+        "t1": row_wise(compute_kernel="fused"),
+        "t2": table_wise(rank=0, compute_kernel="fused"),
+    }
     dmp = _sharded(plan_a)
     opt = _optimizer(dmp)
     for step in range(3):
@@ -210,8 +221,14 @@ def _resume_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
     cw_out_diff = (dmp_cw2(cw_kjt) - dmp_cw4(cw_kjt)).abs().max().item()
 
     # DTensor state dicts (env.output_dtensor): load the ShardedTensor checkpoint, save, load back.
-    dmp_d = _sharded({"t0": table_wise(rank=1, compute_kernel="fused"), "t1": row_wise(compute_kernel="fused"),
-                      "t2": table_wise(rank=0, compute_kernel="fused")}, dtensor=True)
+    dmp_d = _sharded(
+        {
+            "t0": table_wise(rank=1, compute_kernel="fused"),
+            "t1": row_wise(compute_kernel="fused"),
+            "t2": table_wise(rank=0, compute_kernel="fused"),
+        },
+        dtensor=True,
+    )
     opt_d = _optimizer(dmp_d)
     load_checkpoint(path, dmp_d, opt_d)
     full_d = gather_full_state_dict(dmp_d)
@@ -354,8 +371,10 @@ def _mlp_step(model: nn.Module, opt: torch.optim.Optimizer | dict, seed: int) ->
 
 
 def _mlp_opts(model: nn.Module) -> dict[str, torch.optim.Optimizer]:
-    return {"first": torch.optim.Adam(model[0].parameters(), lr=0.01),
-            "last": torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)}
+    return {
+        "first": torch.optim.Adam(model[0].parameters(), lr=0.01),
+        "last": torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9),
+    }
 
 
 def test_plain_torch_optimizers_resume_exactly(tmp_path: Path) -> None:
@@ -442,12 +461,23 @@ def _compositional_worker(rank: int, world_size: int, root: str) -> dict[str, An
     module = _CompositionalModel(CompositionalEmbeddingBagCollection(_compositional_tables(), device="meta"))
     sharder = CompositionalEmbeddingBagCollectionSharder(fused_params=FUSED)
     plan = construct_module_sharding_plan(
-        module.ebc, per_param_sharding={t.name: table_wise(rank=i % world_size, compute_kernel="fused")
-                                        for i, t in enumerate(_compositional_tables())},
-        sharder=sharder, local_size=world_size, world_size=world_size, device_type="cpu")
-    dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                   device=torch.device("cpu"), plan=ShardingPlan({"ebc": plan}),
-                                   sharders=[sharder, EmbeddingBagCollectionSharder(fused_params=FUSED)])
+        module.ebc,
+        per_param_sharding={
+            t.name: table_wise(rank=i % world_size, compute_kernel="fused")
+            for i, t in enumerate(_compositional_tables())
+        },
+        sharder=sharder,
+        local_size=world_size,
+        world_size=world_size,
+        device_type="cpu",
+    )
+    dmp = DistributedModelParallel(
+        module,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=torch.device("cpu"),
+        plan=ShardingPlan({"ebc": plan}),
+        sharders=[sharder, EmbeddingBagCollectionSharder(fused_params=FUSED)],
+    )
     kjt = _batch(7 + rank, _compositional_tables())
     dmp(kjt).pow(2).mean().backward()  # one fused update, so the weights are not just the initial ones
     path = save_checkpoint(root, 1, dmp, dmp.fused_optimizer)
@@ -459,8 +489,14 @@ def _compositional_tables() -> list[EmbeddingBagConfig]:
     from torchrec_qr import CompositionalEmbeddingBagConfig, QuotientRemainder
 
     return [
-        CompositionalEmbeddingBagConfig(name="q0", num_embeddings=40, embedding_dim=8, feature_names=["f0"],
-                                        partition=QuotientRemainder(7), combine="mult"),
+        CompositionalEmbeddingBagConfig(
+            name="q0",
+            num_embeddings=40,
+            embedding_dim=8,
+            feature_names=["f0"],
+            partition=QuotientRemainder(7),
+            combine="mult",
+        ),
         EmbeddingBagConfig(name="p1", num_embeddings=40, embedding_dim=8, feature_names=["f1"]),
     ]
 

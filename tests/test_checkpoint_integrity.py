@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from dist_harness import run_ranks
 from torch import nn
 
-from dist_harness import run_ranks
 from torchrec_qr.distributed.checkpoint import (
     CheckpointCorrupt,
     CheckpointWriteError,
@@ -71,8 +71,10 @@ def _distcp(path: Path) -> Path:
         (lambda p: _truncate(p / "extra_rank_00000.pt"), r"extra_rank_00000\.pt has \d+ bytes"),
         (lambda p: (p / "meta.json").unlink(), r"meta\.json is missing"),
         (lambda p: (p / "meta.json").write_text("{not json"), r"meta\.json is unreadable"),
-        (lambda p: (p / "meta.json").write_text((p / "meta.json").read_text().replace('"step": 2', '"step": 3')),
-         r"meta\.json does not match its checksum"),
+        (
+            lambda p: (p / "meta.json").write_text((p / "meta.json").read_text().replace('"step": 2', '"step": 3')),
+            r"meta\.json does not match its checksum",
+        ),
     ],
 )
 def test_damage_is_named_and_resume_falls_back(tmp_path: Path, caplog, damage, named: str) -> None:
@@ -127,13 +129,17 @@ def _disk_full(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("where", ["torch.distributed.checkpoint.filesystem._write_item",
-                                   "torchrec_qr.distributed.checkpoint._write_synced"])
+@pytest.mark.parametrize(
+    "where", ["torch.distributed.checkpoint.filesystem._write_item", "torchrec_qr.distributed.checkpoint._write_synced"]
+)
 def test_disk_full_is_named_and_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch, where: str) -> None:
     first = save_checkpoint(tmp_path, 1, _model())
     monkeypatch.setattr(where, _disk_full)
-    with pytest.raises(CheckpointWriteError, match=r"step_000002 not written \(earlier checkpoints are intact\): "
-                                                   r"rank 0: .*No space left on device.*\(ENOSPC: the disk holding"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"step_000002 not written \(earlier checkpoints are intact\): "
+        r"rank 0: .*No space left on device.*\(ENOSPC: the disk holding",
+    ):
         save_checkpoint(tmp_path, 2, _model())
     monkeypatch.undo()
     assert latest_intact_checkpoint(tmp_path) == first and not (tmp_path / "step_000002").exists()

@@ -42,8 +42,15 @@ def comp_table(name, n, features, scheme, combine, pooling=PoolingType.SUM, comp
     if combine == "concat_uneven":
         combine, sub_dims = "concat", UNEVEN[partition.num_partitions]
     return CompositionalEmbeddingBagConfig(
-        name=name, num_embeddings=n, embedding_dim=dim, feature_names=features, pooling=pooling,
-        partition=partition, combine=combine, sub_dims=sub_dims, composition=composition,
+        name=name,
+        num_embeddings=n,
+        embedding_dim=dim,
+        feature_names=features,
+        pooling=pooling,
+        partition=partition,
+        combine=combine,
+        sub_dims=sub_dims,
+        composition=composition,
     )
 
 
@@ -113,8 +120,13 @@ def materialize(module):
 
 def full_table_ebc(tables, full, weighted):
     plain = [
-        EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
-                           feature_names=list(t.feature_names), pooling=t.pooling)
+        EmbeddingBagConfig(
+            name=t.name,
+            num_embeddings=t.num_embeddings,
+            embedding_dim=t.embedding_dim,
+            feature_names=list(t.feature_names),
+            pooling=t.pooling,
+        )
         for t in tables
     ]
     ebc = EmbeddingBagCollection(plain, is_weighted=weighted)
@@ -186,7 +198,9 @@ def pooled_reference(table, sd, bags, weights, mean):
         for j, sub in enumerate(subs):
             acc = torch.zeros(table.embedding_dim)
             for i, x in enumerate(bag):
-                acc = acc + (weights[b][i] if weights and j == 0 else 1.0) * sub[reference_classes(table.partition, x)[j]]
+                acc = (
+                    acc + (weights[b][i] if weights and j == 0 else 1.0) * sub[reference_classes(table.partition, x)[j]]
+                )
             prod = prod * (acc / len(bag) if mean and bag else acc)
         out.append(prod)
     return torch.stack(out)
@@ -204,7 +218,10 @@ def test_pooled_mult(scheme, pooling, weighted):
     per_id.load_state_dict(sd)
     tables = pooled.embedding_bag_configs()
     rng = random.Random(7)
-    multi = {f: [[rng.randrange(n) for _ in range(rng.randint(2, 4))] for _ in range(6)] for f, n in feature_sizes(tables).items()}
+    multi = {
+        f: [[rng.randrange(n) for _ in range(rng.randint(2, 4))] for _ in range(6)]
+        for f, n in feature_sizes(tables).items()
+    }
     one = {f: [[rng.randrange(n)] if b % 3 else [] for b in range(6)] for f, n in feature_sizes(tables).items()}
     for bags, same in ((multi, False), (one, True)):
         weights = random_weights(rng, bags) if weighted else None
@@ -214,7 +231,9 @@ def test_pooled_mult(scheme, pooling, weighted):
         for t in tables:
             if isinstance(t, CompositionalEmbeddingBagConfig):
                 for f in t.feature_names:
-                    torch.testing.assert_close(out[f], pooled_reference(t, sd, bags[f], weights and weights[f], mean), atol=1e-6, rtol=1e-5)
+                    torch.testing.assert_close(
+                        out[f], pooled_reference(t, sd, bags[f], weights and weights[f], mean), atol=1e-6, rtol=1e-5
+                    )
         exact = per_id(kjt)
         if same:
             torch.testing.assert_close(out.values(), exact.values(), atol=1e-6, rtol=1e-5)
@@ -317,7 +336,9 @@ def test_initialization_matches_torchrec_scale(scheme, combine):
     n, dim = 20000, 16
     module = CompositionalEmbeddingBagCollection([comp_table("t", n, ["f"], scheme, combine, dim=dim)])
     composed = module.embedding_rows("t", torch.arange(n)).detach()
-    plain = EmbeddingBagCollection([EmbeddingBagConfig(name="t", num_embeddings=n, embedding_dim=dim, feature_names=["f"])])
+    plain = EmbeddingBagCollection(
+        [EmbeddingBagConfig(name="t", num_embeddings=n, embedding_dim=dim, feature_names=["f"])]
+    )
     plain_std = plain.embedding_bags["t"].weight.detach().std().item()
     s = EmbeddingBagConfig(name="t", num_embeddings=n, embedding_dim=dim).get_weight_init_max()
     assert s == pytest.approx(math.sqrt(1 / n))
@@ -336,7 +357,9 @@ def test_state_dict_round_trip():
     kjt = make_kjt(random_bags(random.Random(5), feature_sizes(tables), 6))
     assert not torch.allclose(a(kjt).values(), b(kjt).values())
     sd = a.state_dict()
-    assert set(sd) == {PREFIX + n + ".weight" for n in ["big__p0", "big__p1", "big__p2", "small", "mid__p0", "mid__p1", "mid__p2"]}
+    assert set(sd) == {
+        PREFIX + n + ".weight" for n in ["big__p0", "big__p1", "big__p2", "small", "mid__p0", "mid__p1", "mid__p2"]
+    }
     b.load_state_dict(sd)
     torch.testing.assert_close(a(kjt).values(), b(kjt).values(), atol=0, rtol=0)
     for name, w in b.state_dict().items():
@@ -345,8 +368,9 @@ def test_state_dict_round_trip():
 
 def test_meta_device_allocates_nothing():
     tables = [
-        CompositionalEmbeddingBagConfig(name="c", num_embeddings=10**12, embedding_dim=64, feature_names=["a"],
-                                        partition=QuotientRemainder(10**6)),
+        CompositionalEmbeddingBagConfig(
+            name="c", num_embeddings=10**12, embedding_dim=64, feature_names=["a"], partition=QuotientRemainder(10**6)
+        ),
         EmbeddingBagConfig(name="p", num_embeddings=10**11, embedding_dim=64, feature_names=["b"]),  # 25 TB dense
     ]
     module = CompositionalEmbeddingBagCollection(tables, device="meta")
@@ -366,7 +390,9 @@ def test_reset_parameters_on_cpu():
     module.reset_parameters()
     sd = module.state_dict()
     for t in tables:
-        names = [t.name] if not isinstance(t, CompositionalEmbeddingBagConfig) else [f"{t.name}__p{j}" for j in range(2)]
+        names = (
+            [t.name] if not isinstance(t, CompositionalEmbeddingBagConfig) else [f"{t.name}__p{j}" for j in range(2)]
+        )
         bound = math.sqrt(1 / t.num_embeddings)  # plain and concat sub-tables: TorchRec's default bound
         for name in names:
             w = sd[PREFIX + name + ".weight"]
@@ -375,8 +401,13 @@ def test_reset_parameters_on_cpu():
 
 def test_compress_threshold_and_factory():
     configs = [
-        EmbeddingBagConfig(name=f"t{n}", num_embeddings=n, embedding_dim=D, feature_names=[f"f{n}"],
-                           pooling=PoolingType.MEAN if n == 5000 else PoolingType.SUM)
+        EmbeddingBagConfig(
+            name=f"t{n}",
+            num_embeddings=n,
+            embedding_dim=D,
+            feature_names=[f"f{n}"],
+            pooling=PoolingType.MEAN if n == 5000 else PoolingType.SUM,
+        )
         for n in (10, 100, 5000, 70000)
     ]
     seen = []
@@ -391,7 +422,13 @@ def test_compress_threshold_and_factory():
     for c, orig in zip(out[2:], configs[2:]):
         assert isinstance(c, CompositionalEmbeddingBagConfig)
         assert (c.name, c.num_embeddings, c.embedding_dim, c.feature_names, c.pooling, c.combine) == (
-            orig.name, orig.num_embeddings, orig.embedding_dim, orig.feature_names, orig.pooling, "add")
+            orig.name,
+            orig.num_embeddings,
+            orig.embedding_dim,
+            orig.feature_names,
+            orig.pooling,
+            "add",
+        )
         assert c.partition == MixedRadix.balanced(c.num_embeddings, 3)  # the factory's scheme for this size
     assert compress(configs, QuotientRemainder(4), threshold=10**6) == configs  # nothing above threshold
     # The compressed collection is a drop-in: same output keys and dims as the plain one.

@@ -17,14 +17,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from dist_harness import run_ranks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sharding_cases import batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from dist_harness import run_ranks
-from sharding_cases import batch
 from torchrec_qr import CompositionalEmbeddingBagCollection, CompositionalEmbeddingBagConfig, QuotientRemainder
 from torchrec_qr.distributed import CompressionPlan, CompressionPlanner, parse_bytes
 from torchrec_qr.distributed.plan_checks import validate_plan
@@ -37,8 +37,10 @@ STATE_FLOATS = {"sgd": lambda d: 0, "adagrad": lambda d: d, "rowwise_adagrad": l
 
 
 def _tables(sizes: list[int], dim: int = 16) -> list[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=dim, feature_names=[f"f{i}"])
-            for i, n in enumerate(sizes)]
+    return [
+        EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=dim, feature_names=[f"f{i}"])
+        for i, n in enumerate(sizes)
+    ]
 
 
 def _table_bytes_per_rank(result: CompressionPlan, optimizer: str, world_size: int) -> dict[int, int]:
@@ -80,14 +82,16 @@ def _full_tables_fit(result: CompressionPlan, threshold: int) -> None:
             assert not isinstance(table, CompositionalEmbeddingBagConfig), table.name
 
 
-case = st.fixed_dictionaries({
-    "sizes": st.lists(st.integers(1, 3_000_000), min_size=1, max_size=7),
-    "world_size": st.sampled_from([1, 2, 4]),
-    "optimizer": st.sampled_from(["sgd", "adagrad", "rowwise_adagrad"]),
-    "budget_mib": st.floats(0.5, 400.0),
-    "more": st.floats(1.05, 4.0),
-    "threshold": st.sampled_from([0, 1000]),
-})
+case = st.fixed_dictionaries(
+    {
+        "sizes": st.lists(st.integers(1, 3_000_000), min_size=1, max_size=7),
+        "world_size": st.sampled_from([1, 2, 4]),
+        "optimizer": st.sampled_from(["sgd", "adagrad", "rowwise_adagrad"]),
+        "budget_mib": st.floats(0.5, 400.0),
+        "more": st.floats(1.05, 4.0),
+        "threshold": st.sampled_from([0, 1000]),
+    }
+)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -154,21 +158,27 @@ def test_mixed_radix_only_where_qr_cannot_fit() -> None:
 
 def test_infeasible_budget_names_the_smallest_reachable() -> None:
     tables = _tables([5_000_000, 5_000_000, 100])
-    with pytest.raises(ValueError, match=r"memory_per_rank=16\.0 KiB x 2 ranks cannot hold the tables even at the "
-                                         r"largest allowed compression .* memory_per_rank >= [\d,]+ bytes"):
+    with pytest.raises(
+        ValueError,
+        match=r"memory_per_rank=16\.0 KiB x 2 ranks cannot hold the tables even at the "
+        r"largest allowed compression .* memory_per_rank >= [\d,]+ bytes",
+    ):
         CompressionPlanner(2, "16KiB").plan(tables)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(world_size=0, memory_per_rank="1GiB"), ValueError, "world_size must be a positive int"),
-    (dict(world_size=2, memory_per_rank="8 parsecs"), ValueError, "expected a number and a unit, e.g. 8GiB"),
-    (dict(world_size=2, memory_per_rank=-5), ValueError, "must be positive"),
-    (dict(world_size=2, memory_per_rank=1.5), TypeError, "an int .bytes. or a string"),
-    (dict(world_size=2, memory_per_rank="1GiB", optimizer="lamb"), ValueError, "optimizer 'lamb': use one of"),
-    (dict(world_size=2, memory_per_rank="1GiB", combine="concat"), ValueError, "combine 'concat'"),
-    (dict(world_size=2, memory_per_rank="1GiB", headroom=1.0), ValueError, r"headroom must be in \[0, 1\)"),
-    (dict(world_size=2, memory_per_rank="1GiB", collisions=[8, 2]), ValueError, "ascending distinct ints >= 2"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(world_size=0, memory_per_rank="1GiB"), ValueError, "world_size must be a positive int"),
+        (dict(world_size=2, memory_per_rank="8 parsecs"), ValueError, "expected a number and a unit, e.g. 8GiB"),
+        (dict(world_size=2, memory_per_rank=-5), ValueError, "must be positive"),
+        (dict(world_size=2, memory_per_rank=1.5), TypeError, "an int .bytes. or a string"),
+        (dict(world_size=2, memory_per_rank="1GiB", optimizer="lamb"), ValueError, "optimizer 'lamb': use one of"),
+        (dict(world_size=2, memory_per_rank="1GiB", combine="concat"), ValueError, "combine 'concat'"),
+        (dict(world_size=2, memory_per_rank="1GiB", headroom=1.0), ValueError, r"headroom must be in \[0, 1\)"),
+        (dict(world_size=2, memory_per_rank="1GiB", collisions=[8, 2]), ValueError, "ascending distinct ints >= 2"),
+    ],
+)
 def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         CompressionPlanner(**kwargs)
@@ -183,8 +193,13 @@ def test_bad_tables_and_traffic() -> None:
     with pytest.raises(ValueError, match=r"traffic: .* unknown \['t9'\], missing \['t1'\]"):
         planner.plan(_tables([10, 20]), traffic={"t0": 1.0, "t9": 2.0})
     compressed = CompositionalEmbeddingBagCollection(
-        [CompositionalEmbeddingBagConfig(name="t0", num_embeddings=100, embedding_dim=8, feature_names=["f0"],
-                                         partition=QuotientRemainder(4))], device="meta")
+        [
+            CompositionalEmbeddingBagConfig(
+                name="t0", num_embeddings=100, embedding_dim=8, feature_names=["f0"], partition=QuotientRemainder(4)
+            )
+        ],
+        device="meta",
+    )
     with pytest.raises(TypeError, match="table 't0' is already compositional; give the full"):
         planner.plan(compressed.embedding_bag_configs())
 
@@ -196,14 +211,17 @@ def test_parse_bytes() -> None:
     assert parse_bytes(4096) == 4096
 
 
-def test_cli_prints_one_line_per_table_and_a_loadable_plan(tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prints_one_line_per_table_and_a_loadable_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "plan.yaml"
     config = str(ROOT / "configs" / "synthetic_qr_mult.yaml")
     assert main(["--config", config, "--world-size", "2", "--memory-per-rank", "100MiB", "--output", str(out)]) == 0
     text = capsys.readouterr().out
-    lines = re.findall(r"^# (t_cat_\d+) +([\d,]+) rows +(\S+) +params +[\d.]+ \w+ +optimizer +[\d.]+ \w+ +(\w+) +"
-                       r"ranks \[[\d, ]+\] +\| \S", text, re.M)
+    lines = re.findall(
+        r"^# (t_cat_\d+) +([\d,]+) rows +(\S+) +params +[\d.]+ \w+ +optimizer +[\d.]+ \w+ +(\w+) +"
+        r"ranks \[[\d, ]+\] +\| \S",
+        text,
+        re.M,
+    )
     assert len(lines) == 26 and any(s.startswith("qr(") for _, _, s, _ in lines), text[:3000]
     assert yaml.safe_load(text)["world_size"] == 2 and out.read_text() == text
     cfg = load_config(config, ["embeddings.kind=auto", "embeddings.memory_per_rank=100MiB"])
@@ -227,9 +245,13 @@ def _dmp_forward(rank: int, world_size: int, result: CompressionPlan) -> float:
     the largest difference of the pooled outputs on this rank's batch."""
     torch.manual_seed(0)
     ref = CompositionalEmbeddingBagCollection(result.tables)
-    dmp = DistributedModelParallel(CompositionalEmbeddingBagCollection(result.tables, device="meta"),
-                                   env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
-                                   plan=result.plan, sharders=default_sharders())
+    dmp = DistributedModelParallel(
+        CompositionalEmbeddingBagCollection(result.tables, device="meta"),
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=torch.device("cpu"),
+        plan=result.plan,
+        sharders=default_sharders(),
+    )
     dmp.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()})
     kjt = batch(rank, weighted=False, tabs=result.tables)
     out, expected = dmp(kjt), ref(kjt)
@@ -245,22 +267,87 @@ def test_plan_shards_with_dmp_at_world_size_2() -> None:
 
 def test_training_app_with_kind_auto_at_world_size_2(tmp_path: Path) -> None:
     """torchrun, 2 gloo ranks, tiny synthetic data: the run trains the tables the planner chose, on its plan."""
-    sizes = [10, 12, 15, 20, 30, 40, 50, 70, 100, 130, 170, 220, 300, 400, 500, 700, 900, 1200, 1600, 2000,
-             3000, 4000, 5000, 7000, 9000, 120000]
-    args = [f"run.output_dir={tmp_path}", "run.name=auto", f"data.cache_dir={tmp_path / 'cache'}",
-            "run.progress_bar=false", "run.tensorboard=false", "data.synthetic.num_rows=3000",
-            "data.synthetic.num_days=3", f"data.synthetic.cardinalities={sizes}", "data.global_batch_size=256",
-            "data.eval_batch_size=1024", "model.dense_arch_layer_sizes=[32,16]", "model.over_arch_layer_sizes=[32,1]",
-            "train.max_steps=6", "train.eval_max_batches=1", "embeddings.kind=auto", "embeddings.memory_per_rank=6MiB"]
-    planned = subprocess.run([sys.executable, "-m", "torchrec_qr.plan", "--config",
-                              str(ROOT / "configs" / "synthetic_qr_mult.yaml"), "--world-size", "2", *args],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    sizes = [
+        10,
+        12,
+        15,
+        20,
+        30,
+        40,
+        50,
+        70,
+        100,
+        130,
+        170,
+        220,
+        300,
+        400,
+        500,
+        700,
+        900,
+        1200,
+        1600,
+        2000,
+        3000,
+        4000,
+        5000,
+        7000,
+        9000,
+        120000,
+    ]
+    args = [
+        f"run.output_dir={tmp_path}",
+        "run.name=auto",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "run.progress_bar=false",
+        "run.tensorboard=false",
+        "data.synthetic.num_rows=3000",
+        "data.synthetic.num_days=3",
+        f"data.synthetic.cardinalities={sizes}",
+        "data.global_batch_size=256",
+        "data.eval_batch_size=1024",
+        "model.dense_arch_layer_sizes=[32,16]",
+        "model.over_arch_layer_sizes=[32,1]",
+        "train.max_steps=6",
+        "train.eval_max_batches=1",
+        "embeddings.kind=auto",
+        "embeddings.memory_per_rank=6MiB",
+    ]
+    planned = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torchrec_qr.plan",
+            "--config",
+            str(ROOT / "configs" / "synthetic_qr_mult.yaml"),
+            "--world-size",
+            "2",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert planned.returncode == 0, planned.stderr
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    run = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "torchrec_qr.train", "--config",
-                          str(ROOT / "configs" / "synthetic_qr_mult.yaml"), *args],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "torchrec_qr.train",
+            "--config",
+            str(ROOT / "configs" / "synthetic_qr_mult.yaml"),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     summary_file = tmp_path / "auto" / "summary.json"
     assert summary_file.exists(), run.stderr[-4000:]
     summary = json.loads(summary_file.read_text())

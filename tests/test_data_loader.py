@@ -30,14 +30,19 @@ def rows_of(iterator) -> list[np.ndarray]:
 def test_rank_shards_are_disjoint_and_cover(world_size, shuffle):
     n, batch_size = 1003, 64
     arrays = make_arrays(n)
-    per_rank = [rows_of(CriteoBatchIterator(arrays, batch_size, r, world_size, shuffle=shuffle, seed=5)) for r in range(world_size)]
+    per_rank = [
+        rows_of(CriteoBatchIterator(arrays, batch_size, r, world_size, shuffle=shuffle, seed=5))
+        for r in range(world_size)
+    ]
     assert len({len(batches) for batches in per_rank}) == 1  # every rank yields as many batches
     assert len({tuple(len(b) for b in batches) for batches in per_rank}) == 1
     seen = np.concatenate([np.concatenate(batches) for batches in per_rank])
     assert len(seen) == len(set(seen.tolist())) == world_size * (n // world_size)
     if not shuffle:
         np.testing.assert_array_equal(np.sort(seen), np.arange(len(seen)))
-        np.testing.assert_array_equal(np.concatenate(per_rank[-1]), np.arange(n - n % world_size - n // world_size, n - n % world_size))
+        np.testing.assert_array_equal(
+            np.concatenate(per_rank[-1]), np.arange(n - n % world_size - n // world_size, n - n % world_size)
+        )
 
 
 def test_batch_layout():
@@ -116,8 +121,9 @@ def _rows(batch) -> list[int]:
 
 def _global(arrays, global_batch_size, rank, world_size, shuffle, **kw):
     """The training layout: each rank's slice of global batches of ``global_batch_size`` rows."""
-    return CriteoBatchIterator(arrays, global_batch_size // world_size, rank, world_size, shuffle,
-                               global_batches=True, **kw)
+    return CriteoBatchIterator(
+        arrays, global_batch_size // world_size, rank, world_size, shuffle, global_batches=True, **kw
+    )
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

@@ -98,7 +98,9 @@ def test_labels_follow_the_planted_model():
     assert report.bayes_log_loss < report.constant_log_loss - 0.05
     # Collisions cost accuracy: merging ids of the largest feature loses information.
     f = int(np.argmax(config.cardinalities))
-    hashed = day.logits - category_effects(config, f, day.sparse[:, f]) + category_effects(config, f, day.sparse[:, f] % 7)
+    hashed = (
+        day.logits - category_effects(config, f, day.sparse[:, f]) + category_effects(config, f, day.sparse[:, f] % 7)
+    )
     assert log_loss(day.labels, 1.0 / (1.0 + np.exp(-hashed))) > log_loss(day.labels, true_p)
 
 

@@ -6,7 +6,7 @@ Where values are compared, ours is checked against a plain EBC holding its mater
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -26,7 +26,9 @@ def _torchrec(tables: list[EmbeddingBagConfig], **kwargs) -> torch.nn.Module:
 
 
 def _ours(tables: list[EmbeddingBagConfig], **kwargs) -> torch.nn.Module:
-    return CompositionalEmbeddingBagCollection(compress(tables, QuotientRemainder(collisions=2), combine="mult"), **kwargs)
+    return CompositionalEmbeddingBagCollection(
+        compress(tables, QuotientRemainder(collisions=2), combine="mult"), **kwargs
+    )
 
 
 IMPLS = [pytest.param(_torchrec, id="torchrec"), pytest.param(_ours, id="torchrec_qr")]
@@ -50,14 +52,24 @@ def _kjt(weighted: bool = False, device: str = "cpu") -> KeyedJaggedTensor:
 def _materialized(module: torch.nn.Module, weighted: bool) -> EmbeddingBagCollection:
     """A plain EBC holding the module's logical tables, row for row (our composed rows materialized)."""
     configs = module.embedding_bag_configs()
-    plain = [EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
-                                feature_names=list(t.feature_names), pooling=t.pooling) for t in configs]
+    plain = [
+        EmbeddingBagConfig(
+            name=t.name,
+            num_embeddings=t.num_embeddings,
+            embedding_dim=t.embedding_dim,
+            feature_names=list(t.feature_names),
+            pooling=t.pooling,
+        )
+        for t in configs
+    ]
     ref = EmbeddingBagCollection(plain, is_weighted=weighted)
     with torch.no_grad():
         for t in configs:
-            rows = (module.embedding_rows(t.name, torch.arange(t.num_embeddings))
-                    if isinstance(module, CompositionalEmbeddingBagCollection)
-                    else module.embedding_bags[t.name].weight)
+            rows = (
+                module.embedding_rows(t.name, torch.arange(t.num_embeddings))
+                if isinstance(module, CompositionalEmbeddingBagCollection)
+                else module.embedding_bags[t.name].weight
+            )
             ref.embedding_bags[t.name].weight.copy_(rows)
     return ref
 
@@ -129,8 +141,10 @@ def test_fx_trace_then_torchscript(make: Factory) -> None:
 
 @pytest.mark.parametrize("make", IMPLS)
 def test_shared_feature_across_tables(make: Factory) -> None:
-    tables = [EmbeddingBagConfig(name="t1", num_embeddings=20, embedding_dim=8, feature_names=["f1"]),
-              EmbeddingBagConfig(name="t2", num_embeddings=20, embedding_dim=4, feature_names=["f1"])]
+    tables = [
+        EmbeddingBagConfig(name="t1", num_embeddings=20, embedding_dim=8, feature_names=["f1"]),
+        EmbeddingBagConfig(name="t2", num_embeddings=20, embedding_dim=4, feature_names=["f1"]),
+    ]
     module = make(tables)
     kjt = KeyedJaggedTensor.from_lengths_sync(["f1"], torch.tensor([1, 2, 3]), torch.tensor([2, 1]))
     kt = module(kjt)
@@ -142,13 +156,18 @@ def test_shared_feature_across_tables(make: Factory) -> None:
 
 @pytest.mark.parametrize("make", IMPLS)
 def test_variable_batch_per_feature(make: Factory) -> None:
-    tables = [EmbeddingBagConfig(name="t1", num_embeddings=20, embedding_dim=4, feature_names=["f1"]),
-              EmbeddingBagConfig(name="t2", num_embeddings=20, embedding_dim=4, feature_names=["f2"])]
+    tables = [
+        EmbeddingBagConfig(name="t1", num_embeddings=20, embedding_dim=4, feature_names=["f1"]),
+        EmbeddingBagConfig(name="t2", num_embeddings=20, embedding_dim=4, feature_names=["f2"]),
+    ]
     module = make(tables, is_weighted=True)
     # f1: 2 bags [1, 2], [3]; f2: 3 bags [4], [], [5, 6, 19]; samples take f1's bags 1, 0, 1.
     kjt = KeyedJaggedTensor(
-        keys=["f1", "f2"], values=torch.tensor([1, 2, 3, 4, 5, 6, 19]), lengths=torch.tensor([2, 1, 1, 0, 3]),
-        weights=torch.linspace(0.5, 2.0, 7), stride_per_key_per_rank=[[2], [3]],
+        keys=["f1", "f2"],
+        values=torch.tensor([1, 2, 3, 4, 5, 6, 19]),
+        lengths=torch.tensor([2, 1, 1, 0, 3]),
+        weights=torch.linspace(0.5, 2.0, 7),
+        stride_per_key_per_rank=[[2], [3]],
         inverse_indices=(["f1", "f2"], torch.tensor([[1, 0, 1], [0, 1, 2]])),
     )
     kt = module(kjt)
@@ -164,8 +183,12 @@ def test_per_sample_weight_gradients(make: Factory, one_hot: bool) -> None:
     module = make(_tables(), is_weighted=True)
     kjt = _kjt(weighted=True)
     if one_hot:
-        kjt = KeyedJaggedTensor(keys=kjt.keys(), values=torch.tensor([0, 2, 10, 10, 3, 5]),
-                                lengths=torch.ones(6, dtype=torch.int64), weights=torch.linspace(0.5, 2.0, 6))
+        kjt = KeyedJaggedTensor(
+            keys=kjt.keys(),
+            values=torch.tensor([0, 2, 10, 10, 3, 5]),
+            lengths=torch.ones(6, dtype=torch.int64),
+            weights=torch.linspace(0.5, 2.0, 6),
+        )
     grads = []
     for m in (module, _materialized(module, True)):
         weights = kjt.weights().clone().requires_grad_()

@@ -19,10 +19,26 @@ from torchrec_qr.train.config import load_config, validate
 
 def _record(method: str, c: int | None, seed: int, loss: float, params: int, threshold: int | None = 200) -> RunRecord:
     label = Setting(method, c, threshold or 0).label
-    return RunRecord(setting=label, method=method, collisions=c, threshold=threshold, seed=seed, params=params,
-                     param_bytes=4 * params, optimizer_bytes=params // 4, compression=1.0, test_log_loss=loss,
-                     test_ne=loss / 0.57, test_auc=0.75, test_accuracy=0.77, samples_per_s=1e4, train_seconds=9.0,
-                     steps=10, world_size=1, run_dir="runs/x")
+    return RunRecord(
+        setting=label,
+        method=method,
+        collisions=c,
+        threshold=threshold,
+        seed=seed,
+        params=params,
+        param_bytes=4 * params,
+        optimizer_bytes=params // 4,
+        compression=1.0,
+        test_log_loss=loss,
+        test_ne=loss / 0.57,
+        test_auc=0.75,
+        test_accuracy=0.77,
+        samples_per_s=1e4,
+        train_seconds=9.0,
+        steps=10,
+        world_size=1,
+        run_dir="runs/x",
+    )
 
 
 def _fake_records() -> list[RunRecord]:
@@ -41,7 +57,9 @@ def test_grids_validate_in_the_training_app():
         grid = expand_grid(quick)
         labels = [s.label for s in grid.settings]
         assert len(labels) == len(set(labels))
-        assert {"full", "hash", "qr-mult", "qr-add", "qr-concat", "mixed-radix-3", "crt-2"} <= {s.method for s in grid.settings}
+        assert {"full", "hash", "qr-mult", "qr-add", "qr-concat", "mixed-radix-3", "crt-2"} <= {
+            s.method for s in grid.settings
+        }
         for s in grid.settings:
             cfg = load_config("configs/synthetic_full.yaml", [*grid.common, *s.overrides()])
             validate(cfg, world_size=1, cuda_available=False)
@@ -58,12 +76,24 @@ def test_path_follows_the_app_and_seeds_override():
 
 
 def test_record_from_summary():
-    summary = {"metrics": {"test": {"log_loss": 0.45, "ne": 0.8, "auc": 0.77, "accuracy": 0.78}},
-               "memory": {"param_bytes": 4000, "optimizer_bytes": 250, "compression": 3.5},
-               "samples_per_s": 1234.0, "train_seconds": 5.0, "steps": 7, "world_size": 2, "run_dir": "runs/r"}
+    summary = {
+        "metrics": {"test": {"log_loss": 0.45, "ne": 0.8, "auc": 0.77, "accuracy": 0.78}},
+        "memory": {"param_bytes": 4000, "optimizer_bytes": 250, "compression": 3.5},
+        "samples_per_s": 1234.0,
+        "train_seconds": 5.0,
+        "steps": 7,
+        "world_size": 2,
+        "run_dir": "runs/r",
+    }
     r = record_from_summary(Setting("qr-add", 4), 3, summary)
     assert (r.setting, r.params, r.optimizer_bytes, r.test_log_loss, r.seed, r.threshold) == (
-        "qr-add-c4-t200", 1000, 250, 0.45, 3, 200)
+        "qr-add-c4-t200",
+        1000,
+        250,
+        0.45,
+        3,
+        200,
+    )
     assert record_from_summary(Setting("full"), 0, summary).threshold is None
 
 
@@ -93,13 +123,22 @@ def test_csv_roundtrip_markdown_and_plot(tmp_path: Path):
 def test_tiny_real_run(tmp_path: Path):
     """One hash run through the training app on a tiny generated set, then reused from its summary."""
     cards = "[" + ",".join(str(10 + 40 * i) for i in range(26)) + "]"
-    grid = Grid("tiny", (Setting("hash", 4),), (0,), (
-        "data.synthetic.num_rows=2000", "data.synthetic.num_days=3", f"data.synthetic.cardinalities={cards}",
-        "data.global_batch_size=256", "data.eval_batch_size=1024", "model.dense_arch_layer_sizes=[32,16]",
-        "model.over_arch_layer_sizes=[32,1]", f"data.cache_dir={tmp_path / 'cache'}",
-    ))
-    rec = run_setting(grid.settings[0], 0, grid, "configs/synthetic_full.yaml", tmp_path / "runs", nproc=1,
-                      timeout=300)
+    grid = Grid(
+        "tiny",
+        (Setting("hash", 4),),
+        (0,),
+        (
+            "data.synthetic.num_rows=2000",
+            "data.synthetic.num_days=3",
+            f"data.synthetic.cardinalities={cards}",
+            "data.global_batch_size=256",
+            "data.eval_batch_size=1024",
+            "model.dense_arch_layer_sizes=[32,16]",
+            "model.over_arch_layer_sizes=[32,1]",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ),
+    )
+    rec = run_setting(grid.settings[0], 0, grid, "configs/synthetic_full.yaml", tmp_path / "runs", nproc=1, timeout=300)
     assert rec is not None and rec.steps == 15 and 0.3 < rec.test_log_loss < 0.8
     assert rec.params < 16 * sum(10 + 40 * i for i in range(26))  # tables above 200 rows were hashed
     again = run_setting(grid.settings[0], 0, grid, "configs/synthetic_full.yaml", tmp_path / "runs", nproc=1)
@@ -111,10 +150,18 @@ def test_script_and_deprecated_module_entry_points(tmp_path: Path):
     root = Path(__file__).resolve().parents[1]
     records = _fake_records()
     write_csv(records, tmp_path / "results_quick.csv")
-    for command in ([sys.executable, str(root / "experiments" / "grid.py")],
-                    [sys.executable, "-m", "torchrec_qr.experiments"]):
-        proc = subprocess.run([*command, "--quick", "--report-only", "--out", str(tmp_path)], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    for command in (
+        [sys.executable, str(root / "experiments" / "grid.py")],
+        [sys.executable, "-m", "torchrec_qr.experiments"],
+    ):
+        proc = subprocess.run(
+            [*command, "--quick", "--report-only", "--out", str(tmp_path)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
         assert proc.returncode == 0, proc.stderr
         assert (tmp_path / "results_quick.md").exists() and (tmp_path / "pareto_quick.png").exists()
         assert ("deprecated" in proc.stderr) == ("torchrec_qr.experiments" in command)

@@ -11,11 +11,11 @@ import random
 import pytest
 import torch
 from conftest import make_kjt, random_bags, random_weights
+from test_inference import mixed_tables, quantized
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.models.dlrm import DLRM
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-from test_inference import mixed_tables, quantized
 
 from torchrec_qr import CompositionalEmbeddingBagCollection
 from torchrec_qr.inference import quantize_inference_model
@@ -35,7 +35,8 @@ class StorageOnly(nn.Module):  # real annotations (no postponed evaluation here)
 
 def tables():
     return [t for t in mixed_tables() if t.name != "plain"] + [
-        EmbeddingBagConfig(name="plain", num_embeddings=13, embedding_dim=D, feature_names=["g"])]
+        EmbeddingBagConfig(name="plain", num_embeddings=13, embedding_dim=D, feature_names=["g"])
+    ]
 
 
 def sizes(ts):
@@ -45,13 +46,29 @@ def sizes(ts):
 def model_and_batch(compositional: bool, batch: int = 3, seed: int = 0):
     ts = tables()
     torch.manual_seed(seed)
-    ebc = CompositionalEmbeddingBagCollection(ts) if compositional else EmbeddingBagCollection(
-        [EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=D,
-                            feature_names=t.feature_names) for t in ts])
-    model = DLRM(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[D],
-                 over_arch_layer_sizes=[4, 1]).eval()
-    kjt = make_kjt({f: [[i] for i in ids] for f, ids in
-                    ((f, [random.Random(seed + j).randrange(n) for j in range(batch)]) for f, n in sizes(ts).items())})
+    ebc = (
+        CompositionalEmbeddingBagCollection(ts)
+        if compositional
+        else EmbeddingBagCollection(
+            [
+                EmbeddingBagConfig(
+                    name=t.name, num_embeddings=t.num_embeddings, embedding_dim=D, feature_names=t.feature_names
+                )
+                for t in ts
+            ]
+        )
+    )
+    model = DLRM(
+        embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[D], over_arch_layer_sizes=[4, 1]
+    ).eval()
+    kjt = make_kjt(
+        {
+            f: [[i] for i in ids]
+            for f, ids in (
+                (f, [random.Random(seed + j).randrange(n) for j in range(batch)]) for f, n in sizes(ts).items()
+            )
+        }
+    )
     return model, torch.randn(batch, 3), kjt
 
 
@@ -72,8 +89,12 @@ def test_quantized_storage_scripts_and_round_trips(tmp_path, weighted):
         assert torch.equal(loaded(kjt), storage(kjt))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="FBGEMM 1.8's int-N TBE holds an fbgemm::AtomicCounter "
-                   "script object without a fake class, which torch.export needs")
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="FBGEMM 1.8's int-N TBE holds an fbgemm::AtomicCounter "
+    "script object without a fake class, which torch.export needs",
+)
 def test_quantized_storage_torch_export():
     q = quantized(CompositionalEmbeddingBagCollection(tables()), "int8")
     storage = StorageOnly(q._embedding_bag_collection)
@@ -114,7 +135,7 @@ def _artifact_round_trip(tmp_path, compositional: bool):
     _, dense5, kjt5 = model_and_batch(compositional, batch=5, seed=11)
     expected = q(dense5, kjt5)
     manifest = json.loads((out / "manifest.json").read_text())
-    for prefer in ([True, False] if manifest["torchscript"] else [False]):
+    for prefer in [True, False] if manifest["torchscript"] else [False]:
         loaded, _ = load_artifact(out, rebuild, prefer_torchscript=prefer)
         assert torch.equal(loaded(dense5, kjt5), expected)
     return out, manifest, rebuild

@@ -51,8 +51,13 @@ def test_hot_ids_over_qr_complementary(n, c, frac, seed):
 
 
 @SETTINGS
-@given(n=st.integers(2, 1500), k_parts=st.integers(1, 4), frac=st.floats(0, 1), seed=st.integers(0, 2**31),
-       scheme=st.sampled_from(["mixed", "crt"]))
+@given(
+    n=st.integers(2, 1500),
+    k_parts=st.integers(1, 4),
+    frac=st.floats(0, 1),
+    seed=st.integers(0, 2**31),
+    scheme=st.sampled_from(["mixed", "crt"]),
+)
 def test_hot_ids_over_fitted_bases_complementary(n, k_parts, frac, seed, scheme):
     k = max(1, min(n - 1, int(frac * n)))
     base = (MixedRadix.balanced if scheme == "mixed" else ChineseRemainder.balanced)(n - k, k_parts)
@@ -113,8 +118,15 @@ def test_bad_hot_ids_are_named():
     with pytest.raises(ValueError, match="table 't'.*row_wise.*hot ids"):
         from torchrec_qr.distributed.sub_table_plan import row_split_stride
 
-        row_split_stride(CompositionalEmbeddingBagConfig(name="t", num_embeddings=20, embedding_dim=4,
-                                                         feature_names=["f"], partition=HotIds([3], base=QuotientRemainder(4))))
+        row_split_stride(
+            CompositionalEmbeddingBagConfig(
+                name="t",
+                num_embeddings=20,
+                embedding_dim=4,
+                feature_names=["f"],
+                partition=HotIds([3], base=QuotientRemainder(4)),
+            )
+        )
 
 
 def test_indices_trace_with_fx_and_follow_the_ids_device():
@@ -142,8 +154,10 @@ def test_most_frequent_ids_caps_and_breaks_ties_by_id():
 
 
 def test_compress_with_counts_and_with_lists():
-    plain = [EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=4, feature_names=[f"f{i}"])
-             for i, n in enumerate([50, 400, 1000])]
+    plain = [
+        EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=4, feature_names=[f"f{i}"])
+        for i, n in enumerate([50, 400, 1000])
+    ]
     counts = {"t1": torch.bincount(torch.tensor([7] * 9 + [3] * 4 + [300]), minlength=400)}
     out = compress(plain, lambda n: MixedRadix.balanced(n, 2), threshold=100, hot_ids=counts, hot_rows=2)
     assert not isinstance(out[0], CompositionalEmbeddingBagConfig)
@@ -165,12 +179,21 @@ def test_compress_with_counts_and_with_lists():
 def hot_tables(base: str, combine: str, pooling: PoolingType) -> list[EmbeddingBagConfig]:
     def table(name, n, features, k):
         p = HotIds(hot_sample(n, k, seed=n), base=BASES[base](n - k))
-        return CompositionalEmbeddingBagConfig(name=name, num_embeddings=n, embedding_dim=8, feature_names=features,
-                                               pooling=pooling, partition=p, combine=combine)
+        return CompositionalEmbeddingBagConfig(
+            name=name,
+            num_embeddings=n,
+            embedding_dim=8,
+            feature_names=features,
+            pooling=pooling,
+            partition=p,
+            combine=combine,
+        )
 
-    return [table("big", 60, ["f0", "f1"], 7),
-            EmbeddingBagConfig(name="small", num_embeddings=13, embedding_dim=4, feature_names=["g"]),
-            table("mid", 37, ["h"], 1)]
+    return [
+        table("big", 60, ["f0", "f1"], 7),
+        EmbeddingBagConfig(name="small", num_embeddings=13, embedding_dim=4, feature_names=["g"]),
+        table("mid", 37, ["h"], 1),
+    ]
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -193,8 +216,12 @@ def test_matches_materialized_table(base, combine, pooling, weighted):
     one_hot = {f: [[rng.randrange(n)] for _ in range(5)] for f, n in feature_sizes(tables).items()}  # fast path
     one_hot["f0"][1] = [int(tables[0].partition.hot_ids[0])]
     weights = random_weights(rng, one_hot) if weighted else None
-    torch.testing.assert_close(module(make_kjt(one_hot, weights)).values(),
-                               reference_forward(tables, full, one_hot, weights), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        module(make_kjt(one_hot, weights)).values(),
+        reference_forward(tables, full, one_hot, weights),
+        atol=1e-6,
+        rtol=1e-5,
+    )
 
 
 def test_composed_rows_distinct_and_hot_rows_private():
@@ -216,16 +243,28 @@ def test_path_tables_match_per_id_loop(function, weighted):
     from test_path import FUNCTIONS
     from test_path import reference_forward as path_reference
 
-    tables = [CompositionalEmbeddingBagConfig(
-        name="big", num_embeddings=60, embedding_dim=8, feature_names=["f0"], combine="path", path=FUNCTIONS[function],
-        partition=HotIds(hot_sample(60, 9, seed=1), base=MixedRadix.balanced(51, 3)))]
+    tables = [
+        CompositionalEmbeddingBagConfig(
+            name="big",
+            num_embeddings=60,
+            embedding_dim=8,
+            feature_names=["f0"],
+            combine="path",
+            path=FUNCTIONS[function],
+            partition=HotIds(hot_sample(60, 9, seed=1), base=MixedRadix.balanced(51, 3)),
+        )
+    ]
     module = CompositionalEmbeddingBagCollection(tables, is_weighted=weighted)
     rng = random.Random(7)
     bags = random_bags(rng, {"f0": 60}, 6)
     bags["f0"][1] = [int(i) for i in tables[0].partition.hot_ids[:4]]
     weights = random_weights(rng, bags) if weighted else None
-    torch.testing.assert_close(module(make_kjt(bags, weights)).values(),
-                               path_reference(module.state_dict(), tables, bags, weights), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        module(make_kjt(bags, weights)).values(),
+        path_reference(module.state_dict(), tables, bags, weights),
+        atol=1e-6,
+        rtol=1e-5,
+    )
 
 
 # --- state dict ---------------------------------------------------------------------------------------------------
@@ -240,8 +279,12 @@ def test_state_dict_carries_and_restores_the_hot_ids():
     kjt = make_kjt({"f0": [[0, 1, 2], [59]], "f1": [[5], []], "g": [[1], [2]], "h": [[3], [36]]})
     expected = module(kjt).values()
     # A model built with other hot ids (same K) takes the saved list and computes the saved model's function.
-    other = [replace(t, partition=HotIds(torch.arange(t.partition.num_hot), base=t.partition.base))
-             if isinstance(t, CompositionalEmbeddingBagConfig) else t for t in hot_tables("qr", "mult", PoolingType.SUM)]
+    other = [
+        replace(t, partition=HotIds(torch.arange(t.partition.num_hot), base=t.partition.base))
+        if isinstance(t, CompositionalEmbeddingBagConfig)
+        else t
+        for t in hot_tables("qr", "mult", PoolingType.SUM)
+    ]
     restored = CompositionalEmbeddingBagCollection(other)
     assert not torch.equal(restored(kjt).values(), expected)
     restored.load_state_dict(sd)
@@ -265,8 +308,12 @@ def test_scripted_module_equals_eager_and_follows_a_loaded_list():
     tables = hot_tables("qr", "mult", PoolingType.SUM)
     sd = CompositionalEmbeddingBagCollection(tables).state_dict()
     kjt = make_kjt({"f0": [[0, 1, 2], [59]], "f1": [[5], []], "g": [[1], [2]], "h": [[3], [36]]})
-    other = [replace(t, partition=HotIds(torch.arange(t.partition.num_hot), base=t.partition.base))
-             if isinstance(t, CompositionalEmbeddingBagConfig) else t for t in hot_tables("qr", "mult", PoolingType.SUM)]
+    other = [
+        replace(t, partition=HotIds(torch.arange(t.partition.num_hot), base=t.partition.base))
+        if isinstance(t, CompositionalEmbeddingBagConfig)
+        else t
+        for t in hot_tables("qr", "mult", PoolingType.SUM)
+    ]
     module = CompositionalEmbeddingBagCollection(other)
     module.load_state_dict(sd)
     scripted = torch.jit.script(module)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_harness import run_ranks
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from sharding_cases import Wrapper, batch, max_weight_diff, shard
 from torchrec.distributed.sharding_plan import row_wise
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from dist_harness import run_ranks
-from sharding_cases import Wrapper, batch, max_weight_diff, shard
 from torchrec_qr import (
     ChineseRemainder,
     CompositionalEmbeddingBagCollection,
@@ -34,19 +34,38 @@ HOT = {"h_mult": [3, 17, 40, 41], "h_add": [0, 29], "h_concat": [5, 6, 7, 12, 22
 def hot_tables(placeholder: bool = False) -> list[EmbeddingBagConfig]:
     """Every combine op over three bases, SUM and MEAN, a two-feature table and a plain one. ``placeholder``:
     the same shapes with other hot ids (what a checkpoint load must overwrite)."""
+
     def ids(name: str) -> torch.Tensor:
         return torch.arange(len(HOT[name])) if placeholder else torch.tensor(HOT[name])
 
     return [
-        CompositionalEmbeddingBagConfig(name="h_mult", num_embeddings=50, embedding_dim=8, feature_names=["f0", "f1"],
-                                        partition=HotIds(ids("h_mult"), base=QuotientRemainder(7)), combine="mult"),
+        CompositionalEmbeddingBagConfig(
+            name="h_mult",
+            num_embeddings=50,
+            embedding_dim=8,
+            feature_names=["f0", "f1"],
+            partition=HotIds(ids("h_mult"), base=QuotientRemainder(7)),
+            combine="mult",
+        ),
         EmbeddingBagConfig(name="t_plain", num_embeddings=20, embedding_dim=8, feature_names=["f2"]),
-        CompositionalEmbeddingBagConfig(name="h_add", num_embeddings=30, embedding_dim=8, feature_names=["f3"],
-                                        partition=HotIds(ids("h_add"), base=MixedRadix((4, 7))), combine="add",
-                                        pooling=PoolingType.MEAN),
-        CompositionalEmbeddingBagConfig(name="h_concat", num_embeddings=35, embedding_dim=8, feature_names=["f4"],
-                                        partition=HotIds(ids("h_concat"), base=ChineseRemainder((5, 7))),
-                                        combine="concat", sub_dims=[4, 4]),
+        CompositionalEmbeddingBagConfig(
+            name="h_add",
+            num_embeddings=30,
+            embedding_dim=8,
+            feature_names=["f3"],
+            partition=HotIds(ids("h_add"), base=MixedRadix((4, 7))),
+            combine="add",
+            pooling=PoolingType.MEAN,
+        ),
+        CompositionalEmbeddingBagConfig(
+            name="h_concat",
+            num_embeddings=35,
+            embedding_dim=8,
+            feature_names=["f4"],
+            partition=HotIds(ids("h_concat"), base=ChineseRemainder((5, 7))),
+            combine="concat",
+            sub_dims=[4, 4],
+        ),
     ]
 
 
@@ -67,11 +86,16 @@ def _equal_to_unsharded(rank: int, world_size: int, shardings: list[str]) -> dic
             ref = CompositionalEmbeddingBagCollection(hot_tables(), is_weighted=weighted)
             optimizer = EmbOptimType.EXACT_ADAGRAD if sharding == "mixed" else EmbOptimType.EXACT_SGD
             fused = {"optimizer": optimizer, "learning_rate": LR, "eps": 1e-8}
-            module = CompositionalEmbeddingBagCollection(hot_tables(placeholder=True), is_weighted=weighted, device="meta")
+            module = CompositionalEmbeddingBagCollection(
+                hot_tables(placeholder=True), is_weighted=weighted, device="meta"
+            )
             dmp = shard(module, CompositionalEmbeddingBagCollectionSharder(fused_params=fused), sharding, world_size)
             dmp.load_state_dict({"ebc." + k: v.clone() for k, v in ref.state_dict().items()})  # hot ids included
-            make = (lambda ps: torch.optim.Adagrad(ps, lr=LR, eps=1e-8)) if sharding == "mixed" else (
-                lambda ps: torch.optim.SGD(ps, lr=LR))
+            make = (
+                (lambda ps: torch.optim.Adagrad(ps, lr=LR, eps=1e-8))
+                if sharding == "mixed"
+                else (lambda ps: torch.optim.SGD(ps, lr=LR))
+            )
             dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
             dense_opt, ref_opt = (make(dense) if dense else None), make(list(ref.parameters()))
             case = f"{sharding}/weighted={weighted}"
@@ -89,7 +113,8 @@ def _equal_to_unsharded(rank: int, world_size: int, shardings: list[str]) -> dic
                 ref_opt.step()
                 errors[f"{case}/weights_{step}"] = max_weight_diff(dmp, ref.state_dict())
             errors[f"{case}/hot_ids_restored"] = float(
-                not torch.equal(dmp.state_dict()["ebc._hot_ids.h_mult"], torch.tensor(HOT["h_mult"])))
+                not torch.equal(dmp.state_dict()["ebc._hot_ids.h_mult"], torch.tensor(HOT["h_mult"]))
+            )
     return errors
 
 
@@ -127,12 +152,18 @@ def _checkpoint_worker(rank: int, world_size: int, root: str) -> dict:
     probe = _hot_batch(77, False)
     out = dmp(probe).detach()
     # Another plan, built with placeholder hot ids: the load must bring the saved lists and outputs.
-    other = shard(CompositionalEmbeddingBagCollection(hot_tables(placeholder=True), device="meta"), sharder, "cw",
-                  world_size)
+    other = shard(
+        CompositionalEmbeddingBagCollection(hot_tables(placeholder=True), device="meta"), sharder, "cw", world_size
+    )
     before = (other(probe) - out).abs().max().item()
     load_checkpoint(path, other)  # weights only: rowwise Adagrad state cannot change column shard counts
-    return {"path": str(path), "out": out, "before": before, "after": (other(probe) - out).abs().max().item(),
-            "hot": other.state_dict()["ebc._hot_ids.h_concat"].clone()}
+    return {
+        "path": str(path),
+        "out": out,
+        "before": before,
+        "after": (other(probe) - out).abs().max().item(),
+        "hot": other.state_dict()["ebc._hot_ids.h_concat"].clone(),
+    }
 
 
 def test_checkpoint_round_trip_keeps_the_hot_ids(tmp_path: Path) -> None:

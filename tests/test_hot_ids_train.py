@@ -49,12 +49,21 @@ def test_tiny_real_run_with_hot_rows(tmp_path: Path):
     """qr-mult with 16 hot ids per table through the app: counted on the training split, cached, stored."""
     cards = [10 + 40 * i for i in range(26)]
     setting = Setting("qr-mult", 4, hot_rows=16)
-    grid = Grid("tiny", (setting,), (0,), (
-        "data.synthetic.num_rows=2000", "data.synthetic.num_days=3",
-        "data.synthetic.cardinalities=[" + ",".join(map(str, cards)) + "]",
-        "data.global_batch_size=256", "data.eval_batch_size=1024", "model.dense_arch_layer_sizes=[32,16]",
-        "model.over_arch_layer_sizes=[32,1]", f"data.cache_dir={tmp_path / 'cache'}",
-    ))
+    grid = Grid(
+        "tiny",
+        (setting,),
+        (0,),
+        (
+            "data.synthetic.num_rows=2000",
+            "data.synthetic.num_days=3",
+            "data.synthetic.cardinalities=[" + ",".join(map(str, cards)) + "]",
+            "data.global_batch_size=256",
+            "data.eval_batch_size=1024",
+            "model.dense_arch_layer_sizes=[32,16]",
+            "model.over_arch_layer_sizes=[32,1]",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ),
+    )
     rec = run_setting(setting, 0, grid, "configs/synthetic_full.yaml", tmp_path / "runs", nproc=1, timeout=300)
     assert rec is not None and rec.method == "qr-mult-hot16" and 0.3 < rec.test_log_loss < 0.8
     assert len(list((tmp_path / "cache").glob("synthetic-*/cache/id_counts.*.npz"))) == 1

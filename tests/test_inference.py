@@ -26,7 +26,6 @@ from torchrec_qr import (
     QuotientRemainder,
     compress,
 )
-from torchrec_qr.modules.fused_compositional_embedding_modules import FusedCompositionalEmbeddingBagCollection
 from torchrec_qr.inference import (
     DTYPES,
     QUANT_MAPPING,
@@ -34,6 +33,7 @@ from torchrec_qr.inference import (
     QuantCompositionalEmbeddingBagCollection,
     quantize_inference_model,
 )
+from torchrec_qr.modules.fused_compositional_embedding_modules import FusedCompositionalEmbeddingBagCollection
 
 D = 8
 TABLES = "_embedding_bag_collection.embedding_bags."
@@ -43,8 +43,15 @@ BITS = {"int8": 8, "int4": 4}
 
 def comp(name, n, features, combine, c, pooling=PoolingType.SUM, composition="per_id", path=None, dim=D):
     return CompositionalEmbeddingBagConfig(
-        name=name, num_embeddings=n, embedding_dim=dim, feature_names=features, pooling=pooling,
-        partition=QuotientRemainder(c), combine=combine, composition=composition, path=path,
+        name=name,
+        num_embeddings=n,
+        embedding_dim=dim,
+        feature_names=features,
+        pooling=pooling,
+        partition=QuotientRemainder(c),
+        combine=combine,
+        composition=composition,
+        path=path,
     )
 
 
@@ -96,8 +103,14 @@ def reference_forward(p, tables, bags, weights):
                 if isinstance(t, CompositionalEmbeddingBagConfig) and t.composition == "pooled":
                     # pool each sub-table (per-id weights in the first only), then multiply
                     cls = [reference_classes(t.partition, x) for x in bag]
-                    parts = [sum((w[i] if j == 0 else 1.0) * p[f"{TABLES}{t.name}__p{j}.weight"][c[j]]
-                                 for i, c in enumerate(cls)) + torch.zeros(D) for j in range(2)]
+                    parts = [
+                        sum(
+                            (w[i] if j == 0 else 1.0) * p[f"{TABLES}{t.name}__p{j}.weight"][c[j]]
+                            for i, c in enumerate(cls)
+                        )
+                        + torch.zeros(D)
+                        for j in range(2)
+                    ]
                     if t.pooling == PoolingType.MEAN and bag:
                         parts = [x / len(bag) for x in parts]
                     rows.append(parts[0] * parts[1])
@@ -124,8 +137,9 @@ def quantized(module, dtype: str, per_table=None):
     return QuantCompositionalEmbeddingBagCollection.from_float(module)
 
 
-@pytest.mark.parametrize("pooling, weighted",
-                         [(PoolingType.SUM, False), (PoolingType.SUM, True), (PoolingType.MEAN, True)])
+@pytest.mark.parametrize(
+    "pooling, weighted", [(PoolingType.SUM, False), (PoolingType.SUM, True), (PoolingType.MEAN, True)]
+)
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "int4"])
 def test_quantized_lookups_match_dequantized_rows_composed_here(dtype, pooling, weighted):
     tables = mixed_tables(pooling)
@@ -155,8 +169,9 @@ def test_quantized_lookups_match_dequantized_rows_composed_here(dtype, pooling, 
 
 def test_per_table_dtypes_and_bytes():
     tables = mixed_tables()
-    q = quantized(CompositionalEmbeddingBagCollection(tables), "int8",
-                  {"path": torch.float16, "mult__p1": torch.quint4x2})
+    q = quantized(
+        CompositionalEmbeddingBagCollection(tables), "int8", {"path": torch.float16, "mult__p1": torch.quint4x2}
+    )
     types = q.data_types()
     assert types["path__p0"] == DataType.FP16  # a logical name covers its sub-tables
     assert types["mult__p1"] == DataType.INT4 and types["mult__p0"] == DataType.INT8
@@ -195,7 +210,8 @@ def test_bad_inputs_name_the_table():
 def dlrm_tables():
     """``mixed_tables`` at one width (DLRM's interaction needs it)."""
     return [t for t in mixed_tables() if t.name != "plain"] + [
-        EmbeddingBagConfig(name="plain", num_embeddings=13, embedding_dim=D, feature_names=["g"])]
+        EmbeddingBagConfig(name="plain", num_embeddings=13, embedding_dim=D, feature_names=["g"])
+    ]
 
 
 SIDE = [EmbeddingBagConfig(name="side", num_embeddings=20, embedding_dim=D, feature_names=["s"])]
@@ -203,8 +219,12 @@ SIDE = [EmbeddingBagConfig(name="side", num_embeddings=20, embedding_dim=D, feat
 
 def dlrm(tables, ebc_tables):
     """A DLRM whose sparse arch holds a compositional collection, plus a plain EBC elsewhere in the model."""
-    model = DLRM(embedding_bag_collection=CompositionalEmbeddingBagCollection(tables), dense_in_features=3,
-                 dense_arch_layer_sizes=[D], over_arch_layer_sizes=[4, 1])
+    model = DLRM(
+        embedding_bag_collection=CompositionalEmbeddingBagCollection(tables),
+        dense_in_features=3,
+        dense_arch_layer_sizes=[D],
+        over_arch_layer_sizes=[4, 1],
+    )
     model.side = EmbeddingBagCollection(ebc_tables)
     return model
 
@@ -251,8 +271,9 @@ def test_row_alignment_sets_bytes_not_values():
 
 def test_fused_collection_is_converted_too():
     tables = dlrm_tables()
-    fused = FusedCompositionalEmbeddingBagCollection(tables, optimizer_type=torch.optim.SGD,
-                                                     optimizer_kwargs={"lr": 0.1})
+    fused = FusedCompositionalEmbeddingBagCollection(
+        tables, optimizer_type=torch.optim.SGD, optimizer_kwargs={"lr": 0.1}
+    )
     kjt = make_kjt(random_bags(random.Random(3), {f: t.num_embeddings for t in tables for f in t.feature_names}, 4))
     before = fused(kjt).values()
     before.sum().backward()  # one fused update: the quantized rows must be the trained ones
@@ -267,8 +288,11 @@ def test_fused_collection_is_converted_too():
 def test_hot_ids_table_keeps_its_hot_ids():
     """A HotIds table: the quantized module composes with the float module's hot-id list; its output equals
     the float module's on dequantized rows."""
-    tables = compress([EmbeddingBagConfig(name="hot", num_embeddings=500, embedding_dim=D, feature_names=["h"])],
-                      partition=QuotientRemainder(8), hot_ids={"hot": [3, 77, 499]})
+    tables = compress(
+        [EmbeddingBagConfig(name="hot", num_embeddings=500, embedding_dim=D, feature_names=["h"])],
+        partition=QuotientRemainder(8),
+        hot_ids={"hot": [3, 77, 499]},
+    )
     module = CompositionalEmbeddingBagCollection(tables, is_weighted=True)
     q = quantized(module, "int8")
     assert torch.equal(q.state_dict()["_hot_ids.hot"], torch.tensor([3, 77, 499]))

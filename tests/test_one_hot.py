@@ -27,13 +27,34 @@ B = 6
 
 def _tables(combine: str, pooling: PoolingType) -> list[EmbeddingBagConfig]:
     return [
-        CompositionalEmbeddingBagConfig(name="a", num_embeddings=90, embedding_dim=8, feature_names=["fa", "fb"],
-                                        partition=QuotientRemainder(7), combine=combine, pooling=pooling),
+        CompositionalEmbeddingBagConfig(
+            name="a",
+            num_embeddings=90,
+            embedding_dim=8,
+            feature_names=["fa", "fb"],
+            partition=QuotientRemainder(7),
+            combine=combine,
+            pooling=pooling,
+        ),
         EmbeddingBagConfig(name="plain", num_embeddings=20, embedding_dim=8, feature_names=["fp"], pooling=pooling),
-        CompositionalEmbeddingBagConfig(name="b", num_embeddings=60, embedding_dim=8, feature_names=["fc"],
-                                        partition=MixedRadix((4, 4, 4)), combine=combine, pooling=PoolingType.SUM),
-        CompositionalEmbeddingBagConfig(name="c", num_embeddings=30, embedding_dim=8, feature_names=["fd"],
-                                        partition=ChineseRemainder((5, 7)), combine=combine, pooling=pooling),
+        CompositionalEmbeddingBagConfig(
+            name="b",
+            num_embeddings=60,
+            embedding_dim=8,
+            feature_names=["fc"],
+            partition=MixedRadix((4, 4, 4)),
+            combine=combine,
+            pooling=PoolingType.SUM,
+        ),
+        CompositionalEmbeddingBagConfig(
+            name="c",
+            num_embeddings=30,
+            embedding_dim=8,
+            feature_names=["fd"],
+            partition=ChineseRemainder((5, 7)),
+            combine=combine,
+            pooling=pooling,
+        ),
     ]
 
 

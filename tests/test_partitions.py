@@ -133,7 +133,11 @@ def test_quotient_remainder_distinguishes_ids_past_float_precision():
     # float32 division (the DLRM reference) maps 2**24 and 2**24 + 1 to one quotient *and* one remainder.
     p = QuotientRemainder(3)
     got = p.indices(torch.tensor([2**24, 2**24 + 1, MAX_ID]))
-    assert got.T.tolist() == [[(2**24) // 3, (2**24) % 3], [(2**24 + 1) // 3, (2**24 + 1) % 3], [MAX_ID // 3, MAX_ID % 3]]
+    assert got.T.tolist() == [
+        [(2**24) // 3, (2**24) % 3],
+        [(2**24 + 1) // 3, (2**24 + 1) % 3],
+        [MAX_ID // 3, MAX_ID % 3],
+    ]
 
 
 @SETTINGS
@@ -264,7 +268,12 @@ def test_coprime_moduli_examples():
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: QuotientRemainder(0), lambda: MixedRadix(()), lambda: MixedRadix((3, 0)), lambda: ChineseRemainder((2, -1))],
+    [
+        lambda: QuotientRemainder(0),
+        lambda: MixedRadix(()),
+        lambda: MixedRadix((3, 0)),
+        lambda: ChineseRemainder((2, -1)),
+    ],
 )
 def test_bad_parameters_rejected(make):
     with pytest.raises(ValueError):

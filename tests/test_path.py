@@ -48,8 +48,14 @@ ACT = {"relu": torch.relu, "tanh": torch.tanh}
 
 def path_table(name, n, features, scheme, function, pooling=PoolingType.SUM, dim=D):
     return CompositionalEmbeddingBagConfig(
-        name=name, num_embeddings=n, embedding_dim=dim, feature_names=features, pooling=pooling,
-        partition=SCHEMES[scheme](n), combine="path", path=FUNCTIONS[function],
+        name=name,
+        num_embeddings=n,
+        embedding_dim=dim,
+        feature_names=features,
+        pooling=pooling,
+        partition=SCHEMES[scheme](n),
+        combine="path",
+        path=FUNCTIONS[function],
     )
 
 
@@ -58,8 +64,15 @@ def mixed_tables(scheme, function, pooling=PoolingType.SUM):
     return [
         path_table("big", 60, ["f0", "f1"], scheme, function, pooling),
         EmbeddingBagConfig(name="small", num_embeddings=13, embedding_dim=4, feature_names=["g"]),
-        CompositionalEmbeddingBagConfig(name="ops", num_embeddings=30, embedding_dim=D, feature_names=["m"],
-                                        partition=QuotientRemainder(6), combine="mult", pooling=pooling),
+        CompositionalEmbeddingBagConfig(
+            name="ops",
+            num_embeddings=30,
+            embedding_dim=D,
+            feature_names=["m"],
+            partition=QuotientRemainder(6),
+            combine="mult",
+            pooling=pooling,
+        ),
         path_table("mid", 37, ["h"], scheme, function, pooling),
     ]
 
@@ -107,7 +120,9 @@ def reference_forward(params, tables, bags, weights):
 # --- the oracle ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pooling, weighted", [(PoolingType.SUM, False), (PoolingType.SUM, True), (PoolingType.MEAN, True)])
+@pytest.mark.parametrize(
+    "pooling, weighted", [(PoolingType.SUM, False), (PoolingType.SUM, True), (PoolingType.MEAN, True)]
+)
 @pytest.mark.parametrize("function", FUNCTIONS)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_matches_per_id_loop(scheme, function, pooling, weighted):
@@ -130,8 +145,15 @@ def test_matches_per_id_loop(scheme, function, pooling, weighted):
 
 def test_many_classes_few_ids():
     """More classes than ids in the batch (tiles of one row) and classes absent from the batch."""
-    t = CompositionalEmbeddingBagConfig(name="t", num_embeddings=5000, embedding_dim=D, feature_names=["f"],
-                                        partition=QuotientRemainder(1000), combine="path", path=PathFunction.mlp((8,)))
+    t = CompositionalEmbeddingBagConfig(
+        name="t",
+        num_embeddings=5000,
+        embedding_dim=D,
+        feature_names=["f"],
+        partition=QuotientRemainder(1000),
+        combine="path",
+        path=PathFunction.mlp((8,)),
+    )
     module = CompositionalEmbeddingBagCollection([t])
     bags = {"f": [[4999, 3, 1003], [], [7]]}
     expected = reference_forward(module.state_dict(), [t], bags, None)
@@ -216,7 +238,9 @@ def test_initialization_matches_torchrec_scale(scheme, function):
     torch.manual_seed(1)
     module = CompositionalEmbeddingBagCollection([path_table("t", n, ["f"], scheme, function, dim=dim)])
     composed = module.embedding_rows("t", torch.arange(n)).detach()
-    plain = EmbeddingBagCollection([EmbeddingBagConfig(name="t", num_embeddings=n, embedding_dim=dim, feature_names=["f"])])
+    plain = EmbeddingBagCollection(
+        [EmbeddingBagConfig(name="t", num_embeddings=n, embedding_dim=dim, feature_names=["f"])]
+    )
     plain_std = plain.embedding_bags["t"].weight.detach().std().item()
     assert plain_std == pytest.approx(math.sqrt(1 / n) / math.sqrt(3), rel=0.02)  # U(-s, s)
     assert composed.std().item() == pytest.approx(plain_std, rel=0.3)
@@ -228,8 +252,9 @@ def test_initialization_matches_torchrec_scale(scheme, function):
 
 def _path(**kw):
     kw.setdefault("partition", QuotientRemainder(4))
-    return CompositionalEmbeddingBagConfig(name="t", num_embeddings=40, embedding_dim=D, feature_names=["f"],
-                                           combine="path", **kw)
+    return CompositionalEmbeddingBagConfig(
+        name="t", num_embeddings=40, embedding_dim=D, feature_names=["f"], combine="path", **kw
+    )
 
 
 @pytest.mark.parametrize(
@@ -240,14 +265,27 @@ def _path(**kw):
         (lambda: _path(composition="pooled"), ValueError, "composition='per_id'"),
         (lambda: _path(sub_dims=[4, 4]), ValueError, "drop sub_dims"),
         (lambda: _path(path="mlp"), TypeError, "path must be a PathFunction"),
-        (lambda: CompositionalEmbeddingBagConfig(name="t", num_embeddings=40, embedding_dim=D, feature_names=["f"],
-                                                 partition=QuotientRemainder(4), path=PathFunction.linear()),
-         ValueError, "only applies to combine='path'"),
+        (
+            lambda: CompositionalEmbeddingBagConfig(
+                name="t",
+                num_embeddings=40,
+                embedding_dim=D,
+                feature_names=["f"],
+                partition=QuotientRemainder(4),
+                path=PathFunction.linear(),
+            ),
+            ValueError,
+            "only applies to combine='path'",
+        ),
         (lambda: PathFunction(kind="conv"), ValueError, r"kind must be one of \('linear', 'mlp'\)"),
         (lambda: PathFunction(kind="linear", hidden=(8,)), ValueError, "use kind='mlp'"),
         (lambda: PathFunction(kind="mlp"), ValueError, "needs hidden sizes"),
         (lambda: PathFunction.mlp((8, 0)), ValueError, "positive ints"),
-        (lambda: PathFunction.mlp((8,), activation="sigmoid"), ValueError, r"activation must be one of \('relu', 'tanh'\)"),
+        (
+            lambda: PathFunction.mlp((8,), activation="sigmoid"),
+            ValueError,
+            r"activation must be one of \('relu', 'tanh'\)",
+        ),
     ],
 )
 def test_bad_configs_say_what_to_do(make, error, match):
@@ -268,8 +306,11 @@ def test_state_dict_round_trip():
     assert not torch.allclose(a(kjt).values(), b(kjt).values())
     sd = a.state_dict()
     assert {k for k in sd if k.startswith(PATHS)} == {
-        f"{PATHS}{t}.p{j}.{kind}.{layer}" for t in ("big", "mid") for j in (1, 2)
-        for kind in ("weights", "biases") for layer in (0, 1)
+        f"{PATHS}{t}.p{j}.{kind}.{layer}"
+        for t in ("big", "mid")
+        for j in (1, 2)
+        for kind in ("weights", "biases")
+        for layer in (0, 1)
     }
     b.load_state_dict(sd)
     torch.testing.assert_close(a(kjt).values(), b(kjt).values(), atol=0, rtol=0)
@@ -293,8 +334,9 @@ def test_reset_parameters_and_meta_device():
 
 
 def test_compress_builds_path_tables():
-    configs = [EmbeddingBagConfig(name=f"t{n}", num_embeddings=n, embedding_dim=D, feature_names=[f"f{n}"])
-               for n in (10, 5000)]
+    configs = [
+        EmbeddingBagConfig(name=f"t{n}", num_embeddings=n, embedding_dim=D, feature_names=[f"f{n}"]) for n in (10, 5000)
+    ]
     out = compress(configs, QuotientRemainder(50), combine="path", threshold=100, path=PathFunction.mlp((16,)))
     assert out[0] == configs[0]
     assert out[1].combine == "path" and out[1].path == PathFunction.mlp((16,))

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dist_harness import run_ranks
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from sharding_cases import Wrapper, batch, max_weight_diff, shard
 from torchrec.distributed.types import ParameterSharding, ShardedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from dist_harness import run_ranks
-from sharding_cases import Wrapper, batch, max_weight_diff, shard
 from torchrec_qr import (
     ChineseRemainder,
     CompositionalEmbeddingBagCollection,
@@ -36,16 +36,43 @@ PLANS = ("tw", "dp", "rw+tw+dp")
 
 def tables() -> list[EmbeddingBagConfig]:
     return [
-        CompositionalEmbeddingBagConfig(name="p_qr", num_embeddings=50, embedding_dim=8, feature_names=["f0", "f1"],
-                                        partition=QuotientRemainder(7), combine="path", path=PathFunction.linear(bias=True)),
+        CompositionalEmbeddingBagConfig(
+            name="p_qr",
+            num_embeddings=50,
+            embedding_dim=8,
+            feature_names=["f0", "f1"],
+            partition=QuotientRemainder(7),
+            combine="path",
+            path=PathFunction.linear(bias=True),
+        ),
         EmbeddingBagConfig(name="plain", num_embeddings=20, embedding_dim=8, feature_names=["f2"]),
-        CompositionalEmbeddingBagConfig(name="p_mr", num_embeddings=60, embedding_dim=8, feature_names=["f3"],
-                                        partition=MixedRadix((4, 4, 4)), combine="path", pooling=PoolingType.MEAN,
-                                        path=PathFunction.mlp((8,), activation="tanh")),
-        CompositionalEmbeddingBagConfig(name="mult", num_embeddings=45, embedding_dim=8, feature_names=["f4"],
-                                        partition=QuotientRemainder(5), combine="mult"),
-        CompositionalEmbeddingBagConfig(name="p_crt", num_embeddings=30, embedding_dim=8, feature_names=["f5"],
-                                        partition=ChineseRemainder((5, 7)), combine="path", path=PathFunction.mlp((12,))),
+        CompositionalEmbeddingBagConfig(
+            name="p_mr",
+            num_embeddings=60,
+            embedding_dim=8,
+            feature_names=["f3"],
+            partition=MixedRadix((4, 4, 4)),
+            combine="path",
+            pooling=PoolingType.MEAN,
+            path=PathFunction.mlp((8,), activation="tanh"),
+        ),
+        CompositionalEmbeddingBagConfig(
+            name="mult",
+            num_embeddings=45,
+            embedding_dim=8,
+            feature_names=["f4"],
+            partition=QuotientRemainder(5),
+            combine="mult",
+        ),
+        CompositionalEmbeddingBagConfig(
+            name="p_crt",
+            num_embeddings=30,
+            embedding_dim=8,
+            feature_names=["f5"],
+            partition=ChineseRemainder((5, 7)),
+            combine="path",
+            path=PathFunction.mlp((12,)),
+        ),
     ]
 
 
@@ -60,15 +87,25 @@ def _run(rank: int, world_size: int) -> list[dict]:
             torch.manual_seed(0)
             ref = CompositionalEmbeddingBagCollection(tables(), is_weighted=weighted)
             sharder = CompositionalEmbeddingBagCollectionSharder(
-                fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
-            dmp = shard(CompositionalEmbeddingBagCollection(tables(), is_weighted=weighted, device="meta"),
-                        sharder, plan, world_size)
+                fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
+            )
+            dmp = shard(
+                CompositionalEmbeddingBagCollection(tables(), is_weighted=weighted, device="meta"),
+                sharder,
+                plan,
+                world_size,
+            )
             dmp.load_state_dict({"ebc." + k: v.clone() for k, v in ref.state_dict().items()})
             state = dmp.state_dict()
-            case: dict = {"plan": plan, "weighted": weighted,
-                          "same_keys": {k.removeprefix("ebc.") for k in state} == set(ref.state_dict())}
+            case: dict = {
+                "plan": plan,
+                "weighted": weighted,
+                "same_keys": {k.removeprefix("ebc.") for k in state} == set(ref.state_dict()),
+            }
             # Path functions are replicated plain tensors, not shards.
-            case["replicated"] = all(not isinstance(v, ShardedTensor) for k, v in state.items() if "_path_functions." in k)
+            case["replicated"] = all(
+                not isinstance(v, ShardedTensor) for k, v in state.items() if "_path_functions." in k
+            )
             dense_opt = torch.optim.SGD([p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=LR)
             ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
             ref_model = Wrapper(ref)

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from sharding_cases import Wrapper, tables
 from torch import nn
 from torchrec.distributed.planner import ParameterConstraints
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from sharding_cases import Wrapper, tables
 from torchrec_qr import CompositionalEmbeddingBagCollection, CompositionalEmbeddingBagConfig, QuotientRemainder
 from torchrec_qr.distributed.plan_checks import validate_plan
 from torchrec_qr.distributed.planner import propose_plan
@@ -35,8 +35,14 @@ class TwoCollections(nn.Module):
 
 
 def _qr(name: str, n: int, collisions: int) -> CompositionalEmbeddingBagConfig:
-    return CompositionalEmbeddingBagConfig(name=name, num_embeddings=n, embedding_dim=D, feature_names=[f"f_{name}"],
-                                           partition=QuotientRemainder(collisions), combine="mult")
+    return CompositionalEmbeddingBagConfig(
+        name=name,
+        num_embeddings=n,
+        embedding_dim=D,
+        feature_names=[f"f_{name}"],
+        partition=QuotientRemainder(collisions),
+        combine="mult",
+    )
 
 
 def _plain(name: str, n: int) -> EmbeddingBagConfig:
@@ -57,16 +63,25 @@ def test_storage_estimate_is_the_stored_sub_tables() -> None:
 
 
 def test_constraints_by_logical_table_name() -> None:
-    constraints = {"t_mult": ParameterConstraints(sharding_types=["column_wise"]),
-                   "t_add": ParameterConstraints(sharding_types=["table_wise"]),
-                   "t_plain": ParameterConstraints(sharding_types=["row_wise"])}
-    plan = propose_plan(Wrapper(CompositionalEmbeddingBagCollection(tables(), device="meta")), 2,
-                        constraints=constraints).plan.plan["ebc"]
+    constraints = {
+        "t_mult": ParameterConstraints(sharding_types=["column_wise"]),
+        "t_add": ParameterConstraints(sharding_types=["table_wise"]),
+        "t_plain": ParameterConstraints(sharding_types=["row_wise"]),
+    }
+    plan = propose_plan(
+        Wrapper(CompositionalEmbeddingBagCollection(tables(), device="meta")), 2, constraints=constraints
+    ).plan.plan["ebc"]
     assert {n: plan[n].sharding_type for n in constraints} == {
-        "t_mult": "column_wise", "t_add": "table_wise", "t_plain": "row_wise"}
+        "t_mult": "column_wise",
+        "t_add": "table_wise",
+        "t_plain": "row_wise",
+    }
     # Chinese remainder has no row split: row-wise replicates its sub-tables (sub_table_plan).
-    plan = propose_plan(Wrapper(CompositionalEmbeddingBagCollection(tables(), device="meta")), 2,
-                        constraints={"t_concat": ParameterConstraints(sharding_types=["row_wise"])}).plan.plan["ebc"]
+    plan = propose_plan(
+        Wrapper(CompositionalEmbeddingBagCollection(tables(), device="meta")),
+        2,
+        constraints={"t_concat": ParameterConstraints(sharding_types=["row_wise"])},
+    ).plan.plan["ebc"]
     assert plan["t_concat"].sharding_type == "row_wise"
 
 
@@ -77,8 +92,13 @@ def test_automatic_plan_balances_ranks(world_size: int) -> None:
     does not."""
     sizes = [20_000 * 2**i for i in range(8)]
     pooled = CompositionalEmbeddingBagConfig(  # pooled-mode mult: row-wise is impossible for it
-        name="t_pooled", num_embeddings=500_000, embedding_dim=D, feature_names=["f_pooled"],
-        partition=QuotientRemainder(50), composition="pooled")
+        name="t_pooled",
+        num_embeddings=500_000,
+        embedding_dim=D,
+        feature_names=["f_pooled"],
+        partition=QuotientRemainder(50),
+        composition="pooled",
+    )
     model = TwoCollections([_qr(f"t{i}", n, 50) for i, n in enumerate(sizes)] + [pooled], [_plain("t_small", 100)])
     proposal = propose_plan(model, world_size, batch_size=2048)
     perf = proposal.perf_per_rank()
@@ -96,7 +116,10 @@ def test_automatic_plan_balances_ranks(world_size: int) -> None:
 def test_cli_prints_a_plan_for_a_training_config() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "torchrec_qr.plan", "--config", "configs/synthetic_qr_mult.yaml", "--world-size", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout

@@ -120,9 +120,20 @@ def test_second_job_on_the_same_run_is_refused_and_a_dead_holder_frees_it(tmp_pa
 def test_cli_second_job_exits_before_touching_the_run(tmp_path: Path) -> None:
     holder = _hold_lock(tmp_path / "runs")
     try:
-        proc = subprocess.run([sys.executable, "-m", "torchrec_qr.train", f"run.output_dir={tmp_path / 'runs'}",
-                               "run.name=r", "run.overwrite=true"], capture_output=True, text=True, timeout=120,
-                              cwd=ROOT)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torchrec_qr.train",
+                f"run.output_dir={tmp_path / 'runs'}",
+                "run.name=r",
+                "run.overwrite=true",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
     finally:
         holder.kill()
         holder.wait()
@@ -132,11 +143,23 @@ def test_cli_second_job_exits_before_touching_the_run(tmp_path: Path) -> None:
 
 def test_resume_refuses_training_changes_and_lists_them(tmp_path: Path) -> None:
     _fake_run(_cfg(tmp_path, "run.name=r"))
-    same = _cfg(tmp_path, "run.name=r", "checkpoint.resume=true", "train.max_steps=50", "train.log_every_steps=5",
-                "run.progress_bar=false")
+    same = _cfg(
+        tmp_path,
+        "run.name=r",
+        "checkpoint.resume=true",
+        "train.max_steps=50",
+        "train.log_every_steps=5",
+        "run.progress_bar=false",
+    )
     check_run_dir(same)  # length, logging and outputs may change
-    changed = _cfg(tmp_path, "run.name=r", "checkpoint.resume=true", "data.global_batch_size=4096", "run.seed=3",
-                   "embeddings.combine=add")
+    changed = _cfg(
+        tmp_path,
+        "run.name=r",
+        "checkpoint.resume=true",
+        "data.global_batch_size=4096",
+        "run.seed=3",
+        "embeddings.combine=add",
+    )
     with pytest.raises(ConfigError) as e:
         check_run_dir(changed)
     msg = str(e.value)
@@ -164,7 +187,17 @@ def test_resume_of_a_config_stored_before_a_key_existed(tmp_path: Path) -> None:
 
 
 def test_cli_accepts_overrides_after_flags_and_lists_allowed_changes() -> None:
-    args = _parse_args(["--config", "c.yaml", "a.b=1", "--resume", "c.d=2", "--allow-config-change", "run.seed,x.y",
-                        "--allow-config-change=z"])
+    args = _parse_args(
+        [
+            "--config",
+            "c.yaml",
+            "a.b=1",
+            "--resume",
+            "c.d=2",
+            "--allow-config-change",
+            "run.seed,x.y",
+            "--allow-config-change=z",
+        ]
+    )
     assert args.overrides == ["a.b=1", "c.d=2"] and args.resume
     assert args.allow_config_change == ["run.seed", "x.y", "z"]

@@ -10,16 +10,15 @@ import random
 import pytest
 import torch
 import torchrec
+from conftest import make_kjt, permuted_qr, random_bags, random_weights
 from torch.export import Dim
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from conftest import make_kjt, permuted_qr, random_bags, random_weights
 from torchrec_qr import (
     ChineseRemainder,
     CompositionalEmbeddingBagCollection,
-    ExplicitPartitions,
     MixedRadix,
     QuotientRemainder,
 )
@@ -49,10 +48,18 @@ def _tables(combine: str, composition: str, pooling: str, shared: bool = True) -
         EmbeddingBagConfig(name="t_plain", num_embeddings=7, embedding_dim=DIM, feature_names=["f_a"], pooling=kinds[0])
     ]
     for i, (name, rows, features, scheme) in enumerate(schemes):
-        tables.append(CompositionalEmbeddingBagConfig(
-            name=name, num_embeddings=rows, embedding_dim=DIM, feature_names=features, pooling=kinds[(i + 1) % 2],
-            partition=scheme, combine=combine, composition=composition,
-        ))
+        tables.append(
+            CompositionalEmbeddingBagConfig(
+                name=name,
+                num_embeddings=rows,
+                embedding_dim=DIM,
+                feature_names=features,
+                pooling=kinds[(i + 1) % 2],
+                partition=scheme,
+                combine=combine,
+                composition=composition,
+            )
+        )
     return tables
 
 
@@ -77,8 +84,10 @@ def _reference(module: CompositionalEmbeddingBagCollection, kjt: KeyedJaggedTens
                 w = torch.ones(len(ids)) if w is None else w
                 if pooled_mult:
                     classes = t.partition.indices(ids)
-                    parts = [(sub_weights[sub.name][classes[j]] * (w if j == 0 else torch.ones_like(w))[:, None]).sum(0)
-                             for j, sub in enumerate(t.sub_table_configs())]
+                    parts = [
+                        (sub_weights[sub.name][classes[j]] * (w if j == 0 else torch.ones_like(w))[:, None]).sum(0)
+                        for j, sub in enumerate(t.sub_table_configs())
+                    ]
                     if t.pooling == PoolingType.MEAN:
                         parts = [p / max(len(ids), 1) for p in parts]
                     bag = torch.stack(parts).prod(0)
@@ -109,8 +118,9 @@ class _Model(torch.nn.Module):
 
 
 CONFIGS = [
-    pytest.param(combine, composition, pooling, weighted,
-                 id=f"{combine}-{composition}-{pooling}-{'w' if weighted else 'u'}")
+    pytest.param(
+        combine, composition, pooling, weighted, id=f"{combine}-{composition}-{pooling}-{'w' if weighted else 'u'}"
+    )
     for combine, composition in [("mult", "per_id"), ("mult", "pooled"), ("add", "per_id"), ("concat", "per_id")]
     for pooling, weighted in [("SUM", False), ("MEAN", False), ("MEAN", True), ("mixed", True)]
 ]
@@ -138,12 +148,18 @@ def test_script_fx_and_save_load_equal_eager(
         torch.testing.assert_close(traced(kjt), model(kjt), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("combine,composition,pooling,weighted", [
-    ("mult", "per_id", "mixed", True), ("mult", "pooled", "MEAN", True), ("concat", "per_id", "SUM", False),
-])
+@pytest.mark.parametrize(
+    "combine,composition,pooling,weighted",
+    [
+        ("mult", "per_id", "mixed", True),
+        ("mult", "pooled", "MEAN", True),
+        ("concat", "per_id", "SUM", False),
+    ],
+)
 def test_export_with_dynamic_batch_equals_eager(combine: str, composition: str, pooling: str, weighted: bool) -> None:
-    module = CompositionalEmbeddingBagCollection(_tables(combine, composition, pooling, shared=False),
-                                                 is_weighted=weighted)
+    module = CompositionalEmbeddingBagCollection(
+        _tables(combine, composition, pooling, shared=False), is_weighted=weighted
+    )
     model = _dlrm(module)
     example = (torch.randn(4, 3), _batch(0, 4, weighted))
     # KJT leaves: values, weights, lengths, offsets, stride_per_key_per_rank, inverse_indices.
@@ -156,8 +172,13 @@ def test_export_with_dynamic_batch_equals_eager(combine: str, composition: str, 
 
 def test_indexers_match_indices() -> None:
     ids = torch.cat([torch.arange(200), torch.randint(0, 2**40, (100,))])
-    for scheme in [QuotientRemainder(collisions=7), MixedRadix((3, 4, 4)), ChineseRemainder((5, 7, 11)),
-                   QuotientRemainder(collisions=2**20), MixedRadix((2**15, 2**15, 2**15))]:
+    for scheme in [
+        QuotientRemainder(collisions=7),
+        MixedRadix((3, 4, 4)),
+        ChineseRemainder((5, 7, 11)),
+        QuotientRemainder(collisions=2**20),
+        MixedRadix((2**15, 2**15, 2**15)),
+    ]:
         indexer = torch.jit.script(scheme.indexer())
         torch.testing.assert_close(indexer(ids), scheme.indices(ids), rtol=0, atol=0)
     explicit = permuted_qr(300, 7)
@@ -177,14 +198,34 @@ def test_path_tables_serve(pooling: str, weighted: bool, tmp_path) -> None:
     kind = PoolingType[pooling]
     tables = [
         EmbeddingBagConfig(name="t_plain", num_embeddings=7, embedding_dim=DIM, feature_names=["f_a"], pooling=kind),
-        CompositionalEmbeddingBagConfig(name="t_lin", num_embeddings=50, embedding_dim=DIM,
-                                        feature_names=["f_b", "f_c"], pooling=kind, partition=QuotientRemainder(7),
-                                        combine="path"),
-        CompositionalEmbeddingBagConfig(name="t_mlp", num_embeddings=30, embedding_dim=DIM, feature_names=["f_d"],
-                                        pooling=kind, partition=MixedRadix((3, 3, 4)), combine="path",
-                                        path=PathFunction.mlp((5,), activation="tanh")),
-        CompositionalEmbeddingBagConfig(name="t_qr", num_embeddings=24, embedding_dim=DIM, feature_names=["f_e"],
-                                        pooling=kind, partition=QuotientRemainder(5), combine="mult"),
+        CompositionalEmbeddingBagConfig(
+            name="t_lin",
+            num_embeddings=50,
+            embedding_dim=DIM,
+            feature_names=["f_b", "f_c"],
+            pooling=kind,
+            partition=QuotientRemainder(7),
+            combine="path",
+        ),
+        CompositionalEmbeddingBagConfig(
+            name="t_mlp",
+            num_embeddings=30,
+            embedding_dim=DIM,
+            feature_names=["f_d"],
+            pooling=kind,
+            partition=MixedRadix((3, 3, 4)),
+            combine="path",
+            path=PathFunction.mlp((5,), activation="tanh"),
+        ),
+        CompositionalEmbeddingBagConfig(
+            name="t_qr",
+            num_embeddings=24,
+            embedding_dim=DIM,
+            feature_names=["f_e"],
+            pooling=kind,
+            partition=QuotientRemainder(5),
+            combine="mult",
+        ),
     ]
     module = CompositionalEmbeddingBagCollection(tables, is_weighted=weighted)
     scripted = torch.jit.script(module)
@@ -193,8 +234,9 @@ def test_path_tables_serve(pooling: str, weighted: bool, tmp_path) -> None:
     model = _dlrm(module)
     traced = torch.jit.script(torchrec.fx.symbolic_trace(model))
     kjt_shapes = [{0: Dim.AUTO}, {0: Dim.AUTO} if weighted else None, {0: Dim.AUTO}, None, None, None]
-    exported = torch.export.export(model, (torch.randn(4, 3), _batch(0, 4, weighted)),
-                                   dynamic_shapes=({0: Dim.AUTO}, kjt_shapes), strict=False)
+    exported = torch.export.export(
+        model, (torch.randn(4, 3), _batch(0, 4, weighted)), dynamic_shapes=({0: Dim.AUTO}, kjt_shapes), strict=False
+    )
     for seed, batch in [(1, 6), (2, 3)]:
         kjt, dense = _batch(seed, batch, weighted), torch.randn(batch, 3)
         eager = module(kjt)
@@ -224,8 +266,11 @@ class _Reversed(Partition):
 
 
 def test_scheme_without_indexer_serves_eager_and_rejects_scripting() -> None:
-    tables = [CompositionalEmbeddingBagConfig(name="t", num_embeddings=20, embedding_dim=DIM, feature_names=["f"],
-                                              partition=_Reversed(20))]
+    tables = [
+        CompositionalEmbeddingBagConfig(
+            name="t", num_embeddings=20, embedding_dim=DIM, feature_names=["f"], partition=_Reversed(20)
+        )
+    ]
     module = CompositionalEmbeddingBagCollection(tables)
     assert module(make_kjt({"f": [[1, 19], [0]]})).values().shape == (2, DIM)
     with pytest.raises(TypeError, match=r"_Reversed has no scriptable indexer: implement _Reversed.indexer\(\)"):
@@ -238,8 +283,11 @@ def test_scripted_rejects_variable_batch_and_missing_weights() -> None:
         module(_batch(0, 3, False))
     keys = list(ID_RANGE)  # the first feature has two bags, the others one
     vbe = KeyedJaggedTensor(
-        keys=keys, values=torch.arange(len(keys) + 1), lengths=torch.ones(len(keys) + 1, dtype=torch.int64),
-        weights=torch.ones(len(keys) + 1), stride_per_key_per_rank=[[2]] + [[1]] * (len(keys) - 1),
+        keys=keys,
+        values=torch.arange(len(keys) + 1),
+        lengths=torch.ones(len(keys) + 1, dtype=torch.int64),
+        weights=torch.ones(len(keys) + 1),
+        stride_per_key_per_rank=[[2]] + [[1]] * (len(keys) - 1),
         inverse_indices=(keys, torch.tensor([[0, 1]] + [[0, 0]] * (len(keys) - 1))),
     )
     with pytest.raises(torch.jit.Error, match="variable-batch"):
@@ -251,8 +299,10 @@ def test_serving_path_adds_no_state() -> None:
     module = CompositionalEmbeddingBagCollection(_tables("mult", "per_id", "SUM"))
     assert module._scripted.indexers[-1].class_maps.shape == (2, 24)
     keys = set(module.state_dict())
-    assert keys == {f"_embedding_bag_collection.embedding_bags.{name}.weight"
-                    for name in module._embedding_bag_collection.table_weights()}
+    assert keys == {
+        f"_embedding_bag_collection.embedding_bags.{name}.weight"
+        for name in module._embedding_bag_collection.table_weights()
+    }
 
 
 def test_empty_features_and_fp16_tables_script() -> None:
@@ -265,8 +315,10 @@ def test_empty_features_and_fp16_tables_script() -> None:
     rng = random.Random(0)
     bags = random_bags(rng, ID_RANGE, 4)
     bags["f_b"] = [[], [], [], []]
-    for kjt in (make_kjt(bags, random_weights(rng, bags)),
-                make_kjt({f: [[]] * 3 for f in ID_RANGE}, {f: [[]] * 3 for f in ID_RANGE})):
+    for kjt in (
+        make_kjt(bags, random_weights(rng, bags)),
+        make_kjt({f: [[]] * 3 for f in ID_RANGE}, {f: [[]] * 3 for f in ID_RANGE}),
+    ):
         eager = module(kjt)
         torch.testing.assert_close(scripted(kjt).values(), eager.values(), rtol=1e-6, atol=1e-6)
         assert not eager["f_b"].any()

@@ -54,8 +54,12 @@ def auto(tmp_path_factory) -> tuple[Path, dict, Path]:
     out, cache = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("data")
     sizes = "[10,12,15,20,30,40,50,70,100,130,170,220,300,400,500,700,900,1200,1600,2000,3000,4000,5000,7000,9000,"
     sizes += "120000]"
-    args = _tiny(out, cache, "auto") + [f"data.synthetic.cardinalities={sizes}", "train.max_steps=6",
-                                        "embeddings.kind=auto", "embeddings.memory_per_rank=6MiB"]
+    args = _tiny(out, cache, "auto") + [
+        f"data.synthetic.cardinalities={sizes}",
+        "train.max_steps=6",
+        "embeddings.kind=auto",
+        "embeddings.memory_per_rank=6MiB",
+    ]
     result = _torchrun(args)
     summary = _summary(out / "auto", result)
     lines = next(cache.glob("synthetic-*/day_2.tsv")).read_bytes().splitlines(keepends=True)
@@ -65,16 +69,39 @@ def auto(tmp_path_factory) -> tuple[Path, dict, Path]:
 
 
 def _export(run: Path, out: Path, dtype: str, row_alignment: int = 16) -> dict:
-    rc, stdout, stderr = _run([sys.executable, "-m", "torchrec_qr.export", "--run", str(run), "--dtype", dtype,
-                               "--out", str(out), "--row-alignment", str(row_alignment)], timeout=300)
+    rc, stdout, stderr = _run(
+        [
+            sys.executable,
+            "-m",
+            "torchrec_qr.export",
+            "--run",
+            str(run),
+            "--dtype",
+            dtype,
+            "--out",
+            str(out),
+            "--row-alignment",
+            str(row_alignment),
+        ],
+        timeout=300,
+    )
     assert rc == 0, stderr[-3000:]
     assert f"to {out} as {dtype}" in stdout
     return json.loads((out / "manifest.json").read_text())
 
 
 def _predict(model: Path, data: Path, out: Path | None) -> tuple[str, str]:
-    cmd = [sys.executable, "-m", "torchrec_qr.predict", "--model", str(model), "--data", str(data),
-           "--batch-size", "256"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torchrec_qr.predict",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--batch-size",
+        "256",
+    ]
     rc, stdout, stderr = _run(cmd + (["--out", str(out)] if out else []), timeout=300)
     assert rc == 0, stderr[-3000:]
     return stdout, stderr
@@ -152,8 +179,9 @@ def _fails(main, argv: list[str], capsys, *expected: str) -> None:
 def test_export_bad_inputs(trained, tmp_path, capsys):
     run, _, _ = trained
     out = tmp_path / "model"
-    _fails(export.main, ["--run", str(run), "--dtype", "int3", "--out", str(out)], capsys,
-           "unknown dtype 'int3'", "int8")
+    _fails(
+        export.main, ["--run", str(run), "--dtype", "int3", "--out", str(out)], capsys, "unknown dtype 'int3'", "int8"
+    )
     _fails(export.main, ["--run", str(tmp_path), "--out", str(out)], capsys, "no config.yaml")
     # a checkpoint that does not match its config: the run's checkpoints under a config with other collisions
     other = tmp_path / "other"
@@ -162,8 +190,15 @@ def test_export_bad_inputs(trained, tmp_path, capsys):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["embeddings"]["collisions"] = 8
     (other / "config.yaml").write_text(yaml.safe_dump(cfg))
-    _fails(export.main, ["--run", str(other), "--out", str(out)], capsys,
-           "does not match", "t_cat_", "__p0.weight", "shape")
+    _fails(
+        export.main,
+        ["--run", str(other), "--out", str(out)],
+        capsys,
+        "does not match",
+        "t_cat_",
+        "__p0.weight",
+        "shape",
+    )
     assert not out.exists() and not list(tmp_path.glob(".model*"))
     out.mkdir()
     _fails(export.main, ["--run", str(run), "--out", str(out)], capsys, f"{out} exists")
@@ -185,8 +220,12 @@ def test_predict_bad_inputs(trained, tmp_path, capsys):
     _fails(predict.main, ["--model", str(tmp_path), "--data", str(test)], capsys, "no manifest.json")
     weights = model / "weights.pt"
     weights.write_bytes(weights.read_bytes() + b"\0")
-    _fails(predict.main, ["--model", str(model), "--data", str(test), "--out", str(tmp_path / "p2")], capsys,
-           "weights.pt: missing or altered")
+    _fails(
+        predict.main,
+        ["--model", str(model), "--data", str(test), "--out", str(tmp_path / "p2")],
+        capsys,
+        "weights.pt: missing or altered",
+    )
     shutil.rmtree(model)
 
 

@@ -6,26 +6,31 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dist_harness import run_ranks
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from sharding_cases import Wrapper
 from torchrec.distributed.sharding_plan import table_wise
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dist_harness import run_ranks
-from sharding_cases import Wrapper
 from torchrec_qr import CompositionalEmbeddingBagCollection, CompositionalEmbeddingBagConfig, QuotientRemainder
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
 
 
 def _tables() -> list[EmbeddingBagConfig]:
-    return [CompositionalEmbeddingBagConfig(name=f"q{i}", num_embeddings=38, embedding_dim=8, feature_names=[f"f{i}"],
-                                            partition=QuotientRemainder(4)) for i in range(2)]
+    return [
+        CompositionalEmbeddingBagConfig(
+            name=f"q{i}", num_embeddings=38, embedding_dim=8, feature_names=[f"f{i}"], partition=QuotientRemainder(4)
+        )
+        for i in range(2)
+    ]
 
 
 def _kjt(ids: list, dtype: torch.dtype = torch.int64) -> KeyedJaggedTensor:
     """One bag per feature (f0, f1) holding ``ids[i]``, batch size 1."""
-    return KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1"], values=torch.tensor(ids, dtype=dtype),
-                                               lengths=torch.tensor([1, 1]))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=["f0", "f1"], values=torch.tensor(ids, dtype=dtype), lengths=torch.tensor([1, 1])
+    )
 
 
 def _outcome(fn) -> str:
@@ -43,14 +48,27 @@ def _worker(rank: int, world_size: int) -> dict[str, str]:
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
     sharder = CompositionalEmbeddingBagCollectionSharder(
-        fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1})
+        fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1}
+    )
     module = CompositionalEmbeddingBagCollection(_tables(), device="meta", validate_ids=False)
     plan = construct_module_sharding_plan(  # one table per rank: every rank computes a lookup
-        module, per_param_sharding={"q0": table_wise(rank=0, compute_kernel="fused"),
-                                    "q1": table_wise(rank=1, compute_kernel="fused")},
-        sharder=sharder, local_size=world_size, world_size=world_size, device_type="cpu")
-    dmp = DistributedModelParallel(Wrapper(module), env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                   device=torch.device("cpu"), plan=ShardingPlan({"ebc": plan}), sharders=[sharder])
+        module,
+        per_param_sharding={
+            "q0": table_wise(rank=0, compute_kernel="fused"),
+            "q1": table_wise(rank=1, compute_kernel="fused"),
+        },
+        sharder=sharder,
+        local_size=world_size,
+        world_size=world_size,
+        device_type="cpu",
+    )
+    dmp = DistributedModelParallel(
+        Wrapper(module),
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=torch.device("cpu"),
+        plan=ShardingPlan({"ebc": plan}),
+        sharders=[sharder],
+    )
     return {
         "valid": _outcome(lambda: dmp(_kjt([37, 5]))),
         "float": _outcome(lambda: dmp(_kjt([1.7, 2.0], torch.float32))),
@@ -67,6 +85,8 @@ def test_unsharded_reference_raises_for_an_id_past_its_sub_tables() -> None:
 def test_sharded_module_rejects_float_ids_and_never_reads_a_row_for_an_id_past_its_tables() -> None:
     for rank, result in enumerate(run_ranks(_worker, 2, timeout=180.0)):
         assert result["valid"] == "ok", (rank, result)
-        assert result["float"].startswith("TypeError: KeyedJaggedTensor values are ids and must be torch.int64"), \
-            (rank, result)
+        assert result["float"].startswith("TypeError: KeyedJaggedTensor values are ids and must be torch.int64"), (
+            rank,
+            result,
+        )
         assert result["past_sub_table"].startswith("RuntimeError"), (rank, result)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dist_harness import run_ranks
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from sharding_cases import Wrapper, max_weight_diff, shard
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dist_harness import run_ranks
-from sharding_cases import Wrapper, max_weight_diff, shard
 from torchrec_qr import CompositionalEmbeddingBagCollection, CompositionalEmbeddingBagConfig, QuotientRemainder
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
 
@@ -21,11 +21,25 @@ LR = 0.1
 def _tables(data_type: DataType) -> list[EmbeddingBagConfig]:
     """Feature ``f`` feeds three tables (two compositional with different partitions, one plain)."""
     return [
-        CompositionalEmbeddingBagConfig(name="ta", num_embeddings=40, embedding_dim=8, feature_names=["f", "g"],
-                                        partition=QuotientRemainder(7), combine="mult", data_type=data_type),
-        CompositionalEmbeddingBagConfig(name="tb", num_embeddings=40, embedding_dim=8, feature_names=["f"],
-                                        partition=QuotientRemainder(3), combine="add", pooling=PoolingType.MEAN,
-                                        data_type=data_type),
+        CompositionalEmbeddingBagConfig(
+            name="ta",
+            num_embeddings=40,
+            embedding_dim=8,
+            feature_names=["f", "g"],
+            partition=QuotientRemainder(7),
+            combine="mult",
+            data_type=data_type,
+        ),
+        CompositionalEmbeddingBagConfig(
+            name="tb",
+            num_embeddings=40,
+            embedding_dim=8,
+            feature_names=["f"],
+            partition=QuotientRemainder(3),
+            combine="add",
+            pooling=PoolingType.MEAN,
+            data_type=data_type,
+        ),
         EmbeddingBagConfig(name="tc", num_embeddings=40, embedding_dim=8, feature_names=["f"], data_type=data_type),
     ]
 

@@ -9,14 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.optimizers import in_backward_optimizer_filter
-
 from dist_harness import run_ranks
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from sharding_cases import (
     TABLE_SETS,
     Wrapper,
@@ -27,6 +21,12 @@ from sharding_cases import (
     shard,
     tables,
 )
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
 from torchrec_qr import CompositionalEmbeddingBagCollection
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
 
@@ -48,8 +48,9 @@ def _coef(step: int, rank: int, width: int) -> torch.Tensor:
     return torch.randn(4, width, generator=torch.Generator().manual_seed(7 + 31 * step + rank))
 
 
-def _equal_to_unsharded(rank: int, world_size: int, sharding: str, optimizer: str, table_set: str = "default"
-                        ) -> list[dict]:
+def _equal_to_unsharded(
+    rank: int, world_size: int, sharding: str, optimizer: str, table_set: str = "default"
+) -> list[dict]:
     report = []
     tabs = TABLE_SETS[table_set]()
     for weighted in (False, True):
@@ -85,8 +86,17 @@ def _equal_to_unsharded(rank: int, world_size: int, sharding: str, optimizer: st
 
 @pytest.mark.parametrize(
     "sharding,optimizer",
-    [("tw", "sgd"), ("cw", "sgd"), ("dp", "sgd"), ("rw", "sgd"), ("twrw", "sgd"), ("rw+twrw", "sgd"), ("mixed", "sgd"), ("mixed", "adagrad"),
-     ("mixed", "sgd_in_backward")],
+    [
+        ("tw", "sgd"),
+        ("cw", "sgd"),
+        ("dp", "sgd"),
+        ("rw", "sgd"),
+        ("twrw", "sgd"),
+        ("rw+twrw", "sgd"),
+        ("mixed", "sgd"),
+        ("mixed", "adagrad"),
+        ("mixed", "sgd_in_backward"),
+    ],
 )
 def test_sharded_equals_unsharded(sharding: str, optimizer: str) -> None:
     for rank_report in run_ranks(_equal_to_unsharded, 2, sharding, optimizer):
@@ -105,9 +115,15 @@ def test_every_partition_scheme_shards_row_wise_exactly(sharding: str) -> None:
                     assert err < 1e-6, f"rank {rank} {sharding} weighted={case['weighted']}: {name} differs by {err}"
 
 
-_INPUT_KWARG = {"all_to_all_single": "input", "all_to_all": "input_tensor_list", "reduce_scatter": "input_list",
-                "reduce_scatter_tensor": "input", "all_gather": "tensor", "all_gather_into_tensor": "input_tensor",
-                "all_reduce": "tensor"}
+_INPUT_KWARG = {
+    "all_to_all_single": "input",
+    "all_to_all": "input_tensor_list",
+    "reduce_scatter": "input_list",
+    "reduce_scatter_tensor": "input",
+    "all_gather": "tensor",
+    "all_gather_into_tensor": "input_tensor",
+    "all_reduce": "tensor",
+}
 
 
 def _payload_bytes(name: str, args: tuple, kwargs: dict) -> int:
@@ -127,6 +143,7 @@ def _count_bytes(rank: int, world_size: int, sharding: str) -> dict[str, int]:
         def call(*args, **kwargs):
             sent["n"] += _payload_bytes(name, args, kwargs)
             return originals[name](*args, **kwargs)
+
         return call
 
     for name in _INPUT_KWARG:
@@ -134,15 +151,29 @@ def _count_bytes(rank: int, world_size: int, sharding: str) -> dict[str, int]:
     try:
         # Row-wise: only tables both collections can shard row-wise, so the two plans are the same.
         tabs = [t for t in tables() if sharding != "rw" or row_wise_capable(t)]
-        plain_tables = [EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
-                                           feature_names=list(t.feature_names), pooling=t.pooling) for t in tabs]
+        plain_tables = [
+            EmbeddingBagConfig(
+                name=t.name,
+                num_embeddings=t.num_embeddings,
+                embedding_dim=t.embedding_dim,
+                feature_names=list(t.feature_names),
+                pooling=t.pooling,
+            )
+            for t in tabs
+        ]
         fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
         result = {}
         for label, module, sharder in [
-            ("plain", EmbeddingBagCollection(plain_tables, device=torch.device("meta")),
-             EmbeddingBagCollectionSharder(fused_params=fused)),
-            ("compositional", CompositionalEmbeddingBagCollection(tabs, device="meta"),
-             CompositionalEmbeddingBagCollectionSharder(fused_params=fused)),
+            (
+                "plain",
+                EmbeddingBagCollection(plain_tables, device=torch.device("meta")),
+                EmbeddingBagCollectionSharder(fused_params=fused),
+            ),
+            (
+                "compositional",
+                CompositionalEmbeddingBagCollection(tabs, device="meta"),
+                CompositionalEmbeddingBagCollectionSharder(fused_params=fused),
+            ),
         ]:
             dmp = shard(module, sharder, sharding, world_size)
             dmp(batch(5, False, tabs)).sum().backward()  # first call sets up the dists

@@ -9,9 +9,11 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.distributed as dist
 import torchrec.distributed.embeddingbag as torchrec_embeddingbag
 import torchrec.distributed.planner.shard_estimators as torchrec_estimators
-import torch.distributed as dist
+from dist_harness import run_ranks
+from sharding_cases import TABLE_SETS, batch, reference, shard
 from torchrec.distributed.embedding_types import GroupedEmbeddingConfig
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
 from torchrec.distributed.sharding_plan import (
@@ -28,16 +30,19 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer
 
-from dist_harness import run_ranks
-from sharding_cases import TABLE_SETS, batch, reference, shard
 from torchrec_qr import CompositionalEmbeddingBagCollection
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
 from torchrec_qr.distributed import torchrec_internals as internals
 from torchrec_qr.distributed.compositional_embeddingbag import ShardedCompositionalEmbeddingBagCollection
 from torchrec_qr.distributed.compositional_lookup import CompositionalLookup
 
-PLAN = {"t_tw": table_wise(rank=0), "t_cw": column_wise(ranks=[0, 1]), "t_rw": row_wise(),
-        "t_twrw": table_row_wise(host_index=0), "t_dp": data_parallel()}
+PLAN = {
+    "t_tw": table_wise(rank=0),
+    "t_cw": column_wise(ranks=[0, 1]),
+    "t_rw": row_wise(),
+    "t_twrw": table_row_wise(host_index=0),
+    "t_dp": data_parallel(),
+}
 
 
 def test_overridden_hooks_are_called_by_the_constructor_and_update_shards() -> None:
@@ -67,12 +72,15 @@ def _plain_ebc(rank: int, world_size: int) -> dict:
     tables = [EmbeddingBagConfig(name=n, num_embeddings=10, embedding_dim=8, feature_names=[f"f_{n}"]) for n in PLAN]
     sharder = EmbeddingBagCollectionSharder()
     ebc = EmbeddingBagCollection(tables, device=torch.device("meta"))
-    plan = construct_module_sharding_plan(ebc, per_param_sharding=PLAN, sharder=sharder, local_size=world_size,
-                                          world_size=world_size, device_type="cpu")
+    plan = construct_module_sharding_plan(
+        ebc, per_param_sharding=PLAN, sharder=sharder, local_size=world_size, world_size=world_size, device_type="cpu"
+    )
     module = sharder.shard(ebc, plan, ShardingEnv.from_process_group(dist.group.WORLD), torch.device("cpu"))
     types = [t for t, _ in internals.shardings(module)]
-    local = {t: [table.name for group in internals.local_grouped_configs(s, rank) for table in group.embedding_tables]
-             for t, s in internals.shardings(module)}
+    local = {
+        t: [table.name for group in internals.local_grouped_configs(s, rank) for table in group.embedding_tables]
+        for t, s in internals.shardings(module)
+    }
     grouped_types = {type(g) for _, s in internals.shardings(module) for g in internals.local_grouped_configs(s, rank)}
     lookups = internals.lookups_by_sharding_type(module)
     count = len(lookups)
@@ -82,9 +90,15 @@ def _plain_ebc(rank: int, world_size: int) -> dict:
     internals.skip_input_dist(module)
     optimizer = CombinedOptimizer([])
     internals.set_fused_optimizer(module, optimizer)
-    return {"types": types, "local": local, "grouped_types": grouped_types, "lookup_types": list(lookups),
-            "added": added, "input_dist": (before, module._has_uninitialized_input_dist),
-            "optimizer": module.fused_optimizer is optimizer}
+    return {
+        "types": types,
+        "local": local,
+        "grouped_types": grouped_types,
+        "lookup_types": list(lookups),
+        "added": added,
+        "input_dist": (before, module._has_uninitialized_input_dist),
+        "optimizer": module.fused_optimizer is optimizer,
+    }
 
 
 def test_accessors_on_a_plain_sharded_ebc() -> None:

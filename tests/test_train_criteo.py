@@ -17,8 +17,34 @@ import pytest
 from torchrec_qr.data.synthetic import SyntheticCriteoConfig, write_synthetic_criteo
 
 ROOT = Path(__file__).resolve().parents[1]
-CARDINALITIES = [10, 12, 15, 20, 30, 40, 50, 70, 100, 130, 170, 220, 300, 400, 500, 700, 900, 1200, 1600, 2000,
-                 3000, 4000, 5000, 7000, 9000, 12000]
+CARDINALITIES = [
+    10,
+    12,
+    15,
+    20,
+    30,
+    40,
+    50,
+    70,
+    100,
+    130,
+    170,
+    220,
+    300,
+    400,
+    500,
+    700,
+    900,
+    1200,
+    1600,
+    2000,
+    3000,
+    4000,
+    5000,
+    7000,
+    9000,
+    12000,
+]
 ROWS = 2000
 
 
@@ -35,13 +61,31 @@ def criteo_dir(tmp_path_factory) -> Path:
 
 def _train(criteo_dir: Path, tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "torchrec_qr.train", "--config", str(ROOT / "configs" / "criteo_kaggle_dlrm_full.yaml"),
-         f"data.criteo_path={criteo_dir}", f"data.cache_dir={tmp / 'cache'}", f"run.output_dir={tmp}", "run.name=r",
-         f"data.num_embeddings_per_feature={json.dumps(CARDINALITIES)}", "data.global_batch_size=256",
-         "data.eval_batch_size=1024", "model.dense_arch_layer_sizes=[32,16]", "model.over_arch_layer_sizes=[32,1]",
-         "train.eval_every_steps=0", "train.log_every_steps=5", "checkpoint.every_steps=0", "run.progress_bar=false",
-         *overrides],
-        capture_output=True, text=True, timeout=150, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "torchrec_qr.train",
+            "--config",
+            str(ROOT / "configs" / "criteo_kaggle_dlrm_full.yaml"),
+            f"data.criteo_path={criteo_dir}",
+            f"data.cache_dir={tmp / 'cache'}",
+            f"run.output_dir={tmp}",
+            "run.name=r",
+            f"data.num_embeddings_per_feature={json.dumps(CARDINALITIES)}",
+            "data.global_batch_size=256",
+            "data.eval_batch_size=1024",
+            "model.dense_arch_layer_sizes=[32,16]",
+            "model.over_arch_layer_sizes=[32,1]",
+            "train.eval_every_steps=0",
+            "train.log_every_steps=5",
+            "checkpoint.every_steps=0",
+            "run.progress_bar=false",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=ROOT,
     )
 
 
@@ -52,8 +96,16 @@ def test_malformed_line_fails_with_file_and_line(criteo_dir: Path, tmp_path: Pat
 
 
 def test_skipped_malformed_lines_are_counted(criteo_dir: Path, tmp_path: Path) -> None:
-    result = _train(criteo_dir, tmp_path, "data.skip_malformed=true", "model.arch=dcn", "model.dcn_num_layers=2",
-                    "model.dcn_low_rank_dim=8", "embeddings.kind=hash", "embeddings.threshold=200")
+    result = _train(
+        criteo_dir,
+        tmp_path,
+        "data.skip_malformed=true",
+        "model.arch=dcn",
+        "model.dcn_num_layers=2",
+        "model.dcn_low_rank_dim=8",
+        "embeddings.kind=hash",
+        "embeddings.threshold=200",
+    )
     summary_path = tmp_path / "r" / "summary.json"
     assert summary_path.is_file(), result.stderr[-4000:]
     summary = json.loads(summary_path.read_text())

@@ -63,12 +63,16 @@ def test_compositional_kinds_follow_the_scheme() -> None:
     qr = table_configs(load_config(None, base + ["embeddings.collisions=4", "embeddings.combine=add"]), SIZES)
     assert [type(t) is CompositionalEmbeddingBagConfig for t in qr[:7]] == [False] * 4 + [True] * 3
     assert qr[6].partition == QuotientRemainder(4) and qr[6].combine == "add" and qr[6].sub_table_sizes() == [1025, 4]
-    mr = table_configs(load_config(None, base + ["embeddings.scheme=mixed_radix", "embeddings.num_partitions=3"]), SIZES)
+    mr = table_configs(
+        load_config(None, base + ["embeddings.scheme=mixed_radix", "embeddings.num_partitions=3"]), SIZES
+    )
     assert isinstance(mr[6].partition, MixedRadix) and math.prod(mr[6].partition.radices) >= 4097
     crt = table_configs(load_config(None, base + ["embeddings.scheme=chinese_remainder"]), SIZES)
     assert isinstance(crt[6].partition, ChineseRemainder) and math.prod(crt[6].partition.moduli) >= 4097
-    path = table_configs(load_config(None, base + ["embeddings.combine=path", "embeddings.path.kind=mlp",
-                                                   "embeddings.path.hidden=[8]"]), SIZES)
+    path = table_configs(
+        load_config(None, base + ["embeddings.combine=path", "embeddings.path.kind=mlp", "embeddings.path.hidden=[8]"]),
+        SIZES,
+    )
     assert path[6].path == PathFunction(kind="mlp", hidden=(8,)) and path[6].num_sub_tables == 1
     assert type(path[2]) is EmbeddingBagConfig  # below the threshold: a full table
 
@@ -84,8 +88,10 @@ def test_memory_report_counts_sub_tables_and_optimizer_state() -> None:
     assert big.full_param_bytes == 4097 * 16 * 4 and big.compression == pytest.approx(4097 / 1029)
     small = report[0]  # data parallel: one replica, dense Adagrad state (one float per weight)
     assert (small.stored_as, small.optimizer_bytes, small.compression) == ("full", 3 * 16 * 4, 1.0)
-    path_tables = table_configs(load_config(None, ["embeddings.kind=compositional", "embeddings.combine=path",
-                                                   "embeddings.threshold=200"]), SIZES)
+    path_tables = table_configs(
+        load_config(None, ["embeddings.kind=compositional", "embeddings.combine=path", "embeddings.threshold=200"]),
+        SIZES,
+    )
     path = memory_report(logical_tables(SIZES, 16), path_tables, types, "rowwise_adagrad", "adam")[6]
     assert path.stored_as == "qr(c=4)/path(linear)" and path.sub_table_rows == [1025, 4]
     assert path.param_bytes == (1025 * 16 + 4 * 16 * 16) * 4  # the quotient table, then 4 linear maps

@@ -16,18 +16,38 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 ROOT = Path(__file__).resolve().parents[1]
-CARDINALITIES = "[10,12,15,20,30,40,50,70,100,130,170,220,300,400,500,700,900,1200,1600,2000,3000,4000,5000,7000,9000,12000]"
+CARDINALITIES = (
+    "[10,12,15,20,30,40,50,70,100,130,170,220,300,400,500,700,900,1200,1600,2000,3000,4000,5000,7000,9000,12000]"
+)
 
 
 def _train(tmp: Path, name: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torchrec_qr.train", "--config", str(ROOT / "configs" / "synthetic_qr_mult.yaml"),
-           f"run.output_dir={tmp / 'runs'}", f"run.name={name}", f"data.cache_dir={tmp / 'cache'}",
-           "run.progress_bar=false", "run.tensorboard=false", "data.synthetic.num_rows=3000",
-           "data.synthetic.num_days=3", f"data.synthetic.cardinalities={CARDINALITIES}", "data.global_batch_size=256",
-           "data.eval_batch_size=1024", "model.dense_arch_layer_sizes=[32,16]", "model.over_arch_layer_sizes=[32,1]",
-           "train.eval_max_batches=1", "train.log_every_steps=4", "checkpoint.every_steps=8", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torchrec_qr.train",
+        "--config",
+        str(ROOT / "configs" / "synthetic_qr_mult.yaml"),
+        f"run.output_dir={tmp / 'runs'}",
+        f"run.name={name}",
+        f"data.cache_dir={tmp / 'cache'}",
+        "run.progress_bar=false",
+        "run.tensorboard=false",
+        "data.synthetic.num_rows=3000",
+        "data.synthetic.num_days=3",
+        f"data.synthetic.cardinalities={CARDINALITIES}",
+        "data.global_batch_size=256",
+        "data.eval_batch_size=1024",
+        "model.dense_arch_layer_sizes=[32,16]",
+        "model.over_arch_layer_sizes=[32,1]",
+        "train.eval_max_batches=1",
+        "train.log_every_steps=4",
+        "checkpoint.every_steps=8",
+        *args,
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def _steps(run: Path) -> list[str]:
@@ -39,8 +59,14 @@ def _steps(run: Path) -> list[str]:
 def test_divergence_stops_the_run_without_a_nan_checkpoint(tmp_path: Path, log_every: int) -> None:
     # log_every=100 with a checkpoint after every step: the weights go non-finite before any logged loss does.
     every = 8 if log_every == 4 else 1
-    proc = _train(tmp_path, "nan", "optimizer.sparse.lr=1e30", "optimizer.dense.lr=1e30",
-                  f"train.log_every_steps={log_every}", f"checkpoint.every_steps={every}")
+    proc = _train(
+        tmp_path,
+        "nan",
+        "optimizer.sparse.lr=1e30",
+        "optimizer.dense.lr=1e30",
+        f"train.log_every_steps={log_every}",
+        f"checkpoint.every_steps={every}",
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "error: step " in proc.stderr and "(last checkpoint: " in proc.stderr
     assert "NaN or infinite" in proc.stderr and "Lower optimizer.sparse.lr / optimizer.dense.lr" in proc.stderr

@@ -30,17 +30,29 @@ from torchrec_qr.train.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 CONFIG = str(ROOT / "configs" / "synthetic_qr_mult.yaml")  # launch/train.sh's default
-CARDINALITIES = "[10,12,15,20,30,40,50,70,100,130,170,220,300,400,500,700,900,1200,1600,2000,3000,4000,5000,7000,9000,12000]"
+CARDINALITIES = (
+    "[10,12,15,20,30,40,50,70,100,130,170,220,300,400,500,700,900,1200,1600,2000,3000,4000,5000,7000,9000,12000]"
+)
 STEPS = 23  # 2 training days x 3000 rows // 256
 
 
 def _tiny(out: Path, cache: Path, name: str) -> list[str]:
     return [
-        f"run.output_dir={out}", f"run.name={name}", f"data.cache_dir={cache}", "run.progress_bar=false",
-        "data.synthetic.num_rows=3000", "data.synthetic.num_days=3", f"data.synthetic.cardinalities={CARDINALITIES}",
-        "data.global_batch_size=256", "data.eval_batch_size=1024",
-        "model.dense_arch_layer_sizes=[32,16]", "model.over_arch_layer_sizes=[32,1]",
-        "train.eval_every_steps=8", "train.eval_max_batches=1", "train.log_every_steps=4", "checkpoint.every_steps=8",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"data.cache_dir={cache}",
+        "run.progress_bar=false",
+        "data.synthetic.num_rows=3000",
+        "data.synthetic.num_days=3",
+        f"data.synthetic.cardinalities={CARDINALITIES}",
+        "data.global_batch_size=256",
+        "data.eval_batch_size=1024",
+        "model.dense_arch_layer_sizes=[32,16]",
+        "model.over_arch_layer_sizes=[32,1]",
+        "train.eval_every_steps=8",
+        "train.eval_max_batches=1",
+        "train.log_every_steps=4",
+        "checkpoint.every_steps=8",
     ]
 
 
@@ -56,8 +68,15 @@ def _descendants(pid: int) -> list[int]:
 def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run to completion; on timeout kill the process, its group and every descendant, then fail."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        )
         timed_out = False
         try:
             proc.wait(timeout=timeout)
@@ -76,8 +95,20 @@ def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> t
 
 
 def _torchrun(args: list[str], timeout: float = 150, restarts: int = 0) -> tuple[int, str, str]:
-    return _run([TORCHRUN, "--standalone", "--nproc-per-node=2", f"--max-restarts={restarts}",
-                 "-m", "torchrec_qr.train", "--config", CONFIG, *args], timeout)
+    return _run(
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc-per-node=2",
+            f"--max-restarts={restarts}",
+            "-m",
+            "torchrec_qr.train",
+            "--config",
+            CONFIG,
+            *args,
+        ],
+        timeout,
+    )
 
 
 def _summary(run_dir: Path, output: tuple[int, str, str]) -> dict:
@@ -167,8 +198,10 @@ def test_resume_continues_exactly_and_at_another_world_size(reference, dirs, tmp
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
 
     # One process, no torchrun: the checkpoint is resharded and the same global batches follow.
-    single = _run([sys.executable, "-m", "torchrec_qr.train", "--config", CONFIG, "--resume",
-                   *_tiny(out, cache, "resumed_ws1")], timeout=150)
+    single = _run(
+        [sys.executable, "-m", "torchrec_qr.train", "--config", CONFIG, "--resume", *_tiny(out, cache, "resumed_ws1")],
+        timeout=150,
+    )
     summary = _summary(out / "resumed_ws1", single)
     assert summary["world_size"] == 1 and summary["steps"] == STEPS and summary["steps_this_run"] == STEPS - 12
     _assert_same_run(reference[1], summary, tol=1e-3)
@@ -187,8 +220,10 @@ def test_two_nodes_on_localhost(dirs) -> None:
     args = _tiny(out, cache, "two_nodes") + ["train.max_steps=10"]
     env = {"NPROC": "1", "MAX_RESTARTS": "0", "RDZV_ID": f"test{os.getpid()}"}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        nodes = [pool.submit(_run, ["bash", "launch/multinode.sh", "2", str(rank), endpoint, CONFIG, *args], 180, env)
-                 for rank in (0, 1)]
+        nodes = [
+            pool.submit(_run, ["bash", "launch/multinode.sh", "2", str(rank), endpoint, CONFIG, *args], 180, env)
+            for rank in (0, 1)
+        ]
         outputs = [node.result() for node in nodes]
     summary = _summary(out / "two_nodes", outputs[0])
     assert summary["world_size"] == 2 and summary["steps"] == 10 and summary["steps_this_run"] == 10

@@ -13,7 +13,6 @@ from torchrec_qr.modules.embedding_configs import (
     physical_table_configs,
 )
 from torchrec_qr.modules.fused_compositional_embedding_modules import FusedCompositionalEmbeddingBagCollection
-from torchrec_qr.modules.path_functions import PathFunction
 from torchrec_qr.modules.partitions import (
     ChineseRemainder,
     ExplicitPartitions,
@@ -24,6 +23,7 @@ from torchrec_qr.modules.partitions import (
     balanced_radices,
     coprime_moduli,
 )
+from torchrec_qr.modules.path_functions import PathFunction
 
 __all__ = [
     "ChineseRemainder",

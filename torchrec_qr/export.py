@@ -23,14 +23,20 @@ EXIT_ERROR = 2
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m torchrec_qr.export",
-                                     description="Turn a training run's checkpoint into a quantized serving artifact.")
+    parser = argparse.ArgumentParser(
+        prog="python -m torchrec_qr.export",
+        description="Turn a training run's checkpoint into a quantized serving artifact.",
+    )
     parser.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
     parser.add_argument("--dtype", default="int8", help=f"embedding weight dtype: {' | '.join(DTYPES)} (default int8)")
     parser.add_argument("--out", required=True, help="export directory to create (must not exist)")
     parser.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
-    parser.add_argument("--row-alignment", type=int, default=DEFAULT_ROW_ALIGNMENT,
-                        help="pad rows to this many bytes (default 16, as TorchRec; 1 is smallest on CPU)")
+    parser.add_argument(
+        "--row-alignment",
+        type=int,
+        default=DEFAULT_ROW_ALIGNMENT,
+        help="pad rows to this many bytes (default 16, as TorchRec; 1 is smallest on CPU)",
+    )
     return parser.parse_args(argv)
 
 
@@ -48,13 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Exported {manifest['checkpoint']} (step {manifest['step']}) to {out} as {manifest['dtype']}")
     for t in manifest["tables"]:
         parts = ", ".join(f"{p['name']} {p['rows']}x{p['dim']} {p['dtype']}" for p in t["storage"])
-        print(f"  {t['name']:<10} {t['rows']:>10,} x {t['dim']:<4} {t['stored_as']:<36} "
-              f"{format_bytes(t['bytes']):>10}  [{parts}]")
+        print(
+            f"  {t['name']:<10} {t['rows']:>10,} x {t['dim']:<4} {t['stored_as']:<36} "
+            f"{format_bytes(t['bytes']):>10}  [{parts}]"
+        )
     ratio = manifest["fp32_full_bytes"] / max(manifest["total_bytes"], 1)
-    print(f"  tables: {format_bytes(manifest['total_bytes'])} (fp32 full tables "
-          f"{format_bytes(manifest['fp32_full_bytes'])}, {ratio:.1f}x smaller)")
-    print("  TorchScript: model.pt" if manifest["torchscript"] else
-          f"  TorchScript: not written ({manifest['torchscript_error']}); predict rebuilds from weights.pt")
+    print(
+        f"  tables: {format_bytes(manifest['total_bytes'])} (fp32 full tables "
+        f"{format_bytes(manifest['fp32_full_bytes'])}, {ratio:.1f}x smaller)"
+    )
+    print(
+        "  TorchScript: model.pt"
+        if manifest["torchscript"]
+        else f"  TorchScript: not written ({manifest['torchscript_error']}); predict rebuilds from weights.pt"
+    )
     return 0
 
 

@@ -61,9 +61,14 @@ def budget_plan(
     types = cfg.sharding.sharding_types
     allowed = {t.name: list(types) for t in logical} if types else {}
     planner = CompressionPlanner(
-        world_size, e.memory_per_rank, optimizer=cfg.optimizer.sparse.type, threshold=e.threshold,
-        combine=e.combine, batch_size=batch_size or max(1, cfg.data.global_batch_size // world_size),
-        compute_device=device_type, local_world_size=local_world_size,
+        world_size,
+        e.memory_per_rank,
+        optimizer=cfg.optimizer.sparse.type,
+        threshold=e.threshold,
+        combine=e.combine,
+        batch_size=batch_size or max(1, cfg.data.global_batch_size // world_size),
+        compute_device=device_type,
+        local_world_size=local_world_size,
         constraints={n: ParameterConstraints(sharding_types=t) for n, t in allowed.items()} or None,
     )
     distributed = dist.is_initialized() and dist.get_world_size() > 1
@@ -128,9 +133,11 @@ def _choices(budget: CompressionPlan) -> list[str]:
         f"optimizer {format_bytes(c.optimizer_bytes):>10}  {c.sharding_type:<14} ranks {c.ranks}  | {c.reason}"
         for c in budget.choices
     ]
-    lines.append(f"compression planner: {budget.steps} steps, quality cost {budget.quality_cost:.4f} "
-                 f"(sum of traffic share x ln collisions); {format_bytes(budget.memory_per_rank)} per rank, "
-                 f"{budget.headroom:.0%} kept free for dense parameters, activations and the framework")
+    lines.append(
+        f"compression planner: {budget.steps} steps, quality cost {budget.quality_cost:.4f} "
+        f"(sum of traffic share x ln collisions); {format_bytes(budget.memory_per_rank)} per rank, "
+        f"{budget.headroom:.0%} kept free for dense parameters, activations and the framework"
+    )
     return lines
 
 
@@ -142,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="compute device to plan for")
     parser.add_argument("--batch-size", type=int, help="per rank (default: data.global_batch_size / world size)")
     parser.add_argument("--plan", help="check this YAML plan instead of planning (default: sharding.plan_file)")
-    parser.add_argument("--memory-per-rank",
-                        help="e.g. 8GiB: choose each table's storage to fit (embeddings.kind=auto)")
+    parser.add_argument(
+        "--memory-per-rank", help="e.g. 8GiB: choose each table's storage to fit (embeddings.kind=auto)"
+    )
     parser.add_argument("--output", help="also write the plan to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for training")
     args = parser.parse_args(argv)
@@ -162,8 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.embeddings.kind == "auto":
             if plan_file:
                 raise ValueError("--plan / sharding.plan_file: kind=auto chooses tables and plan together; drop it")
-            budget = budget_plan(cfg, num_embeddings(cfg), args.world_size, local_world_size=args.local_world_size,
-                                 device_type=args.device, batch_size=batch_size)
+            budget = budget_plan(
+                cfg,
+                num_embeddings(cfg),
+                args.world_size,
+                local_world_size=args.local_world_size,
+                device_type=args.device,
+                batch_size=batch_size,
+            )
         tables = budget.tables if budget else table_configs(cfg, num_embeddings(cfg))
         model = build_model(cfg, tables, torch.device("meta"))
         lines = _summary(cfg, tables, args.world_size, batch_size)
@@ -171,15 +185,22 @@ def main(argv: list[str] | None = None) -> int:
             plan, estimates = budget.plan, budget.bytes_per_rank
             lines += _choices(budget)
         elif plan_file:
-            plan = load_plan_yaml(plan_file, model, args.world_size, args.device,
-                                  local_world_size=args.local_world_size)
+            plan = load_plan_yaml(
+                plan_file, model, args.world_size, args.device, local_world_size=args.local_world_size
+            )
             lines.append(f"plan checked: {plan_file}")
             estimates = {}
         else:
             types = cfg.sharding.sharding_types
             constraints = {t.name: ParameterConstraints(sharding_types=list(types)) for t in tables} if types else None
-            proposal = propose_plan(model, args.world_size, constraints=constraints, batch_size=batch_size,
-                                    compute_device=args.device, local_world_size=args.local_world_size)
+            proposal = propose_plan(
+                model,
+                args.world_size,
+                constraints=constraints,
+                batch_size=batch_size,
+                compute_device=args.device,
+                local_world_size=args.local_world_size,
+            )
             plan = proposal.plan
             lines.append("proposed by TorchRec's planner" + (f" (sharding types {types})" if types else ""))
             estimates = proposal.storage_per_rank()

@@ -28,8 +28,9 @@ EXIT_ERROR = 2
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m torchrec_qr.predict",
-                                     description="Score Criteo TSV lines with an exported model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m torchrec_qr.predict", description="Score Criteo TSV lines with an exported model."
+    )
     parser.add_argument("--model", required=True, help="export directory (python -m torchrec_qr.export)")
     parser.add_argument("--data", required=True, help="Criteo TSV file (optionally .gz)")
     parser.add_argument("--out", help="file to write, one probability per line (must not exist; default stdout)")
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         model, manifest = load_serving_model(args.model)
         spec = InputSpec(**manifest["input"])
         labeled = has_labels(Path(args.data))
-        chunks = iter_criteo_tsv(args.data, max_ind_range=spec.max_ind_range, cardinalities=spec.cardinalities,
-                                 labeled=labeled)
+        chunks = iter_criteo_tsv(
+            args.data, max_ind_range=spec.max_ind_range, cardinalities=spec.cardinalities, labeled=labeled
+        )
         with tqdm(unit=" lines", disable=args.no_progress, file=sys.stderr) as bar:
             probs, labels = score_rows(model, spec, manifest["feature_names"], chunks, args.batch_size, bar.update)
         if out is not None:

@@ -35,7 +35,14 @@ from torchrec.datasets.criteo import (
     INT_FEATURE_COUNT,
 )
 
-__all__ = ["CriteoArrays", "iter_criteo_tsv", "parse_criteo_tsv", "load_criteo_file", "load_criteo_splits", "find_criteo_files"]
+__all__ = [
+    "CriteoArrays",
+    "iter_criteo_tsv",
+    "parse_criteo_tsv",
+    "load_criteo_file",
+    "load_criteo_splits",
+    "find_criteo_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +58,7 @@ _HEX_TABLE = np.full(256, _BAD, dtype=np.uint8)
 _HEX_TABLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
 _HEX_TABLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 _FIX_HINT = (
-    "Fix the file, or pass skip_malformed=True (config: data.skip_malformed: true) "
-    "to skip and count such lines."
+    "Fix the file, or pass skip_malformed=True (config: data.skip_malformed: true) to skip and count such lines."
 )
 
 
@@ -213,7 +219,11 @@ def _parse_chunk(
 
 
 def _iter_parsed(
-    path: Path, moduli: np.ndarray | None, skip_malformed: bool, chunk_bytes: int, counter: list[int],
+    path: Path,
+    moduli: np.ndarray | None,
+    skip_malformed: bool,
+    chunk_bytes: int,
+    counter: list[int],
     labeled: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Parsed chunks of one file; adds the malformed-line count of each chunk to counter[0]."""
@@ -240,8 +250,13 @@ def parse_criteo_tsv(
     moduli = _moduli(max_ind_range, cardinalities)
     parts = list(_iter_parsed(Path(path), moduli, skip_malformed, chunk_bytes, counter))
     if not parts:
-        parts = [(np.zeros((0, INT_FEATURE_COUNT), np.float32), np.zeros((0, CAT_FEATURE_COUNT), np.int64),
-                  np.zeros(0, np.float32))]
+        parts = [
+            (
+                np.zeros((0, INT_FEATURE_COUNT), np.float32),
+                np.zeros((0, CAT_FEATURE_COUNT), np.int64),
+                np.zeros(0, np.float32),
+            )
+        ]
     dense, sparse, labels = (np.concatenate(p) for p in zip(*parts))
     if counter[0]:
         logger.warning("%s: skipped %d malformed lines", path, counter[0])
@@ -402,8 +417,9 @@ def load_criteo_splits(
     the memory-mapped cache. Several training day files are concatenated in memory.
     """
     files = find_criteo_files(paths_or_dir)
-    kw = dict(cache_dir=cache_dir, max_ind_range=max_ind_range, cardinalities=cardinalities,
-              skip_malformed=skip_malformed)
+    kw = dict(
+        cache_dir=cache_dir, max_ind_range=max_ind_range, cardinalities=cardinalities, skip_malformed=skip_malformed
+    )
     if len(files) == 1:
         whole = load_criteo_file(files[0], **kw)
         n = len(whole)

@@ -14,8 +14,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -53,7 +53,9 @@ def _fingerprint(sparse: np.ndarray, num_embeddings: Sequence[int]) -> str:
     return h.hexdigest()[:12]
 
 
-def cached_id_counts(sparse: np.ndarray, num_embeddings: Sequence[int], cache_dir: str | os.PathLike) -> list[np.ndarray]:
+def cached_id_counts(
+    sparse: np.ndarray, num_embeddings: Sequence[int], cache_dir: str | os.PathLike
+) -> list[np.ndarray]:
     """``count_ids`` of a split, read from ``cache_dir`` when counted before (see the module docstring)."""
     path = Path(cache_dir) / f"id_counts.{_fingerprint(sparse, num_embeddings)}.npz"
     if path.exists():

@@ -250,9 +250,7 @@ def _encode_tsv(day: SyntheticDay) -> bytes:
 
     head = np.stack([day.labels.astype(np.uint8) + _ZERO, np.full(n, _TAB, dtype=np.uint8)], axis=1)
     chars = np.concatenate([head, dense_chars.reshape(n, -1), cat_chars.reshape(n, -1)], axis=1)
-    keep = np.concatenate(
-        [np.ones_like(head, dtype=bool), dense_keep.reshape(n, -1), cat_keep.reshape(n, -1)], axis=1
-    )
+    keep = np.concatenate([np.ones_like(head, dtype=bool), dense_keep.reshape(n, -1), cat_keep.reshape(n, -1)], axis=1)
     return chars[keep].tobytes()
 
 

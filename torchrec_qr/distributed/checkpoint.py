@@ -159,8 +159,9 @@ def save_checkpoint(
     try:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), process_group=process_group)
     except CheckpointException as e:  # a BaseException: `except Exception` in training loops would miss it
-        raise CheckpointWriteError(f"checkpoint {final} not written (earlier checkpoints are intact): "
-                                   f"{describe_failures(e, root)}") from e
+        raise CheckpointWriteError(
+            f"checkpoint {final} not written (earlier checkpoints are intact): {describe_failures(e, root)}"
+        ) from e
 
     payload = {"step": step, "rank": rank, "world_size": world_size, "extra": dict(extra or {}), "rng": _rng_state()}
     local_error: BaseException | None = None
@@ -169,8 +170,10 @@ def save_checkpoint(
         _write_synced(tmp / _extra_name(rank), payload)
         digests = digest_files(tmp, files_written_by(tmp, rank))
     except OSError as e:  # reported to every rank below, so no rank waits forever for rank 0
-        local_error = CheckpointWriteError(f"checkpoint {final} not written (earlier checkpoints are intact): "
-                                           f"rank {rank}: {e}{disk_full_hint(e, root)}")
+        local_error = CheckpointWriteError(
+            f"checkpoint {final} not written (earlier checkpoints are intact): "
+            f"rank {rank}: {e}{disk_full_hint(e, root)}"
+        )
     except Exception as e:
         local_error = e
     gathered = all_gather((picklable(local_error), fused_kernel_step(optimizer), digests), process_group)
@@ -224,8 +227,13 @@ def verify_checkpoint(path: str | os.PathLike[str], process_group: dist.ProcessG
         files = {}
         if not (path / ".metadata").is_file():
             raise CheckpointCorrupt(f"checkpoint {path} is damaged: {path / '.metadata'} is missing")
-    verify_files(path, files, group_rank(process_group), group_size(process_group),
-                 lambda errors: all_gather(errors, process_group))
+    verify_files(
+        path,
+        files,
+        group_rank(process_group),
+        group_size(process_group),
+        lambda errors: all_gather(errors, process_group),
+    )
     return meta
 
 
@@ -243,8 +251,10 @@ def latest_intact_checkpoint(
             verify_checkpoint(path, process_group)
         except CheckpointCorrupt as e:
             if strict:
-                raise CheckpointCorrupt(f"{e}; not falling back to an older checkpoint (strict): remove {path} "
-                                        "to resume from the previous one") from e
+                raise CheckpointCorrupt(
+                    f"{e}; not falling back to an older checkpoint (strict): remove {path} "
+                    "to resume from the previous one"
+                ) from e
             damaged.append(str(e))
             continue
         if damaged and group_rank(process_group) == 0:
@@ -346,7 +356,9 @@ def load_checkpoint(
         logger.warning(
             "checkpoint %s was saved at world size %d, loading at %d: returning rank 0's extras on every rank "
             "and not restoring RNG states",
-            path, saved_ws, world_size,
+            path,
+            saved_ws,
+            world_size,
         )
     elif restore_rng:
         _set_rng_state(payload["rng"])
@@ -425,5 +437,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         if len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
         else:
-            logger.warning("not restoring CUDA RNG states: saved for %d devices, %d visible",
-                           len(state["cuda"]), torch.cuda.device_count())
+            logger.warning(
+                "not restoring CUDA RNG states: saved for %d devices, %d visible",
+                len(state["cuda"]),
+                torch.cuda.device_count(),
+            )

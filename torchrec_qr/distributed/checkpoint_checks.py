@@ -49,8 +49,11 @@ def check_compatible(
     # Optimizer entries are always checked: a state missing here would silently restart.
     prefixes = tuple(p for p in ("model." if strict else "", "optim." if "optim" in state else "") if p)
     anyone = {k for _, keys in gathered for k in keys}
-    unexpected = [k for k, v in saved.items() if prefixes and k.startswith(prefixes) and k not in anyone
-                  and isinstance(v, TensorStorageMetadata)]
+    unexpected = [
+        k
+        for k, v in saved.items()
+        if prefixes and k.startswith(prefixes) and k not in anyone and isinstance(v, TensorStorageMetadata)
+    ]
     if unexpected:
         raise ValueError(
             f"{path} has {len(unexpected)} entries the model / optimizer here lacks, e.g. {unexpected[:5]}: pass "

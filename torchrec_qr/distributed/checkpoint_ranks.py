@@ -34,15 +34,19 @@ class CheckpointWriteError(RuntimeError):
 
 def disk_full_hint(error: BaseException, root: Path) -> str:
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return (f" (ENOSPC: the disk holding {root} is full; free space, keep fewer checkpoints with "
-                "keep_last, or write them elsewhere)")
+        return (
+            f" (ENOSPC: the disk holding {root} is full; free space, keep fewer checkpoints with "
+            "keep_last, or write them elsewhere)"
+        )
     return ""
 
 
 def describe_failures(e: CheckpointException, root: Path) -> str:
     """Each failed rank's error, not DCP's tracebacks."""
-    return "; ".join(f"rank {r}: {type(err).__name__}: {err}{disk_full_hint(err, root)}"
-                     for r, (err, _) in sorted(e.failures.items())) or str(e)
+    return "; ".join(
+        f"rank {r}: {type(err).__name__}: {err}{disk_full_hint(err, root)}"
+        for r, (err, _) in sorted(e.failures.items())
+    ) or str(e)
 
 
 def distributed() -> bool:

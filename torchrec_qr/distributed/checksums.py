@@ -26,8 +26,11 @@ class CheckpointCorrupt(ValueError):
 
 def files_written_by(directory: Path, rank: int) -> list[str]:
     """The files ``rank`` wrote into a checkpoint directory being saved (DCP names pieces ``__{rank}_{i}``)."""
-    own = [p.name for p in directory.iterdir() if p.is_file() and
-           (p.name.startswith(f"__{rank}_") or p.name == f"extra_rank_{rank:05d}.pt")]
+    own = [
+        p.name
+        for p in directory.iterdir()
+        if p.is_file() and (p.name.startswith(f"__{rank}_") or p.name == f"extra_rank_{rank:05d}.pt")
+    ]
     if rank == 0 and (directory / ".metadata").is_file():
         own.append(".metadata")
     return sorted(own)
@@ -73,7 +76,10 @@ def read_meta(path: Path, name: str) -> dict[str, Any]:
 
 
 def verify_files(
-    path: Path, files: dict[str, dict[str, Any]], rank: int, world_size: int,
+    path: Path,
+    files: dict[str, dict[str, Any]],
+    rank: int,
+    world_size: int,
     gather: Callable[[Any], list[Any]],
 ) -> None:
     """Check size and SHA-256 of every recorded file (this rank checks every ``world_size``-th one);

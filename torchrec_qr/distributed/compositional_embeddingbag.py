@@ -23,9 +23,10 @@ rank composing an id uses its function; see ``CompositionalLookup`` for the grad
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterator, Type
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,11 +76,11 @@ from torchrec_qr.distributed.sub_table_plan import (
     shifted_partitions,
 )
 from torchrec_qr.modules.batched_embedding_bags import BatchedEmbeddingBags
+from torchrec_qr.modules.composition import LocalTable
 from torchrec_qr.modules.compositional_embedding_modules import (
     CompositionalEmbeddingBagCollection,
     path_functions_for,
 )
-from torchrec_qr.modules.composition import LocalTable
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
 from torchrec_qr.modules.hot_id_buffers import HotIdBuffers
 from torchrec_qr.modules.validation import check_features, check_id_ranges
@@ -142,9 +143,16 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                 rows = row_block_size(t, env.world_size) * env.world_size
             logical_plan[t.name] = ps
             # The dists only need names, sizes and pooling: plain configs, row-wise ones padded to aligned blocks.
-            dist_tables.append(EmbeddingBagConfig(num_embeddings=rows, embedding_dim=t.embedding_dim, name=t.name,
-                                                  data_type=t.data_type, feature_names=list(t.feature_names),
-                                                  pooling=t.pooling))
+            dist_tables.append(
+                EmbeddingBagConfig(
+                    num_embeddings=rows,
+                    embedding_dim=t.embedding_dim,
+                    name=t.name,
+                    data_type=t.data_type,
+                    feature_names=list(t.feature_names),
+                    pooling=t.pooling,
+                )
+            )
         physical_plan, replicated = physical_parameter_shardings(tables, logical_plan)
         sub_tables = EmbeddingBagCollection(
             [c for c in physical_table_configs(tables) if c.name in physical_plan],
@@ -184,7 +192,9 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         )
         self._validate_ids = module.validate_ids
         self._row_wise_mean_features = {
-            f for t in tables if t.pooling == PoolingType.MEAN and logical_plan[t.name].sharding_type in ROW_TYPES
+            f
+            for t in tables
+            if t.pooling == PoolingType.MEAN and logical_plan[t.name].sharding_type in ROW_TYPES
             for f in t.feature_names
         }
         self._embedding_bag_collection: ShardedEmbeddingBagCollection = physical
@@ -221,17 +231,20 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                 # gradient the lookup does not rescale: rescale it here.
                 module = bags if sources else GradScaled(bags, grad_scale)
                 sources.append((module, [LocalTable(t.name, t.feature_names, 0, t.embedding_dim) for t in bags.tables]))
-            internals.add_lookup(self, CompositionalLookup(
-                parts.tables,
-                internals.local_grouped_configs(sharding, rank),
-                sources,
-                parts.is_weighted,
-                mean_after_output_dist=row_wise,
-                replicated_grad_scale=grad_scale,
-                path_functions=parts.path_functions,
-                data_parallel=sharding_type == ShardingType.DATA_PARALLEL.value,
-                partitions=shifted_partitions(parts.tables, parts.logical_plan, rank) if row_wise else None,
-            ))
+            internals.add_lookup(
+                self,
+                CompositionalLookup(
+                    parts.tables,
+                    internals.local_grouped_configs(sharding, rank),
+                    sources,
+                    parts.is_weighted,
+                    mean_after_output_dist=row_wise,
+                    replicated_grad_scale=grad_scale,
+                    path_functions=parts.path_functions,
+                    data_parallel=sharding_type == ShardingType.DATA_PARALLEL.value,
+                    partitions=shifted_partitions(parts.tables, parts.logical_plan, rank) if row_wise else None,
+                ),
+            )
         # The output's keys and widths in the output dist's order, for the row-wise MEAN divisor.
         self._parts.output_layout = (names, dims)
 
@@ -270,14 +283,10 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             ctx.divisor = row_wise_mean_divisor(features, self._row_wise_mean_features, *self._parts.output_layout)
         return awaitable
 
-    def output_dist(
-        self, ctx: EmbeddingBagCollectionContext, output: list[torch.Tensor]
-    ) -> LazyAwaitable[KeyedTensor]:
+    def output_dist(self, ctx: EmbeddingBagCollectionContext, output: list[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
         return self._touch_path_functions(super().output_dist(ctx, output))
 
-    def compute_and_output_dist(
-        self, ctx: EmbeddingBagCollectionContext, input: KJTList
-    ) -> LazyAwaitable[KeyedTensor]:
+    def compute_and_output_dist(self, ctx: EmbeddingBagCollectionContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
         return self._touch_path_functions(super().compute_and_output_dist(ctx, input))
 
     def _touch_path_functions(self, awaitable: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
@@ -290,7 +299,7 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         return awaitable
 
     @property
-    def unsharded_module_type(self) -> Type[CompositionalEmbeddingBagCollection]:
+    def unsharded_module_type(self) -> type[CompositionalEmbeddingBagCollection]:
         return CompositionalEmbeddingBagCollection
 
 
@@ -378,9 +387,9 @@ class CompositionalEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         physical_parameter_shardings([table], {table.name: ps})
 
     @property
-    def module_type(self) -> Type[CompositionalEmbeddingBagCollection]:
+    def module_type(self) -> type[CompositionalEmbeddingBagCollection]:
         return CompositionalEmbeddingBagCollection
 
     @property
-    def sharded_module_type(self) -> Type[ShardedCompositionalEmbeddingBagCollection]:
+    def sharded_module_type(self) -> type[ShardedCompositionalEmbeddingBagCollection]:
         return ShardedCompositionalEmbeddingBagCollection

@@ -6,7 +6,8 @@ sub-table rows from, never TorchRec's sharding objects.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,8 +67,13 @@ class CompositionalLookup(nn.Module):
         self._is_weighted = is_weighted
         self.replicated_grad_scale = replicated_grad_scale
         self.composer = LookupComposer.for_local_tables(
-            tables, sharded_tables(logical_grouped), [local for _, local in sources], is_weighted,
-            mean_after_output_dist, path_functions, 1 if data_parallel else replicated_grad_scale,
+            tables,
+            sharded_tables(logical_grouped),
+            [local for _, local in sources],
+            is_weighted,
+            mean_after_output_dist,
+            path_functions,
+            1 if data_parallel else replicated_grad_scale,
             sharded_input=True,
         )
         self.composer.partitions.update(partitions or {})  # (table, feature) -> the scheme this rank's ids go through

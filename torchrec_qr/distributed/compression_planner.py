@@ -23,8 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -52,12 +52,25 @@ logger = logging.getLogger(__name__)
 DEFAULT_COLLISIONS = tuple(2**i for i in range(1, 31))
 # What TorchRec's storage estimator counts state for (it reads the class from the table parameters).
 OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad, "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adam": torch.optim.Adam,
 }
 STATE_BYTES = 4  # fp32 optimizer state
 UNCAPPED = 2**50  # bytes per rank when asking how small the busiest rank can get
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(value: str | int) -> int:
@@ -245,8 +258,13 @@ class CompressionPlanner:
         params = config.num_parameters() if compositional else config.num_embeddings * config.embedding_dim
         state = sum(s.num_embeddings * optimizer_state_floats_per_row(self.optimizer, s.embedding_dim) for s in subs)
         largest = max(s.num_embeddings for s in subs)
-        return _Rung(config, storage, -(-config.num_embeddings // largest),
-                     params * DATA_TYPE_NUM_BITS[config.data_type] // 8, state * STATE_BYTES)
+        return _Rung(
+            config,
+            storage,
+            -(-config.num_embeddings // largest),
+            params * DATA_TYPE_NUM_BITS[config.data_type] // 8,
+            state * STATE_BYTES,
+        )
 
     def _ladder(self, table: EmbeddingBagConfig) -> list[_Rung]:
         n = table.num_embeddings
@@ -265,8 +283,9 @@ class CompressionPlanner:
                 ladder.append(rung)
         return ladder
 
-    def _shard(self, rungs: list[_Rung], model_fn: Callable[..., nn.Module] | None,
-               capacity: float) -> PlannerResult | None:
+    def _shard(
+        self, rungs: list[_Rung], model_fn: Callable[..., nn.Module] | None, capacity: float
+    ) -> PlannerResult | None:
         """TorchRec's plan for these tables within the caps, or None if it cannot place them or a rank's
         estimate (with replicated sub-tables) exceeds ``capacity``."""
         try:
@@ -277,23 +296,33 @@ class CompressionPlanner:
         per_rank = _bytes_per_rank(result, self.optimizer)
         return result if max(per_rank.values(), default=0) <= capacity else None
 
-    def _propose(self, configs: list[EmbeddingBagConfig], model_fn: Callable[..., nn.Module] | None,
-                 memory_per_rank: int | None) -> PlannerResult:
-        model = model_fn(configs) if model_fn else CompositionalEmbeddingBagCollection(
-            configs, device="meta", validate_ids=False)
+    def _propose(
+        self, configs: list[EmbeddingBagConfig], model_fn: Callable[..., nn.Module] | None, memory_per_rank: int | None
+    ) -> PlannerResult:
+        model = (
+            model_fn(configs)
+            if model_fn
+            else CompositionalEmbeddingBagCollection(configs, device="meta", validate_ids=False)
+        )
         for target in shardable_modules(model).values():  # TorchRec counts state for the class they carry
             set_in_backward_optimizer(target.module.parameters(), OPTIMIZER_CLASSES[self.optimizer], {})
         return propose_plan(
-            model, self.world_size, constraints=self.constraints, batch_size=self.batch_size,
-            compute_device=self.compute_device, local_world_size=self.local_world_size,
-            memory_per_rank=memory_per_rank, headroom=self.headroom,
+            model,
+            self.world_size,
+            constraints=self.constraints,
+            batch_size=self.batch_size,
+            compute_device=self.compute_device,
+            local_world_size=self.local_world_size,
+            memory_per_rank=memory_per_rank,
+            headroom=self.headroom,
         )
 
     def _infeasible(self, rungs: list[_Rung], model_fn: Callable[..., nn.Module] | None) -> str:
         where = f"memory_per_rank={format_bytes(self.memory_per_rank)} x {self.world_size} ranks"
         try:
-            busiest = max(_bytes_per_rank(self._propose([r.config for r in rungs], model_fn, UNCAPPED),
-                                          self.optimizer).values())
+            busiest = max(
+                _bytes_per_rank(self._propose([r.config for r in rungs], model_fn, UNCAPPED), self.optimizer).values()
+            )
         except PlannerError as e:
             return f"{where}: the tables cannot be placed even at the largest allowed compression: {e}"
         needed = math.ceil(busiest / (1 - self.headroom))
@@ -305,9 +334,16 @@ class CompressionPlanner:
             "more collisions / mixed radix"
         )
 
-    def _report(self, tables: Sequence[EmbeddingBagConfig], rungs: list[_Rung], ladders: list[list[_Rung]],
-                weights: list[float], steps: list[tuple[int, int, float]], result: PlannerResult,
-                found: int) -> CompressionPlan:
+    def _report(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        rungs: list[_Rung],
+        ladders: list[list[_Rung]],
+        weights: list[float],
+        steps: list[tuple[int, int, float]],
+        result: PlannerResult,
+        found: int,
+    ) -> CompressionPlan:
         taken = steps[:found]
         placed = {o.name: o for o in result.options}
         choices = []
@@ -318,24 +354,47 @@ class CompressionPlanner:
             elif not mine:
                 nxt = ladders[i][1]
                 saves = format_bytes(ladders[i][0].bytes - nxt.bytes)
-                reason = (f"stays full: its next rung ({nxt.storage}) saves {saves} "
-                          f"for +{weights[i] * math.log(nxt.collisions):.4f} cost, less per unit of cost than the "
-                          f"{found} steps that met the budget")
+                reason = (
+                    f"stays full: its next rung ({nxt.storage}) saves {saves} "
+                    f"for +{weights[i] * math.log(nxt.collisions):.4f} cost, less per unit of cost than the "
+                    f"{found} steps that met the budget"
+                )
             else:
                 saved, added = mine[-1]
-                reason = (f"{len(mine)} step(s) from full, each among the best bytes saved per unit of cost; the last "
-                          f"saved {format_bytes(saved)} for +{added:.4f} cost (traffic share {weights[i]:.1%})")
+                reason = (
+                    f"{len(mine)} step(s) from full, each among the best bytes saved per unit of cost; the last "
+                    f"saved {format_bytes(saved)} for +{added:.4f} cost (traffic share {weights[i]:.1%})"
+                )
                 if rung.storage.startswith("mixed_radix"):
                     reason += "; QR at its fewest rows did not fit"
             option = placed[table.name]
             ranks = sorted({s.rank for s in option.shards if s.rank is not None})
-            choices.append(TableChoice(table.name, n, rung.storage, rung.collisions, rung.param_bytes,
-                                       rung.optimizer_bytes, weights[i], option.sharding_type, ranks, reason))
+            choices.append(
+                TableChoice(
+                    table.name,
+                    n,
+                    rung.storage,
+                    rung.collisions,
+                    rung.param_bytes,
+                    rung.optimizer_bytes,
+                    weights[i],
+                    option.sharding_type,
+                    ranks,
+                    reason,
+                )
+            )
         cost = sum(w * math.log(r.collisions) for w, r in zip(weights, rungs))
         logger.info("budget met after %d compression steps; quality cost %.4f", found, cost)
-        return CompressionPlan([r.config for r in rungs], choices, result.plan,
-                               _bytes_per_rank(result, self.optimizer), self.memory_per_rank,  # type: ignore[arg-type]
-                               self.headroom, cost, found)
+        return CompressionPlan(
+            [r.config for r in rungs],
+            choices,
+            result.plan,
+            _bytes_per_rank(result, self.optimizer),
+            self.memory_per_rank,  # type: ignore[arg-type]
+            self.headroom,
+            cost,
+            found,
+        )
 
 
 def _traffic_shares(
@@ -402,9 +461,13 @@ def _bytes_per_rank(result: PlannerResult, optimizer: str) -> dict[int, int]:
             continue
         split, _ = row_split_stride(config)  # the sub-table row-wise shards split; the sharder replicates the rest
         replicated = sum(
-            s.num_embeddings * (s.embedding_dim * DATA_TYPE_NUM_BITS[s.data_type] // 8
-                                + optimizer_state_floats_per_row(optimizer, s.embedding_dim) * STATE_BYTES)
-            for j, s in enumerate(config.sub_table_configs()) if j != split
+            s.num_embeddings
+            * (
+                s.embedding_dim * DATA_TYPE_NUM_BITS[s.data_type] // 8
+                + optimizer_state_floats_per_row(optimizer, s.embedding_dim) * STATE_BYTES
+            )
+            for j, s in enumerate(config.sub_table_configs())
+            if j != split
         )
         for shard in option.shards:
             assert shard.rank is not None

@@ -129,14 +129,16 @@ def _check_table(
         )
     kernels = target.compute_kernels(kind, device_type)
     if ps.compute_kernel not in kernels:
-        raise ValueError(f"{where}: compute kernel {ps.compute_kernel!r} cannot run {kind} on {device_type}; "
-                         f"use one of {kernels}")
+        raise ValueError(
+            f"{where}: compute kernel {ps.compute_kernel!r} cannot run {kind} on {device_type}; use one of {kernels}"
+        )
     ranks = list(ps.ranks or [])
     _check_ranks(where, ranks, world_size)
     if kind == _DP:
         if ps.sharding_spec is not None or (ps.ranks is not None and ranks != list(range(world_size))):
-            raise ValueError(f"{where}: data_parallel replicates the table on ranks 0..{world_size - 1}, "
-                             "without shards")
+            raise ValueError(
+                f"{where}: data_parallel replicates the table on ranks 0..{world_size - 1}, without shards"
+            )
         return
     if not isinstance(ps.sharding_spec, EnumerableShardingSpec) or not ps.sharding_spec.shards:
         raise ValueError(f"{where}: {kind} needs a list of shards")
@@ -182,10 +184,13 @@ def _check_cover(where: str, shards: list[ShardMetadata], kind: str, rows: int, 
     if area != rows * cols:
         hint = ""
         if isinstance(config, CompositionalEmbeddingBagConfig) and kind in _ROW_TYPES:
-            hint = (" (TorchRec's planner splits the stored rows instead: plan with "
-                    "torchrec_qr.distributed.planner.plan_model, whose callback splits the ids)")
-        raise ValueError(f"{where}: shards cover {area} of the {rows * cols} cells of {described}; "
-                         f"they must cover it exactly{hint}")
+            hint = (
+                " (TorchRec's planner splits the stored rows instead: plan with "
+                "torchrec_qr.distributed.planner.plan_model, whose callback splits the ids)"
+            )
+        raise ValueError(
+            f"{where}: shards cover {area} of the {rows * cols} cells of {described}; they must cover it exactly{hint}"
+        )
 
 
 def _check_even_rows(where: str, shards: list[ShardMetadata], rows: int) -> None:

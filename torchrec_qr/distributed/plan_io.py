@@ -103,8 +103,11 @@ _Dumper.add_representer(
 
 
 def _entry(ps: ParameterSharding, where: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"sharding_type": ps.sharding_type, "compute_kernel": ps.compute_kernel,
-                             "ranks": list(ps.ranks or [])}
+    entry: dict[str, Any] = {
+        "sharding_type": ps.sharding_type,
+        "compute_kernel": ps.compute_kernel,
+        "ranks": list(ps.ranks or []),
+    }
     if isinstance(ps.sharding_spec, EnumerableShardingSpec):
         entry["shards"] = [
             _Inline(rank=s.placement.rank(), offsets=list(s.shard_offsets), sizes=list(s.shard_sizes))
@@ -160,8 +163,9 @@ def load_plan_yaml(
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from e
     try:
-        return plan_from_yaml_dict(data, model, world_size, device_type,
-                                   local_world_size=local_world_size, sharders=sharders)
+        return plan_from_yaml_dict(
+            data, model, world_size, device_type, local_world_size=local_world_size, sharders=sharders
+        )
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
@@ -197,8 +201,9 @@ def plan_from_yaml_dict(
         unlisted = [n for n in target.shapes if n not in tables]
         for name in target.shapes:
             entry, turn = (tables[name], None) if name in tables else (default, unlisted.index(name))
-            module_plan[name] = _parse_entry(entry, f"module {path!r}, table {name!r}", target, name,
-                                             world_size, local_size, device_type, turn)
+            module_plan[name] = _parse_entry(
+                entry, f"module {path!r}, table {name!r}", target, name, world_size, local_size, device_type, turn
+            )
         plan[path] = module_plan
     result = ShardingPlan(plan)
     validate_plan(result, model, world_size, device_type, sharders=sharders, local_world_size=local_size)
@@ -241,7 +246,13 @@ def _ints(value: Any, where: str, what: str, length: int | None = None) -> list[
 
 
 def _parse_entry(
-    entry: Any, where: str, target: ShardableModule, table: str, world_size: int, local_size: int, device_type: str,
+    entry: Any,
+    where: str,
+    target: ShardableModule,
+    table: str,
+    world_size: int,
+    local_size: int,
+    device_type: str,
     turn: int | None,
 ) -> ParameterSharding:
     if not isinstance(entry, dict):
@@ -283,11 +294,13 @@ def _explicit(
     for i, shard in enumerate(shards):
         if not isinstance(shard, dict) or set(shard) != {"rank", "offsets", "sizes"}:
             raise ValueError(f"{where}: shard {i} must have exactly rank, offsets and sizes, got {shard!r}")
-        metadata.append(ShardMetadata(
-            shard_offsets=_ints(shard["offsets"], where, f"shard {i} offsets", 2),
-            shard_sizes=_ints(shard["sizes"], where, f"shard {i} sizes", 2),
-            placement=placement(device_type, _int(shard["rank"], where, f"shard {i} rank"), local_size),
-        ))
+        metadata.append(
+            ShardMetadata(
+                shard_offsets=_ints(shard["offsets"], where, f"shard {i} offsets", 2),
+                shard_sizes=_ints(shard["sizes"], where, f"shard {i} sizes", 2),
+                placement=placement(device_type, _int(shard["rank"], where, f"shard {i} rank"), local_size),
+            )
+        )
     shard_ranks = [s["rank"] for s in shards]
     if ranks is not None and ranks != shard_ranks:
         raise ValueError(f"{where}: ranks {ranks} differ from the shards' ranks {shard_ranks}")
@@ -295,13 +308,19 @@ def _explicit(
         spec = EnumerableShardingSpec(metadata)
     except ValueError as e:  # overlapping shards
         raise ValueError(f"{where}: {e}") from e
-    return ParameterSharding(sharding_type=sharding_type, compute_kernel=kernel, ranks=shard_ranks,
-                             sharding_spec=spec)
+    return ParameterSharding(sharding_type=sharding_type, compute_kernel=kernel, ranks=shard_ranks, sharding_spec=spec)
 
 
 def _compact(
-    entry: dict[str, Any], ranks: list[int] | None, where: str, target: ShardableModule, table: str,
-    world_size: int, local_size: int, device_type: str, turn: int | None,
+    entry: dict[str, Any],
+    ranks: list[int] | None,
+    where: str,
+    target: ShardableModule,
+    table: str,
+    world_size: int,
+    local_size: int,
+    device_type: str,
+    turn: int | None,
 ) -> ParameterSharding:
     sharding_type = entry["sharding_type"]
     if "host" in entry and sharding_type != _TWRW:
@@ -326,8 +345,10 @@ def _compact(
         host = _int(entry.get("host", 0), where, "host")
         hosts = world_size // local_size
         if not 0 <= host < hosts:
-            raise ValueError(f"{where}: host {host} does not exist: {world_size} ranks, {local_size} per host, "
-                             f"hosts are 0..{hosts - 1}")
+            raise ValueError(
+                f"{where}: host {host} does not exist: {world_size} ranks, {local_size} per host, "
+                f"hosts are 0..{hosts - 1}"
+            )
         generator = table_row_wise(host_index=host)
     else:
         generator = data_parallel()

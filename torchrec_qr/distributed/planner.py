@@ -70,8 +70,12 @@ def sharder_rejects(
 
 
 def _probe(
-    table: CompositionalEmbeddingBagConfig, sharding_type: str, world_size: int, local_world_size: int,
-    sharder: ModuleSharder[nn.Module], compute_device: str,
+    table: CompositionalEmbeddingBagConfig,
+    sharding_type: str,
+    world_size: int,
+    local_world_size: int,
+    sharder: ModuleSharder[nn.Module],
+    compute_device: str,
 ) -> ParameterSharding:
     """A simple sharding of that type (one column shard for column types) to ask the sharder about."""
     generators = {
@@ -113,8 +117,12 @@ def sharding_constraints(
             if not isinstance(table, CompositionalEmbeddingBagConfig):
                 continue
             offered = sharder.sharding_types(compute_device)
-            problems = {t: sharder_rejects(table, _probe(table, t, world_size, local, sharder, compute_device),
-                                           world_size, local) for t in offered}
+            problems = {
+                t: sharder_rejects(
+                    table, _probe(table, t, world_size, local, sharder, compute_device), world_size, local
+                )
+                for t in offered
+            }
             if not any(problems.values()):
                 continue
             given = out.get(table.name)
@@ -236,8 +244,14 @@ def propose_plan(
     constraints = sharding_constraints(model, world_size, constraints, sharders, compute_device, local_world_size)
     options: list[ShardingOption] = []
     planner = make_planner(
-        world_size, constraints=constraints, batch_size=batch_size, compute_device=compute_device,
-        local_world_size=local_world_size, capture=options, memory_per_rank=memory_per_rank, headroom=headroom,
+        world_size,
+        constraints=constraints,
+        batch_size=batch_size,
+        compute_device=compute_device,
+        local_world_size=local_world_size,
+        capture=options,
+        memory_per_rank=memory_per_rank,
+        headroom=headroom,
     )
     return PlannerResult(planner.plan(model, sharders), options)
 
@@ -265,13 +279,20 @@ def plan_model(
     """
     if pg is None:
         return propose_plan(
-            model, world_size, constraints=constraints, batch_size=batch_size, sharders=sharders,
-            compute_device=compute_device, local_world_size=local_world_size,
+            model,
+            world_size,
+            constraints=constraints,
+            batch_size=batch_size,
+            sharders=sharders,
+            compute_device=compute_device,
+            local_world_size=local_world_size,
         ).plan
     sharders = sharders or default_sharders()
     planner = make_planner(
         world_size,
         constraints=sharding_constraints(model, world_size, constraints, sharders, compute_device, local_world_size),
-        batch_size=batch_size, compute_device=compute_device, local_world_size=local_world_size,
+        batch_size=batch_size,
+        compute_device=compute_device,
+        local_world_size=local_world_size,
     )
     return planner.collective_plan(model, sharders, pg)

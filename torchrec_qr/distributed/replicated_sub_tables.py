@@ -32,8 +32,12 @@ def replicated_bags(
     device: torch.device | None,
 ) -> dict[str, BatchedEmbeddingBags]:
     """Sharding type → the replicated sub-tables of the tables sharded that way."""
-    owner = {sub.name: t.name for t in tables if isinstance(t, CompositionalEmbeddingBagConfig)
-             for sub in t.sub_table_configs()}
+    owner = {
+        sub.name: t.name
+        for t in tables
+        if isinstance(t, CompositionalEmbeddingBagConfig)
+        for sub in t.sub_table_configs()
+    }
     by_type: dict[str, list[EmbeddingBagConfig]] = {}
     for c in replicated:
         by_type.setdefault(logical_plan[owner[c.name]].sharding_type, []).append(c)
@@ -51,7 +55,7 @@ def _replicated_as_physical_keys(module: nn.Module, state_dict: dict[str, Any], 
     the keys the unsharded module uses."""
     old = f"{prefix}{REPLICATED}."
     for key in [k for k in state_dict if k.startswith(old)]:
-        _, rest = key[len(old):].split(".", 1)
+        _, rest = key[len(old) :].split(".", 1)
         state_dict[f"{prefix}{PHYSICAL}.{rest}"] = state_dict.pop(key)
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import BoundsCheckMode, ParameterSharding, ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -136,9 +135,13 @@ def logical_row_wise_sharding(
     if ps.ranks is not None and list(ps.ranks) != list(range(world_size)):
         raise ValueError(f"table {table.name!r}: row_wise shards must be on ranks 0..{world_size - 1} in order")
     block = row_block_size(table, world_size)
-    placements = [m.placement for m in ps.sharding_spec.shards] if isinstance(ps.sharding_spec, EnumerableShardingSpec) else []
+    placements = (
+        [m.placement for m in ps.sharding_spec.shards] if isinstance(ps.sharding_spec, EnumerableShardingSpec) else []
+    )
     if len(placements) != world_size:
-        raise ValueError(f"table {table.name!r}: row_wise needs one shard per rank ({world_size}), got {len(placements)}")
+        raise ValueError(
+            f"table {table.name!r}: row_wise needs one shard per rank ({world_size}), got {len(placements)}"
+        )
     shards = [
         ShardMetadata(shard_offsets=[r * block, 0], shard_sizes=[block, table.embedding_dim], placement=placements[r])
         for r in range(world_size)
@@ -248,7 +251,9 @@ def _row_split_sharding(
                 f"(rank {r} would own no rows of {sub.name!r}); shard it table_wise"
             )
         shards.append(
-            ShardMetadata(shard_offsets=[start, 0], shard_sizes=[size, sub.embedding_dim], placement=logical_shard.placement)
+            ShardMetadata(
+                shard_offsets=[start, 0], shard_sizes=[size, sub.embedding_dim], placement=logical_shard.placement
+            )
         )
     return ParameterSharding(
         sharding_type=ps.sharding_type,

@@ -8,7 +8,8 @@ so a TorchRec upgrade that renames one fails there, by name, instead of deep ins
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -76,8 +76,15 @@ def storage_report(model: nn.Module) -> list[dict[str, Any]]:
             continue
         weights = module.split_embedding_weights_with_scale_bias(split_scale_bias_mode=0)
         for (name, rows, dim, sparse_type, _), (w, _, _) in zip(module.embedding_specs, weights):
-            report.append({"name": name, "rows": rows, "dim": dim, "dtype": sparse_type.name,
-                           "bytes": w.numel() * w.element_size()})
+            report.append(
+                {
+                    "name": name,
+                    "rows": rows,
+                    "dim": dim,
+                    "dtype": sparse_type.name,
+                    "bytes": w.numel() * w.element_size(),
+                }
+            )
     return report
 
 

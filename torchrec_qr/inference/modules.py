@@ -25,8 +25,8 @@ from torchrec.quant.embedding_modules import MODULE_ATTR_ROW_ALIGNMENT_INT, quan
 
 from torchrec_qr.inference.quant_storage import DEFAULT_ROW_ALIGNMENT, QuantBatchedEmbeddingBags
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
-from torchrec_qr.modules.fused_compositional_embedding_modules import FusedCompositionalEmbeddingBagCollection
 from torchrec_qr.modules.embedding_configs import SUB_TABLE_SEPARATOR
+from torchrec_qr.modules.fused_compositional_embedding_modules import FusedCompositionalEmbeddingBagCollection
 
 __all__ = [
     "DTYPES",
@@ -116,7 +116,7 @@ class QuantCompositionalEmbeddingBagCollection(CompositionalEmbeddingBagCollecti
     @classmethod
     def from_float(
         cls, module: CompositionalEmbeddingBagCollection, use_precomputed_fake_quant: bool = False
-    ) -> "QuantCompositionalEmbeddingBagCollection":
+    ) -> QuantCompositionalEmbeddingBagCollection:
         """Quantize a trained collection per ``module.qconfig`` (a TorchRec ``QuantConfig``: weight dtype,
         optional ``per_table_weight_dtype`` by logical or physical table name; output must be float)."""
         qconfig = getattr(module, "qconfig", None)
@@ -134,12 +134,18 @@ class QuantCompositionalEmbeddingBagCollection(CompositionalEmbeddingBagCollecti
         float_storage = module._embedding_bag_collection
         data_types = physical_data_types(float_storage.tables, qconfig.weight().dtype, per_table)
         storage = QuantBatchedEmbeddingBags.from_float(
-            float_storage, data_types, module.is_weighted(),
+            float_storage,
+            data_types,
+            module.is_weighted(),
             getattr(module, MODULE_ATTR_ROW_ALIGNMENT_INT, DEFAULT_ROW_ALIGNMENT),
         )
         quant = cls(
-            copy.deepcopy(module.embedding_bag_configs()), module.is_weighted(), data_types, module.device,
-            validate_ids=module.validate_ids, storage=storage,
+            copy.deepcopy(module.embedding_bag_configs()),
+            module.is_weighted(),
+            data_types,
+            module.device,
+            validate_ids=module.validate_ids,
+            storage=storage,
         )
         quant._path_functions.load_state_dict(module._path_functions.state_dict())
         quant._hot_ids.load_state_dict(module._hot_ids.state_dict())
@@ -186,8 +192,10 @@ def quantize_inference_model(
     D=16). Raises a ValueError if any compositional collection is left in float.
     """
     if isinstance(model, CompositionalEmbeddingBagCollection):
-        raise TypeError("quantize_inference_model swaps submodules: pass the model holding the collection, or "
-                        "call QuantCompositionalEmbeddingBagCollection.from_float on the collection itself")
+        raise TypeError(
+            "quantize_inference_model swaps submodules: pass the model holding the collection, or "
+            "call QuantCompositionalEmbeddingBagCollection.from_float on the collection itself"
+        )
     if dtype not in DTYPES.values():
         raise ValueError(f"weight dtype {dtype} is not supported; use one of {DTYPES}")
     if row_alignment < 1:
@@ -202,8 +210,11 @@ def quantize_inference_model(
         quantization_dtype=dtype,
     )
     quantized = QuantCompositionalEmbeddingBagCollection
-    left = [n for n, m in model.named_modules()
-            if isinstance(m, CompositionalEmbeddingBagCollection) and not isinstance(m, quantized)]
+    left = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, CompositionalEmbeddingBagCollection) and not isinstance(m, quantized)
+    ]
     if left:
         raise ValueError(f"compositional collections left in float: {left}; the mapping lacks their type")
     return model

@@ -109,8 +109,13 @@ class QuantBatchedEmbeddingBags(nn.Module):
         for group in self._groups:
             emb = IntNBitTableBatchedEmbeddingBagsCodegen(
                 embedding_specs=[
-                    (t.name, t.num_embeddings, t.embedding_dim, data_type_to_sparse_type(self.data_types[t.name]),
-                     location)
+                    (
+                        t.name,
+                        t.num_embeddings,
+                        t.embedding_dim,
+                        data_type_to_sparse_type(self.data_types[t.name]),
+                        location,
+                    )
                     for t in group
                 ],
                 feature_table_map=[i for i, t in enumerate(group) for _ in t.feature_names],

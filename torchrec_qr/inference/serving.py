@@ -76,7 +76,7 @@ class InputSpec:
     hash_rows: dict[str, int] | None
 
     @staticmethod
-    def of(cfg: TrainingConfig, tables: list[EmbeddingBagConfig]) -> "InputSpec":
+    def of(cfg: TrainingConfig, tables: list[EmbeddingBagConfig]) -> InputSpec:
         d = cfg.data
         cardinalities = d.num_embeddings_per_feature if d.source == "criteo" else None
         hashed = {t.feature_names[0]: t.num_embeddings for t in tables} if cfg.embeddings.kind == "hash" else None
@@ -133,10 +133,17 @@ def _table_manifest(cfg: TrainingConfig, tables: list[EmbeddingBagConfig], model
             physical = [stored[s.name] for s in t.sub_table_configs()]
         else:
             kind, physical = ("hashed" if t.num_embeddings < logical.num_embeddings else "full"), [stored[t.name]]
-        out.append({
-            "name": t.name, "features": list(t.feature_names), "rows": logical.num_embeddings,
-            "dim": t.embedding_dim, "stored_as": kind, "storage": physical, "bytes": sum(p["bytes"] for p in physical),
-        })
+        out.append(
+            {
+                "name": t.name,
+                "features": list(t.feature_names),
+                "rows": logical.num_embeddings,
+                "dim": t.embedding_dim,
+                "stored_as": kind,
+                "storage": physical,
+                "bytes": sum(p["bytes"] for p in physical),
+            }
+        )
     return out
 
 
@@ -144,8 +151,9 @@ def _probe(tables: list[EmbeddingBagConfig]) -> tuple[torch.Tensor, KeyedJaggedT
     """A fixed batch: in-range ids (one per feature and sample) and random dense rows."""
     g = torch.Generator().manual_seed(0)
     keys = [f for t in tables for f in t.feature_names]
-    values = torch.cat([torch.randint(t.num_embeddings, (_PROBE_BATCH,), generator=g)
-                        for t in tables for _ in t.feature_names])
+    values = torch.cat(
+        [torch.randint(t.num_embeddings, (_PROBE_BATCH,), generator=g) for t in tables for _ in t.feature_names]
+    )
     kjt = KeyedJaggedTensor.from_lengths_sync(keys, values, torch.ones(len(keys) * _PROBE_BATCH, dtype=torch.int32))
     return torch.rand(_PROBE_BATCH, CRITEO_NUM_DENSE, generator=g), kjt
 
@@ -180,8 +188,9 @@ def export_run(
     try:
         load_checkpoint(path, train_model, restore_rng=False)
     except ValueError as e:
-        raise ValueError(f"the checkpoint does not match {config_path} (edited config, or another run's "
-                         f"checkpoint?): {e}") from e
+        raise ValueError(
+            f"the checkpoint does not match {config_path} (edited config, or another run's checkpoint?): {e}"
+        ) from e
     model = _quantized(train_model.model, dtype, row_alignment)
     report = _table_manifest(cfg, tables, model)
     manifest = {

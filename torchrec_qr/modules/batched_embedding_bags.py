@@ -114,10 +114,12 @@ class BatchedEmbeddingBags(nn.Module):
             self.reset_parameters()
         self._optim: KeyedOptimizer | None = None
         if optimizer is not None and self._device.type != "meta":
-            self._optim = CombinedOptimizer([
-                ("embedding_bags", EmbeddingFusedOptimizer(group, emb))
-                for group, emb in zip(self._groups, self._emb_modules)
-            ])
+            self._optim = CombinedOptimizer(
+                [
+                    ("embedding_bags", EmbeddingFusedOptimizer(group, emb))
+                    for group, emb in zip(self._groups, self._emb_modules)
+                ]
+            )
         self._register_state_dict_hook(_present_tables)
         self._register_load_state_dict_pre_hook(_load_tables, with_module=True)
 
@@ -155,7 +157,9 @@ class BatchedEmbeddingBags(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         if self._device.type == "meta":
-            raise RuntimeError("a collection on the meta device has no weights: shard it with DMP or build it on cpu/cuda")
+            raise RuntimeError(
+                "a collection on the meta device has no weights: shard it with DMP or build it on cpu/cuda"
+            )
         per_group = features.split(self._features_per_group) if len(self._features_per_group) > 1 else [features]
         outs: list[torch.Tensor] = []
         for i, emb in enumerate(self._emb_modules):  # indexed, not zipped: TorchScript unrolls module lists

@@ -18,21 +18,21 @@ module computes exactly what the unsharded one does, on whichever rank owns the 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from torchrec_qr.modules.batched_embedding_bags import group_by_pooling
+from torchrec_qr.modules.composition_inputs import Inputs
 from torchrec_qr.modules.embedding_configs import (
     SUB_TABLE_SEPARATOR,
     CompositionalEmbeddingBagConfig,
     physical_table_configs,
     sub_feature_name,
 )
-from torchrec_qr.modules.composition_inputs import Inputs
 from torchrec_qr.modules.grouped_compose import GroupedComposer
 from torchrec_qr.modules.partitions import Partition
 from torchrec_qr.modules.path_functions import PathFunctions
@@ -67,7 +67,7 @@ class LocalTable:
     width: int
 
     @staticmethod
-    def whole(table: EmbeddingBagConfig) -> "LocalTable":
+    def whole(table: EmbeddingBagConfig) -> LocalTable:
         return LocalTable(table.name, list(table.feature_names), 0, table.embedding_dim)
 
 
@@ -123,8 +123,9 @@ class LookupComposer:
         input_order: list[tuple[str, str]] | None = None,
     ) -> None:
         self.input_order = input_order
-        self._used = list(dict.fromkeys([(s.table, s.feature) for s in expand_slots]
-                                        + [(s.table, s.feature) for s in compose_slots]))
+        self._used = list(
+            dict.fromkeys([(s.table, s.feature) for s in expand_slots] + [(s.table, s.feature) for s in compose_slots])
+        )
         # Keyed by (logical table, feature): one feature may be read by several tables.
         self.partitions: dict[tuple[str, str], Partition] = {}
         self.paths: dict[tuple[str, str], PathFunctions] = {}
@@ -158,13 +159,16 @@ class LookupComposer:
         tables: list[EmbeddingBagConfig],
         is_weighted: bool,
         path_functions: Mapping[str, PathFunctions] | None = None,
-    ) -> "LookupComposer":
+    ) -> LookupComposer:
         """The plan of an unsharded collection: every table local and whole; physical features in the
         storage's order (tables grouped by pooling, as ``BatchedEmbeddingBags`` lays them out)."""
         storage = [t for group in group_by_pooling(physical_table_configs(tables)) for t in group]
         return LookupComposer.for_local_tables(
-            tables, [LocalTable.whole(t) for t in tables], [[LocalTable.whole(t) for t in storage]],
-            is_weighted, path_functions=path_functions,
+            tables,
+            [LocalTable.whole(t) for t in tables],
+            [[LocalTable.whole(t) for t in storage]],
+            is_weighted,
+            path_functions=path_functions,
         )
 
     @staticmethod
@@ -177,7 +181,7 @@ class LookupComposer:
         path_functions: Mapping[str, PathFunctions] | None = None,
         path_grad_scale: float = 1.0,
         sharded_input: bool = False,
-    ) -> "LookupComposer":
+    ) -> LookupComposer:
         """The plan of the logical tables (or column shards) ``outputs`` composed from the physical tables
         (or shards) each lookup in ``sources`` serves, in their output order.
 
@@ -213,8 +217,9 @@ class LookupComposer:
             mean = t.pooling == PoolingType.MEAN and not mean_after_output_dist
             for f in shard.feature_names:
                 if not isinstance(t, CompositionalEmbeddingBagConfig):
-                    compose.append(ComposeSlot(f, "none", per_id, mean, (block_of[(t.name, f, None, start)],),
-                                               table=t.name))
+                    compose.append(
+                        ComposeSlot(f, "none", per_id, mean, (block_of[(t.name, f, None, start)],), table=t.name)
+                    )
                     continue
                 if t.combine == "concat":
                     blocks, sub_start = [], 0
@@ -242,12 +247,11 @@ class LookupComposer:
         if self.input_order is None:
             jts = features.to_dict()
             starts = dict(zip(features.keys(), features.offset_per_key()))
-            return Inputs({k: jts[k[1]] for k in self._used}, {k: starts[k[1]] for k in self._used}, weights,
-                          features.stride())
-        if len(features.keys()) != len(self.input_order):
-            raise ValueError(
-                f"a lookup input with keys {features.keys()} does not match its plan {self.input_order}"
+            return Inputs(
+                {k: jts[k[1]] for k in self._used}, {k: starts[k[1]] for k in self._used}, weights, features.stride()
             )
+        if len(features.keys()) != len(self.input_order):
+            raise ValueError(f"a lookup input with keys {features.keys()} does not match its plan {self.input_order}")
         stride, offsets = features.stride(), features.offset_per_key()
         values, lengths = features.values(), features.lengths()
         jts, starts = {}, {}
@@ -255,8 +259,11 @@ class LookupComposer:
             if key in jts:  # a table's column shards read the same ids
                 continue
             a, b = offsets[i], offsets[i + 1]
-            jts[key] = JaggedTensor(values=values[a:b], lengths=lengths[i * stride : (i + 1) * stride],
-                                    weights=weights[a:b] if weights is not None else None)
+            jts[key] = JaggedTensor(
+                values=values[a:b],
+                lengths=lengths[i * stride : (i + 1) * stride],
+                weights=weights[a:b] if weights is not None else None,
+            )
             starts[key] = a
         return Inputs(jts, starts, weights, stride)
 
@@ -324,8 +331,10 @@ class LookupComposer:
         jt = jts[(s.table, s.feature)]
         n, lengths, weights = jt.values().numel(), jt.lengths(), jt.weights_or_none()
         if s.pool_first:  # per-id weights enter the first factor only, as on the kernel-pooled path
-            parts = [_pool(blocks[b][:n], lengths, weights if i == 0 else None, batch, s.mean)
-                     for i, b in enumerate(s.blocks)]
+            parts = [
+                _pool(blocks[b][:n], lengths, weights if i == 0 else None, batch, s.mean)
+                for i, b in enumerate(s.blocks)
+            ]
             return _combine(s.combine, parts)
         if s.combine == "path":
             classes = self.partitions[(s.table, s.feature)].indices(jt.values())
@@ -362,7 +371,9 @@ def _pool(
     rows: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None, batch: int, mean: bool
 ) -> torch.Tensor:
     """Bag-pool per-id rows: ``sum_i w_i x_i`` (``/ length`` for MEAN, as the TBE kernel does)."""
-    bag = torch.repeat_interleave(torch.arange(batch, device=rows.device), lengths.to(torch.int64), output_size=rows.shape[0])
+    bag = torch.repeat_interleave(
+        torch.arange(batch, device=rows.device), lengths.to(torch.int64), output_size=rows.shape[0]
+    )
     if weights is not None:
         rows = rows * weights.unsqueeze(1).to(rows.dtype)
     pooled = rows.new_zeros(batch, rows.shape[1]).index_add_(0, bag, rows)

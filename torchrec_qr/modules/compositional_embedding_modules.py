@@ -26,17 +26,17 @@ __all__ = ["CompositionalEmbeddingBagCollection", "path_functions_for"]
 
 def path_functions_for(tables: list[EmbeddingBagConfig], device: torch.device | str | None) -> nn.ModuleDict:
     """Table name -> freshly initialized ``PathFunctions`` for each ``path`` table."""
-    return nn.ModuleDict({
-        t.name: PathFunctions(t.path, t.embedding_dim, t.sub_table_sizes()[1:], device)
-        for t in tables
-        if isinstance(t, CompositionalEmbeddingBagConfig) and t.path is not None
-    })
+    return nn.ModuleDict(
+        {
+            t.name: PathFunctions(t.path, t.embedding_dim, t.sub_table_sizes()[1:], device)
+            for t in tables
+            if isinstance(t, CompositionalEmbeddingBagConfig) and t.path is not None
+        }
+    )
 
 
 @torch.fx.wrap
-def _validate(
-    features: KeyedJaggedTensor, module: "CompositionalEmbeddingBagCollection"
-) -> KeyedJaggedTensor:
+def _validate(features: KeyedJaggedTensor, module: "CompositionalEmbeddingBagCollection") -> KeyedJaggedTensor:
     if isinstance(features, KeyedJaggedTensor) and features.values().device.type == "meta":
         return features  # no values to read: shapes only
     check_features(features, module._feature_names, module._is_weighted)
@@ -131,8 +131,12 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._composer = LookupComposer.for_tables(self._embedding_bag_configs, is_weighted, self._path_functions)
         assert self._composer.physical_feature_names() == self._embedding_bag_collection.feature_names()
         self._scripted = ScriptedComposition(
-            self._composer, self._embedding_bag_configs, self._feature_names, self._composer.physical_feature_names(),
-            is_weighted, device,
+            self._composer,
+            self._embedding_bag_configs,
+            self._feature_names,
+            self._composer.physical_feature_names(),
+            is_weighted,
+            device,
         )
 
     __jit_unused_properties__ = ["device"]
@@ -201,9 +205,7 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """``[n, D]``: the composed embedding of each id of a logical table (differentiable)."""
         table = next((t for t in self._embedding_bag_configs if t.name == table_name), None)
         if table is None:
-            raise ValueError(
-                f"unknown table {table_name!r}; tables: {[t.name for t in self._embedding_bag_configs]}"
-            )
+            raise ValueError(f"unknown table {table_name!r}; tables: {[t.name for t in self._embedding_bag_configs]}")
         ids = torch.as_tensor(ids, dtype=torch.int64, device=self.device)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.num_embeddings):
             raise ValueError(f"ids for table {table_name!r} must be in [0, {table.num_embeddings})")

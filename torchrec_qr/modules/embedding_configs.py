@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -99,9 +99,7 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
         if self.combine not in COMBINE_OPS:
             raise ValueError(f"{where}: combine must be one of {COMBINE_OPS}, got {self.combine!r}")
         if self.composition not in COMPOSITION_MODES:
-            raise ValueError(
-                f"{where}: composition must be one of {COMPOSITION_MODES}, got {self.composition!r}"
-            )
+            raise ValueError(f"{where}: composition must be one of {COMPOSITION_MODES}, got {self.composition!r}")
         k = self.partition.num_partitions
         if self.combine == "path":
             self._check_path(where, k)
@@ -115,7 +113,9 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
                 self.sub_dims = [base + (1 if j < extra else 0) for j in range(k)]
             self.sub_dims = [int(d) for d in self.sub_dims]
             if len(self.sub_dims) != k or any(d < 1 for d in self.sub_dims):
-                raise ValueError(f"{where}: sub_dims must be {k} positive ints (one per partition), got {self.sub_dims}")
+                raise ValueError(
+                    f"{where}: sub_dims must be {k} positive ints (one per partition), got {self.sub_dims}"
+                )
             if sum(self.sub_dims) != self.embedding_dim:
                 raise ValueError(
                     f"{where}: concat sub_dims {self.sub_dims} sum to {sum(self.sub_dims)}, "
@@ -135,13 +135,19 @@ class CompositionalEmbeddingBagConfig(EmbeddingBagConfig):
         if k < 2:
             raise ValueError(f"{where}: combine='path' needs k >= 2 partitions (one table, then functions), got {k}")
         if self.composition != "per_id":
-            raise ValueError(f"{where}: combine='path' composes each id (composition='per_id'), got {self.composition!r}")
+            raise ValueError(
+                f"{where}: combine='path' composes each id (composition='per_id'), got {self.composition!r}"
+            )
         if self.sub_dims is not None:
-            raise ValueError(f"{where}: combine='path' stores one sub-table of embedding_dim; drop sub_dims={self.sub_dims}")
+            raise ValueError(
+                f"{where}: combine='path' stores one sub-table of embedding_dim; drop sub_dims={self.sub_dims}"
+            )
         if self.path is None:
             self.path = PathFunction()
         if not isinstance(self.path, PathFunction):
-            raise TypeError(f"{where}: path must be a PathFunction (e.g. PathFunction.mlp((64,))), got {type(self.path).__name__}")
+            raise TypeError(
+                f"{where}: path must be a PathFunction (e.g. PathFunction.mlp((64,))), got {type(self.path).__name__}"
+            )
 
     @property
     def num_partitions(self) -> int:

@@ -9,7 +9,7 @@ batch touched inside the backward, so a step costs what the lookups cost.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Type
+from typing import Any
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -49,7 +49,7 @@ class FusedCompositionalEmbeddingBagCollection(CompositionalEmbeddingBagCollecti
     def __init__(
         self,
         tables: list[EmbeddingBagConfig],
-        optimizer_type: Type[torch.optim.Optimizer],
+        optimizer_type: type[torch.optim.Optimizer],
         optimizer_kwargs: dict[str, Any],
         is_weighted: bool = False,
         device: torch.device | str | None = None,
@@ -64,15 +64,20 @@ class FusedCompositionalEmbeddingBagCollection(CompositionalEmbeddingBagCollecti
             )
         optimizer, kwargs = converted
         super().__init__(
-            tables, is_weighted, device, validate_ids,
+            tables,
+            is_weighted,
+            device,
+            validate_ids,
             storage=partial(_fused_storage, optimizer=optimizer, optimizer_kwargs=kwargs),
         )
         self._optimizer_type = optimizer_type
         self._optimizer_kwargs = optimizer_kwargs
         storage_optim = self._embedding_bag_collection.fused_optimizer
-        self._optim = CombinedOptimizer([("_embedding_bag_collection", storage_optim)] if storage_optim is not None else [])
+        self._optim = CombinedOptimizer(
+            [("_embedding_bag_collection", storage_optim)] if storage_optim is not None else []
+        )
 
-    def optimizer_type(self) -> Type[torch.optim.Optimizer]:
+    def optimizer_type(self) -> type[torch.optim.Optimizer]:
         return self._optimizer_type
 
     def optimizer_kwargs(self) -> dict[str, Any]:
@@ -83,6 +88,9 @@ class FusedCompositionalEmbeddingBagCollection(CompositionalEmbeddingBagCollecti
 
 
 def _fused_storage(
-    tables: list[EmbeddingBagConfig], device: torch.device | str | None, optimizer: Any, optimizer_kwargs: dict[str, Any]
+    tables: list[EmbeddingBagConfig],
+    device: torch.device | str | None,
+    optimizer: Any,
+    optimizer_kwargs: dict[str, Any],
 ) -> BatchedEmbeddingBags:
     return BatchedEmbeddingBags(tables, device, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs)

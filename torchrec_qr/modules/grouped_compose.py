@@ -24,10 +24,12 @@ land in place. Results are identical to composing feature by feature.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
+
 from torchrec_qr.modules.composition_inputs import Inputs
 
 __all__ = ["GroupedComposer"]
@@ -107,13 +109,13 @@ class GroupedComposer:
         for g in self.groups:
             g.columns = [_as_range_or_index(c) for c in g.part_columns]
             g.out = _as_range_or_index(g.out_columns)
-        self._fallback_out = [
-            slice(out_start[i], out_start[i] + self._fallback_width[i]) for i in self.fallback_slots
-        ]
+        self._fallback_out = [slice(out_start[i], out_start[i] + self._fallback_width[i]) for i in self.fallback_slots]
         covered = sorted(c for g in self.groups for cols in g.part_columns for c in cols)
         self._covers_lookup = covered == list(range(self.lookup_width))
 
-    def __call__(self, inputs: Inputs, looked_up: torch.Tensor, fallback: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    def __call__(
+        self, inputs: Inputs, looked_up: torch.Tensor, fallback: Callable[[int], torch.Tensor]
+    ) -> torch.Tensor:
         fallback_outs = [fallback(i) for i in self.fallback_slots]
         if not self.groups:
             return fallback_outs[0] if len(fallback_outs) == 1 else torch.cat(fallback_outs, dim=1)

@@ -9,7 +9,8 @@ meta-device initialization use) would leave the buffer uninitialized, so the val
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ class HotIdBuffers(nn.Module):
                 t.partition._bind(hot)
                 self._partitions[t.name] = (t.partition, t.num_embeddings)
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "HotIdBuffers":
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> HotIdBuffers:
         before = dict(self._buffers)
         super()._apply(fn, recurse)
         for name, (partition, _) in self._partitions.items():
@@ -55,17 +56,26 @@ class HotIdBuffers(nn.Module):
         return self
 
     def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
-        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
         for name, (_, num_embeddings) in self._partitions.items():
             loaded = state_dict.get(prefix + name)
             problem = _bad_hot_ids(loaded, num_embeddings) if isinstance(loaded, torch.Tensor) else None
             if problem:  # raised, not appended to error_msgs: DMP's loader drops those
-                raise ValueError(f"table {name!r}: the loaded hot-id list {problem}; it cannot come from a HotIds "
-                                 "table of this size: check the checkpoint matches the model")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+                raise ValueError(
+                    f"table {name!r}: the loaded hot-id list {problem}; it cannot come from a HotIds "
+                    "table of this size: check the checkpoint matches the model"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         for name, (partition, _) in self._partitions.items():
             if partition.hot_ids is not self._buffers[name]:  # load_state_dict(assign=True) swaps the tensor
                 partition._bind(self._buffers[name])

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -197,7 +197,7 @@ class MixedRadix(Partition):
         )
 
     @staticmethod
-    def balanced(num_embeddings: int, k: int) -> "MixedRadix":
+    def balanced(num_embeddings: int, k: int) -> MixedRadix:
         """k radices near ``N ** (1/k)`` whose product covers N."""
         return MixedRadix(tuple(balanced_radices(num_embeddings, k)))
 
@@ -238,7 +238,7 @@ class ChineseRemainder(Partition):
         )
 
     @staticmethod
-    def balanced(num_embeddings: int, k: int) -> "ChineseRemainder":
+    def balanced(num_embeddings: int, k: int) -> ChineseRemainder:
         """k pairwise coprime moduli near ``N ** (1/k)`` whose product covers N."""
         return ChineseRemainder(tuple(coprime_moduli(num_embeddings, k)))
 
@@ -322,12 +322,16 @@ class HotIds(Partition):
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, Partition):
-            raise TypeError(f"HotIds base must be a Partition (e.g. QuotientRemainder(8)), got {type(self.base).__name__}")
+            raise TypeError(
+                f"HotIds base must be a Partition (e.g. QuotientRemainder(8)), got {type(self.base).__name__}"
+            )
         hot = torch.as_tensor(self.hot_ids)
         if hot.numel() == 0:
             raise ValueError("hot_ids is empty: use the base partition itself")
         if hot.is_floating_point() or hot.is_complex() or hot.dtype == torch.bool or hot.dim() != 1:
-            raise TypeError(f"hot_ids must be a 1-D tensor or list of integer ids, got {hot.dtype} of shape {tuple(hot.shape)}")
+            raise TypeError(
+                f"hot_ids must be a 1-D tensor or list of integer ids, got {hot.dtype} of shape {tuple(hot.shape)}"
+            )
         hot = torch.sort(hot.to(device="cpu", dtype=torch.int64)).values
         if int(hot[0]) < 0:
             raise ValueError(f"hot_ids must be ids >= 0, got {int(hot[0])}")

@@ -82,7 +82,9 @@ class PathFunction:
         """``U(-a, a)`` bound of each layer's weights: ``a = sqrt(3 g / fan_in)``, ``g`` the gain of the
         activation the layer's input has passed (1 for the first layer), so ``E[y^2] = E[x^2]``."""
         gain = _GAINS[self.activation]
-        return [math.sqrt(3.0 * (1.0 if i == 0 else gain) / fan_in) for i, (fan_in, _) in enumerate(self.layer_dims(dim))]
+        return [
+            math.sqrt(3.0 * (1.0 if i == 0 else gain) / fan_in) for i, (fan_in, _) in enumerate(self.layer_dims(dim))
+        ]
 
 
 @dataclass(frozen=True)
@@ -191,10 +193,12 @@ class PathFunctions(nn.ModuleDict):
     def __init__(
         self, path: PathFunction, dim: int, num_classes: list[int], device: torch.device | str | None = None
     ) -> None:
-        super().__init__({
-            f"p{j}": _ClassFunctions(path, dim, c, torch.device(device) if device else None)
-            for j, c in enumerate(num_classes, start=1)
-        })
+        super().__init__(
+            {
+                f"p{j}": _ClassFunctions(path, dim, c, torch.device(device) if device else None)
+                for j, c in enumerate(num_classes, start=1)
+            }
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

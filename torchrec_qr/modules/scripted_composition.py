@@ -116,8 +116,9 @@ class ScriptedComposition(nn.Module):
         path_slots = [i for i, s in enumerate(plan.compose_slots) if s.combine == "path"]
         self.out_path = [path_slots.index(i) if i in path_slots else -1 for i in range(len(plan.compose_slots))]
         self.path_tables = [plan.compose_slots[i].table for i in path_slots]
-        self.path_classes = [class_of.get((plan.compose_slots[i].table, plan.compose_slots[i].feature), -1)
-                             for i in path_slots]
+        self.path_classes = [
+            class_of.get((plan.compose_slots[i].table, plan.compose_slots[i].feature), -1) for i in path_slots
+        ]
         self.path_inputs = [self.out_input[i] for i in path_slots]
         self.path_columns = [plan.compose_slots[i].blocks[0] for i in path_slots]
 
@@ -146,8 +147,15 @@ class ScriptedComposition(nn.Module):
             c = self.slot_classes[s]
             ids.append(values[self.slot_input[s]] if c < 0 else classes[c][self.slot_partition[s]])
         lookup = _lookup_kjt(
-            self.lookup_keys, ids, self.slot_input, self.slot_per_id, self.slot_unit_weights,
-            lengths, weights, self.weighted, batch,
+            self.lookup_keys,
+            ids,
+            self.slot_input,
+            self.slot_per_id,
+            self.slot_unit_weights,
+            lengths,
+            weights,
+            self.weighted,
+            batch,
         )
         return lookup, classes
 
@@ -171,8 +179,20 @@ class ScriptedComposition(nn.Module):
         """``[batch, sum of output dims]`` from the storage output (as ``LookupComposer.compose``), given
         each path output's per-id rows (``path_input`` passed through the table's functions)."""
         return _compose(
-            looked_up, values, lengths, weights, batch, self.block_start, self.block_width, self.out_input,
-            self.out_combine, self.out_blocks, self.out_per_id, self.out_mean, self.out_pool_first, self.out_path,
+            looked_up,
+            values,
+            lengths,
+            weights,
+            batch,
+            self.block_start,
+            self.block_width,
+            self.out_input,
+            self.out_combine,
+            self.out_blocks,
+            self.out_per_id,
+            self.out_mean,
+            self.out_pool_first,
+            self.out_path,
             path_rows,
         )
 

@@ -32,7 +32,8 @@ def check_tables(tables: list[EmbeddingBagConfig]) -> None:
         if _SUB_TABLE_NAME.search(t.name):
             raise ValueError(
                 f"table name {t.name!r} ends like a sub-table's ({SUB_TABLE_SEPARATOR}<j>), which names the sub-tables "
-                f"of compositional tables in the state dict; rename it (e.g. {t.name.replace(SUB_TABLE_SEPARATOR, '_p')!r})"
+                "of compositional tables in the state dict; rename it "
+                f"(e.g. {t.name.replace(SUB_TABLE_SEPARATOR, '_p')!r})"
             )
         for field in ("num_embeddings", "embedding_dim"):
             value = getattr(t, field)
@@ -86,9 +87,7 @@ def _check_lengths(features: KeyedJaggedTensor) -> None:
     lengths, values = features.lengths(), features.values()
     total = int(lengths.sum()) if lengths.numel() else 0
     if total != values.numel():
-        raise ValueError(
-            f"malformed KeyedJaggedTensor: lengths sum to {total} but there are {values.numel()} values"
-        )
+        raise ValueError(f"malformed KeyedJaggedTensor: lengths sum to {total} but there are {values.numel()} values")
     if lengths.numel() and int(lengths.min()) < 0:
         raise ValueError("malformed KeyedJaggedTensor: negative lengths")
 
@@ -107,8 +106,11 @@ def check_id_ranges(features: KeyedJaggedTensor, tables: list[EmbeddingBagConfig
     per_key = dict(zip(features.keys(), features.length_per_key()))
     values = features.values()
     bounds = torch.repeat_interleave(
-        torch.tensor([feature_table[k].num_embeddings if k in feature_table else 2**63 - 1 for k in features.keys()],
-                     dtype=torch.int64, device=values.device),
+        torch.tensor(
+            [feature_table[k].num_embeddings if k in feature_table else 2**63 - 1 for k in features.keys()],
+            dtype=torch.int64,
+            device=values.device,
+        ),
         torch.tensor([per_key[k] for k in features.keys()], device=values.device),
         output_size=values.numel(),
     )

@@ -21,8 +21,8 @@ from torch.distributed.rendezvous import rendezvous
 from torchrec_qr.distributed.checkpoint import CheckpointWriteError
 from torchrec_qr.train.config import ConfigError, config_to_dict, load_config, validate
 from torchrec_qr.train.memory import format_bytes
-from torchrec_qr.train.sharding import check_plan_file
 from torchrec_qr.train.run_dir import RunLock, check_run_dir, is_restart
+from torchrec_qr.train.sharding import check_plan_file
 from torchrec_qr.train.trainer import DistEnv, TrainingDiverged, train
 
 EXIT_CONFIG_ERROR = 2
@@ -36,8 +36,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML config (default: built-in defaults)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    parser.add_argument("--allow-config-change", action="append", default=[], metavar="KEY[,KEY...]",
-                        help="with --resume: accept these changed settings (e.g. run.seed,optimizer.sparse.lr)")
+    parser.add_argument(
+        "--allow-config-change",
+        action="append",
+        default=[],
+        metavar="KEY[,KEY...]",
+        help="with --resume: accept these changed settings (e.g. run.seed,optimizer.sparse.lr)",
+    )
     parser.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
@@ -61,8 +66,9 @@ def _init_distributed(device_kind: str) -> DistEnv:
         # addresses) are still there, and a restarted group may connect to dead peers. Use fresh keys.
         store, rank, world_size = next(rendezvous("env://"))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"torchrec_qr/attempt_{attempt}", store),
-                                rank=rank, world_size=world_size)
+        dist.init_process_group(
+            backend, store=dist.PrefixStore(f"torchrec_qr/attempt_{attempt}", store), rank=rank, world_size=world_size
+        )
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(
@@ -103,16 +109,20 @@ def format_summary(s: dict[str, Any]) -> str:
         )
     if s["reference"]:
         r = s["reference"]
-        lines.append(f"  synthetic data: Bayes-optimal log loss {r['bayes_log_loss']:.5f}, constant predictor "
-                     f"{r['constant_log_loss']:.5f} (on the generated evaluation day)")
+        lines.append(
+            f"  synthetic data: Bayes-optimal log loss {r['bayes_log_loss']:.5f}, constant predictor "
+            f"{r['constant_log_loss']:.5f} (on the generated evaluation day)"
+        )
     mem = s["memory"]
     lines.append(
         f"  embedding tables: {format_bytes(mem['param_bytes'])} parameters + {format_bytes(mem['optimizer_bytes'])} "
         f"optimizer state; full tables: {format_bytes(mem['full_param_bytes'])} + "
         f"{format_bytes(mem['full_optimizer_bytes'])} ({mem['compression']:.1f}x compression)"
     )
-    lines.append(f"    {'table':<8} {'rows':>10} {'stored as':<28} {'sub-table rows':<22} {'sharding':<14} "
-                 f"{'params':>10} {'opt state':>10} {'full':>10} {'ratio':>7}")
+    lines.append(
+        f"    {'table':<8} {'rows':>10} {'stored as':<28} {'sub-table rows':<22} {'sharding':<14} "
+        f"{'params':>10} {'opt state':>10} {'full':>10} {'ratio':>7}"
+    )
     for t in s["tables"]:
         lines.append(
             f"    {t['table'][2:]:<8} {t['logical_rows']:>10,} {t['stored_as'][:28]:<28} "

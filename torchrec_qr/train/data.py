@@ -29,8 +29,14 @@ from torchrec_qr.data.synthetic import write_synthetic_criteo
 from torchrec_qr.train.config import CRITEO_NUM_SPARSE, ConfigError, TrainingConfig
 
 __all__ = [
-    "GlobalBatchIterator", "HashIds", "Splits", "eval_batches", "local_batch_size", "num_embeddings",
-    "prepare_splits", "train_batches",
+    "GlobalBatchIterator",
+    "HashIds",
+    "Splits",
+    "eval_batches",
+    "local_batch_size",
+    "num_embeddings",
+    "prepare_splits",
+    "train_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,8 +93,11 @@ def prepare_splits(cfg: TrainingConfig, rank: int, local_rank: int, barrier: Cal
         if d.source == "synthetic":
             write_synthetic_criteo(source, d.synthetic)
         return load_criteo_splits(
-            source, cache_dir=cache_dir, max_ind_range=d.max_ind_range,
-            cardinalities=cardinalities, skip_malformed=d.skip_malformed,
+            source,
+            cache_dir=cache_dir,
+            max_ind_range=d.max_ind_range,
+            cardinalities=cardinalities,
+            skip_malformed=d.skip_malformed,
         )
 
     phase = 0 if rank == 0 else 1 if local_rank == 0 else 2
@@ -128,7 +137,9 @@ class HashIds:
 
     def kjt(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         moduli = torch.tensor([self.rows.get(k, 2**63 - 1) for k in kjt.keys()], dtype=torch.int64)
-        per_value = torch.repeat_interleave(moduli, torch.tensor(kjt.length_per_key()), output_size=kjt.values().numel())
+        per_value = torch.repeat_interleave(
+            moduli, torch.tensor(kjt.length_per_key()), output_size=kjt.values().numel()
+        )
         return KeyedJaggedTensor(
             keys=kjt.keys(),
             values=torch.remainder(kjt.values().to(torch.int64), per_value).to(kjt.values().dtype),
@@ -166,8 +177,16 @@ class GlobalBatchIterator(CriteoBatchIterator):
             stacklevel=2,
         )
         super().__init__(
-            arrays, local_batch_size(global_batch_size, world_size), rank, world_size, shuffle, seed, epoch,
-            start_step, global_batches=True, transform=transform,
+            arrays,
+            local_batch_size(global_batch_size, world_size),
+            rank,
+            world_size,
+            shuffle,
+            seed,
+            epoch,
+            start_step,
+            global_batches=True,
+            transform=transform,
         )
 
 
@@ -190,8 +209,16 @@ def train_batches(
     """This rank's slices of the epoch's global batches from ``start_step`` on (see ``CriteoBatchIterator``)."""
     d = cfg.data
     return CriteoBatchIterator(
-        arrays, local_batch_size(d.global_batch_size, world_size), rank, world_size, d.shuffle, cfg.run.seed,
-        epoch, start_step, global_batches=True, transform=transform,
+        arrays,
+        local_batch_size(d.global_batch_size, world_size),
+        rank,
+        world_size,
+        d.shuffle,
+        cfg.run.seed,
+        epoch,
+        start_step,
+        global_batches=True,
+        transform=transform,
     )
 
 

@@ -42,9 +42,12 @@ def _describe(stored: EmbeddingBagConfig, logical_rows: int) -> str:
     if isinstance(stored, CompositionalEmbeddingBagConfig):
         p = stored.partition
         scheme = (
-            f"qr(c={p.collisions})" if isinstance(p, QuotientRemainder)
-            else f"mixed_radix{list(p.radices)}" if isinstance(p, MixedRadix)
-            else f"crt{list(p.moduli)}" if isinstance(p, ChineseRemainder)
+            f"qr(c={p.collisions})"
+            if isinstance(p, QuotientRemainder)
+            else f"mixed_radix{list(p.radices)}"
+            if isinstance(p, MixedRadix)
+            else f"crt{list(p.moduli)}"
+            if isinstance(p, ChineseRemainder)
             else repr(p)
         )
         if stored.path is not None:

@@ -7,8 +7,8 @@ group on ``compute``, so every rank gets the metrics of the whole evaluation set
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,12 @@ logger = logging.getLogger(__name__)
 
 _TASK = RecTaskInfo(name="ctr")
 _END_OF_RUN_EVENTS = ("final", "summary")
-_NAMES = {"ne": "ne-ctr|lifetime_ne", "log_loss": "ne-ctr|lifetime_logloss",
-          "auc": "auc-ctr|window_auc", "accuracy": "accuracy-ctr|lifetime_accuracy"}
+_NAMES = {
+    "ne": "ne-ctr|lifetime_ne",
+    "log_loss": "ne-ctr|lifetime_logloss",
+    "auc": "auc-ctr|window_auc",
+    "accuracy": "accuracy-ctr|lifetime_accuracy",
+}
 
 
 class EvalMetrics:
@@ -38,10 +42,11 @@ class EvalMetrics:
         device: where predictions arrive and states live (the process group's device: NCCL needs GPU).
     """
 
-    def __init__(self, world_size: int, rank: int, batch_size: int, max_samples: int,
-                 device: torch.device = torch.device("cpu")) -> None:
-        kw = dict(world_size=world_size, my_rank=rank, batch_size=batch_size, tasks=[_TASK],
-                  compute_on_all_ranks=True)
+    def __init__(
+        self, world_size: int, rank: int, batch_size: int, max_samples: int, device: torch.device | None = None
+    ) -> None:
+        device = device if device is not None else torch.device("cpu")
+        kw = dict(world_size=world_size, my_rank=rank, batch_size=batch_size, tasks=[_TASK], compute_on_all_ranks=True)
         window = max(max_samples, batch_size) * world_size  # per rank: RecMetric divides by world_size
         self._metrics = [
             NEMetric(**kw, window_size=window, include_logloss=True),
@@ -86,8 +91,7 @@ class MetricsLog:
             self.path.write_text("")
         elif self.path.exists():
             records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [json.dumps(r) for r in records
-                    if r["step"] <= resume_step and r["event"] not in _END_OF_RUN_EVENTS]
+            kept = [json.dumps(r) for r in records if r["step"] <= resume_step and r["event"] not in _END_OF_RUN_EVENTS]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -59,8 +59,9 @@ def table_configs(
     need no data; training passes the counts, and a checkpoint load restores its saved lists."""
     e = cfg.embeddings
     if e.kind == "auto":
-        raise ValueError("embeddings.kind=auto: the tables depend on the world size and budget; "
-                         "use torchrec_qr.plan.budget_plan")
+        raise ValueError(
+            "embeddings.kind=auto: the tables depend on the world size and budget; use torchrec_qr.plan.budget_plan"
+        )
     full = logical_tables(num_embeddings, cfg.model.embedding_dim)
     if e.kind == "full":
         return full
@@ -73,8 +74,14 @@ def table_configs(
         counts = id_counts or [np.zeros(t.num_embeddings, dtype=np.int64) for t in full]
         hot = {t.name: torch.from_numpy(np.asarray(c)) for t, c in zip(full, counts)}
     return compress(
-        full, partition=partition_factory(e), combine=e.combine, threshold=e.threshold, composition=e.composition,
-        path=e.path if e.combine == "path" else None, hot_ids=hot, hot_rows=e.hot_rows,
+        full,
+        partition=partition_factory(e),
+        combine=e.combine,
+        threshold=e.threshold,
+        composition=e.composition,
+        path=e.path if e.combine == "path" else None,
+        hot_ids=hot,
+        hot_rows=e.hot_rows,
     )
 
 

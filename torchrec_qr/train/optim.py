@@ -52,7 +52,11 @@ def _dense_factory(cfg: DenseOptimizerConfig):
     if cfg.type == "adagrad":
         return lambda params: torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return lambda params: torch.optim.Adam(
-        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+        params,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
         amsgrad=cfg.type == "amsgrad",
     )
 

@@ -43,10 +43,24 @@ RUN_MARKER = ".torchrec_qr_run"
 # Keys that change where outputs go, how often they are written or how the model is laid out, never the
 # trained weights and metrics: resuming may change them freely. Every other key alters training.
 _FREE_KEYS = (
-    "run.name", "run.output_dir", "run.device", "run.overwrite", "run.progress_bar", "run.tensorboard",
-    "run.fail_at_step", "data.cache_dir", "data.criteo_path", "data.eval_batch_size", "data.limit_eval_rows",
-    "train.epochs", "train.max_steps", "train.eval_every_steps", "train.eval_max_batches", "train.log_every_steps",
-    "checkpoint", "sharding",
+    "run.name",
+    "run.output_dir",
+    "run.device",
+    "run.overwrite",
+    "run.progress_bar",
+    "run.tensorboard",
+    "run.fail_at_step",
+    "data.cache_dir",
+    "data.criteo_path",
+    "data.eval_batch_size",
+    "data.limit_eval_rows",
+    "train.epochs",
+    "train.max_steps",
+    "train.eval_every_steps",
+    "train.eval_max_batches",
+    "train.log_every_steps",
+    "checkpoint",
+    "sharding",
 )
 
 
@@ -157,7 +171,9 @@ def _check_resume_config(stored: Path, cfg: TrainingConfig, allow_changes: list[
     try:
         old = yaml.safe_load(stored.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{stored}: the stored config of the run is not valid YAML ({e}); restore it to resume") from e
+        raise ConfigError(
+            f"{stored}: the stored config of the run is not valid YAML ({e}); restore it to resume"
+        ) from e
     if not isinstance(old, dict):
         raise ConfigError(f"{stored}: the stored config of the run is not a mapping; restore it to resume")
     new, defaults = (yaml.safe_load(yaml.safe_dump(config_to_dict(c))) for c in (cfg, TrainingConfig()))

@@ -51,16 +51,21 @@ def make_plan(
     sharded tables, dense for data-parallel ones), so its optimizer state loads at any world size.
     """
     if cfg.sharding.plan_file is not None:
-        return load_plan_yaml(cfg.sharding.plan_file, model, world_size, device_type,
-                              local_world_size=local_world_size, sharders=sharders)
+        return load_plan_yaml(
+            cfg.sharding.plan_file, model, world_size, device_type, local_world_size=local_world_size, sharders=sharders
+        )
     names = [t.name for t in model.model.sparse_arch.embedding_bag_collection.embedding_bag_configs()]
     allowed = {n: list(cfg.sharding.sharding_types) for n in names} if cfg.sharding.sharding_types else {}
     allowed.update({n: [pinned[n]] for n in names if pinned and n in pinned})
     return plan_model(
-        model, world_size,
+        model,
+        world_size,
         constraints={n: ParameterConstraints(sharding_types=types) for n, types in allowed.items()} or None,
-        batch_size=cfg.data.global_batch_size // world_size, sharders=sharders,
-        compute_device=device_type, local_world_size=local_world_size, pg=dist.GroupMember.WORLD,
+        batch_size=cfg.data.global_batch_size // world_size,
+        sharders=sharders,
+        compute_device=device_type,
+        local_world_size=local_world_size,
+        pg=dist.GroupMember.WORLD,
     )
 
 

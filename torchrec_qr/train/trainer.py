@@ -101,16 +101,23 @@ class Trainer:
         self.splits = prepare_splits(cfg, env.rank, env.local_rank, dist.barrier)
         self.steps_per_epoch, self.total_steps = num_steps(cfg, len(self.splits.train))
         if self.steps_per_epoch == 0:
-            raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} exceeds the "
-                             f"{len(self.splits.train)} training rows")
+            raise ValueError(
+                f"data.global_batch_size={cfg.data.global_batch_size} exceeds the "
+                f"{len(self.splits.train)} training rows"
+            )
         self.logical = logical_tables(self.splits.num_embeddings, cfg.model.embedding_dim)
         counts = None
         if cfg.embeddings.hot_rows:  # every rank counts or reads the same cached counts (atomic writes)
             counts = cached_id_counts(self.splits.train.sparse, self.splits.num_embeddings, self.splits.cache_dir)
         budget = None  # kind=auto: storage and plan chosen together for embeddings.memory_per_rank
         if cfg.embeddings.kind == "auto":
-            budget = budget_plan(cfg, self.splits.num_embeddings, env.world_size,
-                                 local_world_size=env.local_world_size, device_type=env.device.type)
+            budget = budget_plan(
+                cfg,
+                self.splits.num_embeddings,
+                env.world_size,
+                local_world_size=env.local_world_size,
+                device_type=env.device.type,
+            )
         self.tables = budget.tables if budget else table_configs(cfg, self.splits.num_embeddings, counts)
         self.transform = None
         if cfg.embeddings.kind == "hash":
@@ -120,8 +127,11 @@ class Trainer:
         sharders = default_sharders(fused_params(cfg.optimizer.sparse))
         pinned_file = self.out / SHARDING_TYPES_FILE
         pinned = json.loads(pinned_file.read_text()) if self.resume_from and pinned_file.exists() else None
-        self.plan = budget.plan if budget else make_plan(
-            cfg, model, sharders, env.world_size, env.local_world_size, env.device.type, pinned)
+        self.plan = (
+            budget.plan
+            if budget
+            else make_plan(cfg, model, sharders, env.world_size, env.local_world_size, env.device.type, pinned)
+        )
         if env.rank == 0:
             write_plan(self.plan, self.out, env.world_size)
         self.model = DistributedModelParallel(model, device=env.device, sharders=sharders, plan=self.plan)
@@ -132,23 +142,32 @@ class Trainer:
             self.step = int(load_checkpoint(self.resume_from, self.model, self.optimizer, verify=False)["step"])
             logger.info("resumed from %s at step %d", self.resume_from, self.step)
         self.last_saved = self.step if self.resume_from is not None else None
-        self.log = MetricsLog(self.out, env.rank == 0, cfg.run.tensorboard,
-                              self.step if self.resume_from is not None else None)
+        self.log = MetricsLog(
+            self.out, env.rank == 0, cfg.run.tensorboard, self.step if self.resume_from is not None else None
+        )
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, env.device, execute_all_batches=True)
         self.steps_run, self.train_seconds = 0, 0.0
 
     def fit(self) -> None:
         """Train from the current step to the last one, evaluating and checkpointing on the way."""
         cfg, t, ck = self.cfg, self.cfg.train, self.cfg.checkpoint
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=self.env.rank != 0 or not cfg.run.progress_bar)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=self.env.rank != 0 or not cfg.run.progress_bar,
+        )
         # Losses stay on the device between log boundaries: no host sync per step.
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         loss_count = 0
         while self.step < self.total_steps:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-            batches = iter(train_batches(cfg, self.splits.train, self.env.rank, self.env.world_size, epoch, in_epoch,
-                                         self.transform))
+            batches = iter(
+                train_batches(
+                    cfg, self.splits.train, self.env.rank, self.env.world_size, epoch, in_epoch, self.transform
+                )
+            )
             epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
             while self.step < epoch_end:
                 segment = itertools.islice(batches, self._next_boundary(epoch_end) - self.step)
@@ -233,15 +252,27 @@ class Trainer:
                 "Lower optimizer.sparse.lr / optimizer.dense.lr"
             )
         self.last_saved = self.step
-        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, extra={"step": self.step},
-                               keep_last=self.cfg.checkpoint.keep_last, overwrite=True)
+        return save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            self.model,
+            self.optimizer,
+            extra={"step": self.step},
+            keep_last=self.cfg.checkpoint.keep_last,
+            overwrite=True,
+        )
 
     def evaluate(self, arrays: CriteoArrays, max_batches: int | None = None) -> dict[str, float]:
         """Metrics of the current model over ``arrays`` (all ranks' shards), through the same pipeline."""
         cfg, env = self.cfg, self.env
         batches = eval_batches(arrays, cfg.data.eval_batch_size, env.rank, env.world_size, max_batches, self.transform)
-        metrics = EvalMetrics(env.world_size, env.rank, -(-cfg.data.eval_batch_size // env.world_size),
-                              max_samples=len(arrays) // env.world_size, device=env.device)
+        metrics = EvalMetrics(
+            env.world_size,
+            env.rank,
+            -(-cfg.data.eval_batch_size // env.world_size),
+            max_samples=len(arrays) // env.world_size,
+            device=env.device,
+        )
         self.model.eval()
         with torch.no_grad():
             while True:
@@ -263,8 +294,9 @@ class Trainer:
         if cfg.data.source == "synthetic":  # what no model can beat, and what knowing nothing gives
             bayes = bayes_log_loss(cfg.data.synthetic)
             reference = {"bayes_log_loss": bayes.bayes_log_loss, "constant_log_loss": bayes.constant_log_loss}
-        report = memory_report(self.logical, self.tables, sharding_types(self.plan),
-                               cfg.optimizer.sparse.type, cfg.optimizer.dense.type)
+        report = memory_report(
+            self.logical, self.tables, sharding_types(self.plan), cfg.optimizer.sparse.type, cfg.optimizer.dense.type
+        )
         summary = {
             "run_dir": str(self.out),
             "world_size": self.env.world_size,
@@ -281,12 +313,22 @@ class Trainer:
             "tables": [r.as_dict() for r in report],
             "malformed_lines_skipped": self.splits.num_malformed,
             "checkpoint": str(self.ckpt_root / f"step_{self.last_saved:06d}") if self.last_saved is not None else None,
-            "outputs": {"metrics": str(self.log.path), "tensorboard": str(self.out / "tensorboard"),
-                        "config": str(self.out / "config.yaml"), "plan": str(self.out / "plan.yaml"),
-                        "summary": str(self.out / "summary.json")},
+            "outputs": {
+                "metrics": str(self.log.path),
+                "tensorboard": str(self.out / "tensorboard"),
+                "config": str(self.out / "config.yaml"),
+                "plan": str(self.out / "plan.yaml"),
+                "summary": str(self.out / "summary.json"),
+            },
         }
-        self.log.write("summary", self.step, samples_per_s=summary["samples_per_s"], train_seconds=self.train_seconds,
-                       param_bytes=summary["memory"]["param_bytes"], compression=summary["memory"]["compression"])
+        self.log.write(
+            "summary",
+            self.step,
+            samples_per_s=summary["samples_per_s"],
+            train_seconds=self.train_seconds,
+            param_bytes=summary["memory"]["param_bytes"],
+            compression=summary["memory"]["compression"],
+        )
         self.log.close()
         if self.env.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
