@@ -82,6 +82,18 @@ def test_all_errors_are_listed_at_once() -> None:
     assert lines[0] == "invalid config:" and len(lines) == 4
 
 
+def test_all_type_errors_are_listed_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.global_batch_size=x", "run.overwrite=maybe", "embeddings.combin=add"])
+    assert str(info.value).splitlines() == [
+        "invalid config:",
+        "  run.overwrite: expected true/false, got 'maybe'",
+        "  data.global_batch_size: expected an integer, got 'x'",
+        "  embeddings.combin: unknown key; did you mean 'embeddings.combine'? known keys: kind, scheme, collisions, "
+        "num_partitions, combine, composition, threshold, path, hot_rows, memory_per_rank",
+    ]
+
+
 def test_overrides_parse_yaml_values() -> None:
     tree = parse_overrides(["a.b=1", "a.c=[1, 2]", "a.d=null", "e=true", "f=0.5", "g=text"])
     assert tree == {"a": {"b": 1, "c": [1, 2], "d": None}, "e": True, "f": 0.5, "g": "text"}

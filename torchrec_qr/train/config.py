@@ -2,7 +2,9 @@
 
 Everything is checked before any process group starts, so a typo fails in a second with the key path
 (``embeddings.combine: must be one of mult/add/concat, got 'mul'``) instead of after data loading and
-sharding on every rank. Types come from the annotations; cross-field rules live in ``validate``.
+sharding on every rank. pydantic checks the YAML tree against the dataclass annotations (lax mode: YAML 1.1's
+``1e-3`` string reads as a number; unknown keys are errors) and sections check themselves in ``__post_init__``;
+cross-field rules live in ``validate``.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import dataclasses
 import difflib
 import math
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 
 from torchrec_qr.data.synthetic import SyntheticCriteoConfig
 from torchrec_qr.modules.path_functions import PathFunction
@@ -196,6 +198,7 @@ class RunConfig:
     fail_at_step: int | None = None
 
 
+@with_config(ConfigDict(extra="forbid"))  # every section inherits it: an unknown key is an error, not ignored
 @dataclass
 class TrainingConfig:
     """The whole configuration of ``python -m torchrec_qr.train``."""
@@ -210,89 +213,51 @@ class TrainingConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+_TRAINING_CONFIG = TypeAdapter(TrainingConfig)
+
+
 # --- loading -------------------------------------------------------------------------------------
 
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+# pydantic (lax mode) checks the YAML tree against the annotations; its errors are phrased here for people.
+_PHRASES = {
+    "int_type": "expected an integer", "int_parsing": "expected an integer", "int_from_float": "expected an integer",
+    "float_type": "expected a number", "float_parsing": "expected a number",
+    "bool_type": "expected true/false", "bool_parsing": "expected true/false",
+    "string_type": "expected a string", "list_type": "expected a list", "tuple_type": "expected a list",
+}
 
 
-_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+def _key_path(loc: tuple[str | int, ...]) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in loc).lstrip(".") or "config"
 
 
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    """``value`` checked against annotation ``tp`` (YAML already produced Python scalars and lists)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _coerce(option, value, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{path}: must be one of {'/'.join(map(str, choices))}, got {value!r}")
-        return value
-    if origin in (list, tuple):  # tuples only as tuple[X, ...]
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        item = typing.get_args(tp)[0]
-        items = [_coerce(item, v, _join(path, i)) for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string: it needs "1.0e-3"
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{path}: unsupported annotation {tp!r}")
+def _unknown_key(loc: tuple[str | int, ...]) -> str:
+    section: Any = TrainingConfig
+    for key in loc[:-1]:
+        section = typing.get_type_hints(section)[key]
+    names = [f.name for f in dataclasses.fields(section) if f.init]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    hint = f"did you mean {_key_path((*loc[:-1], close[0]))!r}? " if close else ""
+    return f"{_key_path(loc)}: unknown key; {hint}known keys: {', '.join(names)}"
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping of {cls.__name__} keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {_join(path, close[0])!r}? " if close else ""
-            raise ConfigError(f"{_join(path, str(key))}: unknown key; {hint}known keys: {', '.join(names)}")
-    kwargs = {k: _coerce(hints[k], v, _join(path, k)) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{path or 'config'}: {e}") from e
+def _message(error: Any) -> str:
+    """One pydantic error as ``<key path>: <what is wrong>, got <value>``."""
+    kind, loc, value = error["type"], error["loc"], error["input"]
+    if kind == "unexpected_keyword_argument":
+        return _unknown_key(loc)
+    if kind == "value_error":  # a section's own check (its __post_init__)
+        return f"{_key_path(loc)}: {error['ctx']['error']}"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
+        return f"{_key_path(loc)}: must be one of {'/'.join(choices)}, got {value!r}"
+    if kind == "dataclass_type":
+        return f"{_key_path(loc)}: expected a mapping of {error['ctx']['class_name']} keys, got {value!r}"
+    return f"{_key_path(loc)}: {_PHRASES.get(kind, error['msg'])}, got {value!r}"
+
+
+def _config_error(errors: list[str]) -> ConfigError:
+    return ConfigError("invalid config:\n  " + "\n  ".join(errors) if len(errors) > 1 else errors[0])
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -334,7 +299,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainingC
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (run, data, model, ...)")
-    cfg = _build(TrainingConfig, _merge(data, parse_overrides(list(overrides))), "")
+    try:
+        cfg = _TRAINING_CONFIG.validate_python(_merge(data, parse_overrides(list(overrides))))
+    except ValidationError as e:
+        raise _config_error([_message(error) for error in e.errors()]) from e
     if cfg.run.name is None:
         cfg.run.name = Path(path).stem if path is not None else "default"
     return cfg
@@ -474,7 +442,7 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
     _positive(errors, "checkpoint.keep_last", cfg.checkpoint.keep_last)
 
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors) if len(errors) > 1 else errors[0])
+        raise _config_error(errors)
 
 
 def _check_auto(errors: list[str], cfg: TrainingConfig) -> None:
