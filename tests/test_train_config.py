@@ -59,6 +59,9 @@ def test_type_errors_name_the_key(override: str, message: str) -> None:
          "embeddings.combine: concat sub-tables of width 6 are not a multiple of 4"),
         (["embeddings.kind=compositional", "embeddings.combine=concat", "embeddings.scheme=mixed_radix",
           "embeddings.num_partitions=3"], "embeddings.combine: concat splits model.embedding_dim=16 into 3 parts"),
+        (["embeddings.kind=compositional", "embeddings.combine=concat", "embeddings.scheme=chinese_remainder",
+          "embeddings.num_partitions=8", "model.embedding_dim=4", "model.dense_arch_layer_sizes=[4]"],
+         "embeddings: table 't_cat_0': embedding_dim=4 cannot be split into 8 parts"),  # the library's own check
         (["optimizer.sparse.type=adam"], "optimizer.sparse.type: fused 'adam' needs a GPU"),
         (["run.device=cuda"], "run.device: 'cuda' requested but no GPU is visible"),
         (["data.source=criteo"], "invalid config:\n  data.criteo_path: required when data.source=criteo"),

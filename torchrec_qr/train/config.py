@@ -14,7 +14,7 @@ import difflib
 import math
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -395,20 +395,10 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
             errors.append("embeddings.collisions: qr needs collisions >= 2 (1 would be a full table)")
         if e.combine == "path" and e.composition != "per_id":
             errors.append("embeddings.composition: combine=path composes each id; use per_id")
-        if e.combine == "concat":
-            k = e.num_partitions
-            if m.embedding_dim % k:
-                errors.append(
-                    f"embeddings.combine: concat splits model.embedding_dim={m.embedding_dim} into "
-                    f"{k} parts, which must be equal; pick a dimension divisible by {k}"
-                )
-            elif (m.embedding_dim // k) % 4:
-                errors.append(
-                    f"embeddings.combine: concat sub-tables of width {m.embedding_dim // k} are not a multiple "
-                    "of 4, which fused TBE kernels need; raise model.embedding_dim or use mult/add"
-                )
 
-    if e.kind == "auto":
+    if e.kind == "compositional":
+        _check_tables(errors, cfg)
+    elif e.kind == "auto":
         _check_auto(errors, cfg)
     elif e.memory_per_rank is not None:
         errors.append(f"embeddings.memory_per_rank: applies to embeddings.kind=auto, got kind={e.kind!r}")
@@ -443,6 +433,44 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
 
     if errors:
         raise _config_error(errors)
+
+
+def _check_tables(errors: list[str], cfg: TrainingConfig) -> None:
+    """Build the tables as training will (``CompositionalEmbeddingBagConfig``, no weights) so the library's own
+    checks speak before any process group: complementary partitions, the concat split, path functions.
+
+    Table sizes come from the config (``torchrec_qr.plan.num_embeddings``); hot ids need the training data's
+    id counts, so they are left out here (they change neither the schemes' validity nor the widths). Each
+    stored width must then suit FBGEMM's fused kernels.
+    """
+    if any(err.startswith(("data.", "model.embedding_dim", "embeddings.")) for err in errors):
+        return  # the tables are built from these keys: they are reported first
+    from torchrec_qr.distributed.plan_checks import FUSED_WIDTH_MULTIPLE
+    from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
+    from torchrec_qr.plan import num_embeddings
+    from torchrec_qr.train.model import table_configs
+
+    try:
+        tables = table_configs(replace(cfg, embeddings=replace(cfg.embeddings, hot_rows=0)), num_embeddings(cfg))
+    except ValueError as err:
+        errors.append(f"embeddings: {err}")
+        return
+    widths = (t.sub_embedding_dims() for t in tables if isinstance(t, CompositionalEmbeddingBagConfig))
+    dims = next((w for w in widths if any(d % FUSED_WIDTH_MULTIPLE for d in w)), None)
+    if dims is None:
+        return
+    m = FUSED_WIDTH_MULTIPLE
+    if len(set(dims)) > 1:  # only concat splits; mult/add widths are model.embedding_dim, checked above
+        errors.append(
+            f"embeddings.combine: concat splits model.embedding_dim={cfg.model.embedding_dim} into {len(dims)} "
+            f"parts of widths {dims}; fused TBE kernels need multiples of {m}: pick a dimension divisible by "
+            f"{m * len(dims)}"
+        )
+    else:
+        errors.append(
+            f"embeddings.combine: concat sub-tables of width {dims[0]} are not a multiple of {m}, which fused TBE "
+            "kernels need; raise model.embedding_dim or use mult/add"
+        )
 
 
 def _check_auto(errors: list[str], cfg: TrainingConfig) -> None:
