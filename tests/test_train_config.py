@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from torchrec_qr.train.config import ConfigError, load_config, num_steps, parse_overrides, validate
+from torchrec_qr.train.config import (
+    ConfigError,
+    load_config,
+    num_steps,
+    parse_overrides,
+    validate,
+)
 from torchrec_qr.train.run_dir import RUN_MARKER, check_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,8 +98,8 @@ def test_all_type_errors_are_listed_at_once() -> None:
         "invalid config:",
         "  run.overwrite: expected true/false, got 'maybe'",
         "  data.global_batch_size: expected an integer, got 'x'",
-        "  embeddings.combin: unknown key; did you mean 'embeddings.combine'? known keys: kind, scheme, collisions, "
-        "num_partitions, combine, composition, threshold, path, hot_rows, memory_per_rank",
+        ("  embeddings.combin: unknown key; did you mean 'embeddings.combine'? known keys: kind, scheme, collisions, "
+         "num_partitions, combine, composition, threshold, path, hot_rows, memory_per_rank"),
     ]
 
 
@@ -158,5 +164,5 @@ def test_yaml11_exponent_floats_are_numbers_and_non_finite_values_are_rejected()
     with pytest.raises(ConfigError, match=r"optimizer.dense.lr: expected a number, got 'fast'"):
         load_config(None, ["optimizer.dense.lr=fast"])
     for value in (".inf", ".nan", "-.inf"):
-        with pytest.raises(ConfigError, match=rf"optimizer.sparse.lr: must be a finite number, got"):
+        with pytest.raises(ConfigError, match=r"optimizer.sparse.lr: must be a finite number, got"):
             validate(load_config(None, [f"optimizer.sparse.lr={value}"]), 1, False)

@@ -1,4 +1,5 @@
-"""Training configuration: a tree of dataclasses loaded from YAML plus ``key=value`` overrides.
+"""Training configuration: the tree of dataclasses of ``config_schema`` loaded from YAML plus ``key=value``
+overrides, and the rules across keys.
 
 Everything is checked before any process group starts, so a typo fails in a second with the key path
 (``embeddings.combine: must be one of mult/add/concat, got 'mul'``) instead of after data loading and
@@ -14,27 +15,42 @@ import difflib
 import math
 import re
 import typing
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
+from pydantic import TypeAdapter, ValidationError
 
-from torchrec_qr.data.synthetic import SyntheticCriteoConfig
-from torchrec_qr.modules.path_functions import PathFunction
+from torchrec_qr.train.config_schema import (
+    CRITEO_NUM_DENSE,
+    CRITEO_NUM_SPARSE,
+    CheckpointConfig,
+    DataConfig,
+    DenseOptimizerConfig,
+    EmbeddingsConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    ShardingConfig,
+    SparseOptimizerConfig,
+    TrainConfig,
+    TrainingConfig,
+)
 
-__all__ = [
+__all__ = [  # the sections are re-exported: the app and its users import them from here
+    "CRITEO_NUM_DENSE",
+    "CRITEO_NUM_SPARSE",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DenseOptimizerConfig",
     "EmbeddingsConfig",
     "ModelConfig",
     "OptimizerConfig",
     "RunConfig",
     "ShardingConfig",
     "SparseOptimizerConfig",
-    "DenseOptimizerConfig",
     "TrainConfig",
     "TrainingConfig",
     "config_to_dict",
@@ -44,173 +60,9 @@ __all__ = [
     "validate",
 ]
 
-CRITEO_NUM_SPARSE = 26
-CRITEO_NUM_DENSE = 13
-
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or inconsistent; the message starts with its key path."""
-
-
-@dataclass
-class DataConfig:
-    """Where rows come from and how they are batched.
-
-    ``global_batch_size`` is split evenly over ranks, so a run resumed at another world size keeps
-    the same global batches (and learning dynamics).
-    """
-
-    source: Literal["synthetic", "criteo"] = "synthetic"
-    cache_dir: str = "~/.cache/torchrec_qr"
-    synthetic: SyntheticCriteoConfig = field(default_factory=SyntheticCriteoConfig)
-    criteo_path: str | None = None
-    num_embeddings_per_feature: list[int] | None = None
-    max_ind_range: int | None = None
-    skip_malformed: bool = False
-    global_batch_size: int = 2048
-    eval_batch_size: int = 8192
-    shuffle: bool = True
-    limit_train_rows: int | None = None
-    limit_eval_rows: int | None = None
-
-
-@dataclass
-class ModelConfig:
-    """TorchRec's DLRM (dot interaction) or DLRM_DCN (low-rank cross net); the over arch ends in 1 logit."""
-
-    arch: Literal["dlrm", "dcn"] = "dlrm"
-    embedding_dim: int = 16
-    dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 64, 16])
-    over_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 1])
-    dcn_num_layers: int = 3
-    dcn_low_rank_dim: int = 16
-
-
-@dataclass
-class EmbeddingsConfig:
-    """How each table is stored; tables with at most ``threshold`` rows always stay full.
-
-    ``hash``: the hashing trick, ``ceil(N / collisions)`` rows, id mod rows. ``compositional``:
-    ``scheme`` qr (``collisions``), mixed_radix or chinese_remainder (``num_partitions`` balanced parts);
-    ``combine=path`` keeps partition 1's table and maps its rows through per-class functions (``path``:
-    kind linear|mlp, hidden, activation, bias). ``hot_rows=K`` (compositional only; 0 = off): each compressed
-    table keeps its K most frequent training ids (capped by its size) in rows of their own (``HotIds``).
-    ``auto``: per table full or compositional (``combine`` mult or add) so that every rank fits
-    ``memory_per_rank`` (e.g. ``8GiB``), chosen with the sharding plan by
-    ``torchrec_qr.distributed.compression_planner`` for the world size the run starts at.
-    """
-
-    kind: Literal["full", "hash", "compositional", "auto"] = "full"
-    scheme: Literal["qr", "mixed_radix", "chinese_remainder"] = "qr"
-    collisions: int = 4
-    num_partitions: int = 2
-    combine: Literal["mult", "add", "concat", "path"] = "mult"
-    composition: Literal["per_id", "pooled"] = "per_id"
-    threshold: int = 0
-    path: PathFunction = field(default_factory=PathFunction)
-    hot_rows: int = 0
-    memory_per_rank: str | None = None
-
-
-@dataclass
-class SparseOptimizerConfig:
-    """The fused (FBGEMM, in-backward) optimizer of sharded embedding tables."""
-
-    type: Literal["sgd", "adagrad", "rowwise_adagrad", "adam"] = "rowwise_adagrad"
-    lr: float = 0.01
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-
-
-@dataclass
-class DenseOptimizerConfig:
-    """The torch optimizer of MLPs and data-parallel tables."""
-
-    type: Literal["sgd", "adagrad", "adam", "amsgrad"] = "adagrad"
-    lr: float = 0.01
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    momentum: float = 0.0
-
-
-@dataclass
-class OptimizerConfig:
-    sparse: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
-    dense: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
-
-
-@dataclass
-class ShardingConfig:
-    """Automatic planning (TorchRec's planner) unless ``plan_file`` names a YAML plan.
-
-    Sharded tables use fused FBGEMM kernels (their optimizer runs in the backward); tables the planner
-    makes data-parallel are dense parameters trained by the dense optimizer, as in TorchRec.
-    """
-
-    plan_file: str | None = None
-    sharding_types: list[Literal["table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise", "table_row_wise"]] | None = None
-
-
-@dataclass
-class TrainConfig:
-    """Length of training and evaluation cadence (``max_steps`` caps ``epochs``; 0 = never)."""
-
-    epochs: int = 1
-    max_steps: int | None = None
-    eval_every_steps: int = 0
-    eval_max_batches: int | None = 20
-    log_every_steps: int = 20
-
-
-@dataclass
-class CheckpointConfig:
-    """DCP checkpoints in ``<run dir>/checkpoints`` (or ``dir``) every N steps (0 = only at the end); the
-    newest ``keep_last`` are kept (null = all). Resuming verifies checksums and falls back past a damaged
-    checkpoint with a warning; ``strict_resume`` fails instead."""
-
-    every_steps: int = 0
-    at_end: bool = True
-    keep_last: int | None = 3
-    resume: bool = False
-    dir: str | None = None
-    strict_resume: bool = False
-
-
-@dataclass
-class RunConfig:
-    """Run identity and outputs: ``<output_dir>/<name>`` holds config, plan, metrics, checkpoints.
-
-    ``fail_at_step`` is a fault-injection hook for tests: rank 1 (or 0 at world size 1) SIGKILLs itself
-    once after that step, guarded by a marker file in the run directory.
-    """
-
-    name: str | None = None
-    output_dir: str = "runs"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    overwrite: bool = False
-    progress_bar: bool = True
-    tensorboard: bool = True
-    fail_at_step: int | None = None
-
-
-@with_config(ConfigDict(extra="forbid"))  # every section inherits it: an unknown key is an error, not ignored
-@dataclass
-class TrainingConfig:
-    """The whole configuration of ``python -m torchrec_qr.train``."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    sharding: ShardingConfig = field(default_factory=ShardingConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 _TRAINING_CONFIG = TypeAdapter(TrainingConfig)
@@ -315,7 +167,7 @@ def config_to_dict(cfg: TrainingConfig) -> dict[str, Any]:
 # --- cross-field rules ---------------------------------------------------------------------------
 
 
-def _positive(errors: list[str], path: str, value: int | float | None, allow_zero: bool = False) -> None:
+def _positive(errors: list[str], path: str, value: float | None, allow_zero: bool = False) -> None:
     if value is not None and not math.isfinite(value):
         errors.append(f"{path}: must be a finite number, got {value}")
     elif value is not None and (value < 0 or (value == 0 and not allow_zero)):
@@ -342,12 +194,12 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
     _positive(errors, "data.limit_train_rows", d.limit_train_rows)
     _positive(errors, "data.limit_eval_rows", d.limit_eval_rows)
     _positive(errors, "data.max_ind_range", d.max_ind_range)
-    if d.num_embeddings_per_feature is not None:
-        if len(d.num_embeddings_per_feature) != CRITEO_NUM_SPARSE or min(d.num_embeddings_per_feature) < 1:
-            errors.append(
-                f"data.num_embeddings_per_feature: needs {CRITEO_NUM_SPARSE} positive table sizes (one per "
-                f"categorical feature), got {len(d.num_embeddings_per_feature)} values"
-            )
+    sizes = d.num_embeddings_per_feature
+    if sizes is not None and (len(sizes) != CRITEO_NUM_SPARSE or min(sizes) < 1):
+        errors.append(
+            f"data.num_embeddings_per_feature: needs {CRITEO_NUM_SPARSE} positive table sizes (one per "
+            f"categorical feature), got {len(sizes)} values"
+        )
     if d.source == "criteo":
         if d.criteo_path is None:
             errors.append("data.criteo_path: required when data.source=criteo (a directory of day_<n> files or train.txt)")
@@ -474,7 +326,8 @@ def _check_tables(errors: list[str], cfg: TrainingConfig) -> None:
 
 
 def _check_auto(errors: list[str], cfg: TrainingConfig) -> None:
-    from torchrec_qr.distributed.compression_planner import parse_bytes  # imports this module's package
+    # imported here: compression_planner imports this module's package
+    from torchrec_qr.distributed.compression_planner import parse_bytes
 
     e = cfg.embeddings
     if e.memory_per_rank is None:
