@@ -250,7 +250,7 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
 
     if e.kind == "compositional":
         _check_tables(errors, cfg)
-    elif e.kind == "auto":
+    if e.kind == "auto":
         _check_auto(errors, cfg)
     elif e.memory_per_rank is not None:
         errors.append(f"embeddings.memory_per_rank: applies to embeddings.kind=auto, got kind={e.kind!r}")
