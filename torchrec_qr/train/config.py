@@ -291,7 +291,7 @@ def _check_tables(errors: list[str], cfg: TrainingConfig) -> None:
     """Build the tables as training will (``CompositionalEmbeddingBagConfig``, no weights) so the library's own
     checks speak before any process group: complementary partitions, the concat split, path functions.
 
-    Table sizes come from the config (``torchrec_qr.plan.num_embeddings``); hot ids need the training data's
+    Table sizes come from the config (``torchrec_qr.train.data.num_embeddings``); hot ids need the training data's
     id counts, so they are left out here (they change neither the schemes' validity nor the widths). Each
     stored width must then suit FBGEMM's fused kernels.
     """
@@ -299,7 +299,7 @@ def _check_tables(errors: list[str], cfg: TrainingConfig) -> None:
         return  # the tables are built from these keys: they are reported first
     from torchrec_qr.distributed.plan_checks import FUSED_WIDTH_MULTIPLE
     from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
-    from torchrec_qr.plan import num_embeddings
+    from torchrec_qr.train.data import num_embeddings
     from torchrec_qr.train.model import table_configs
 
     try:
