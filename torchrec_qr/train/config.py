@@ -72,10 +72,16 @@ _TRAINING_CONFIG = TypeAdapter(TrainingConfig)
 
 # pydantic (lax mode) checks the YAML tree against the annotations; its errors are phrased here for people.
 _PHRASES = {
-    "int_type": "expected an integer", "int_parsing": "expected an integer", "int_from_float": "expected an integer",
-    "float_type": "expected a number", "float_parsing": "expected a number",
-    "bool_type": "expected true/false", "bool_parsing": "expected true/false",
-    "string_type": "expected a string", "list_type": "expected a list", "tuple_type": "expected a list",
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "bool_type": "expected true/false",
+    "bool_parsing": "expected true/false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "tuple_type": "expected a list",
 }
 
 
@@ -202,7 +208,9 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
         )
     if d.source == "criteo":
         if d.criteo_path is None:
-            errors.append("data.criteo_path: required when data.source=criteo (a directory of day_<n> files or train.txt)")
+            errors.append(
+                "data.criteo_path: required when data.source=criteo (a directory of day_<n> files or train.txt)"
+            )
         elif not Path(d.criteo_path).exists():
             errors.append(f"data.criteo_path: {d.criteo_path} does not exist")
         if d.num_embeddings_per_feature is None and d.max_ind_range is None:
@@ -257,8 +265,7 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
 
     if o.sparse.type == "adam" and not on_gpu:
         errors.append(
-            "optimizer.sparse.type: fused 'adam' needs a GPU in fbgemm 1.8; on CPU use sgd, adagrad or "
-            "rowwise_adagrad"
+            "optimizer.sparse.type: fused 'adam' needs a GPU in fbgemm 1.8; on CPU use sgd, adagrad or rowwise_adagrad"
         )
     for section in ("sparse", "dense"):
         opt = getattr(o, section)

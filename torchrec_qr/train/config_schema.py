@@ -134,7 +134,10 @@ class ShardingConfig:
     """
 
     plan_file: str | None = None
-    sharding_types: list[Literal["table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise", "table_row_wise"]] | None = None
+    sharding_types: (
+        list[Literal["table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise", "table_row_wise"]]
+        | None
+    ) = None
 
 
 @dataclass
