@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from torchrec_qr.train.config import ConfigError, load_config, num_steps, parse_overrides, validate
+from torchrec_qr.train.config import (
+    ConfigError,
+    load_config,
+    num_steps,
+    parse_overrides,
+    validate,
+)
 from torchrec_qr.train.run_dir import RUN_MARKER, check_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,23 +56,60 @@ def test_type_errors_name_the_key(override: str, message: str) -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.embedding_dim=32"], "model.dense_arch_layer_sizes: the last size (16) must equal model.embedding_dim (32)"),
+        (
+            ["model.embedding_dim=32"],
+            "model.dense_arch_layer_sizes: the last size (16) must equal model.embedding_dim (32)",
+        ),
         (["model.over_arch_layer_sizes=[64,2]"], "model.over_arch_layer_sizes: must end with 1"),
         (["data.global_batch_size=255"], "data.global_batch_size: must be a positive multiple of the world size 2"),
-        (["embeddings.kind=compositional", "embeddings.num_partitions=3"], "embeddings.num_partitions: scheme qr has exactly 2"),
-        (["embeddings.kind=compositional", "embeddings.combine=concat", "embeddings.scheme=mixed_radix",
-          "embeddings.num_partitions=4", "model.embedding_dim=24", "model.dense_arch_layer_sizes=[24]"],
-         "embeddings.combine: concat sub-tables of width 6 are not a multiple of 4"),
-        (["embeddings.kind=compositional", "embeddings.combine=concat", "embeddings.scheme=mixed_radix",
-          "embeddings.num_partitions=3"], "embeddings.combine: concat splits model.embedding_dim=16 into 3 parts"),
+        (
+            ["embeddings.kind=compositional", "embeddings.num_partitions=3"],
+            "embeddings.num_partitions: scheme qr has exactly 2",
+        ),
+        (
+            [
+                "embeddings.kind=compositional",
+                "embeddings.combine=concat",
+                "embeddings.scheme=mixed_radix",
+                "embeddings.num_partitions=4",
+                "model.embedding_dim=24",
+                "model.dense_arch_layer_sizes=[24]",
+            ],
+            "embeddings.combine: concat sub-tables of width 6 are not a multiple of 4",
+        ),
+        (
+            [
+                "embeddings.kind=compositional",
+                "embeddings.combine=concat",
+                "embeddings.scheme=mixed_radix",
+                "embeddings.num_partitions=3",
+            ],
+            "embeddings.combine: concat splits model.embedding_dim=16 into 3 parts",
+        ),
+        (
+            [
+                "embeddings.kind=compositional",
+                "embeddings.combine=concat",
+                "embeddings.scheme=chinese_remainder",
+                "embeddings.num_partitions=8",
+                "model.embedding_dim=4",
+                "model.dense_arch_layer_sizes=[4]",
+            ],
+            "embeddings: table 't_cat_0': embedding_dim=4 cannot be split into 8 parts",
+        ),  # the library's own check
         (["optimizer.sparse.type=adam"], "optimizer.sparse.type: fused 'adam' needs a GPU"),
         (["run.device=cuda"], "run.device: 'cuda' requested but no GPU is visible"),
         (["data.source=criteo"], "invalid config:\n  data.criteo_path: required when data.source=criteo"),
         (["sharding.plan_file=/nonexistent.yaml"], "sharding.plan_file: /nonexistent.yaml is not a file"),
-        (["model.embedding_dim=18", "model.dense_arch_layer_sizes=[18]"], "model.embedding_dim: fused TBE kernels need a multiple of 4"),
+        (
+            ["model.embedding_dim=18", "model.dense_arch_layer_sizes=[18]"],
+            "model.embedding_dim: fused TBE kernels need a multiple of 4",
+        ),
         (["train.max_steps=0"], "train.max_steps: must be > 0, got 0"),
-        (["embeddings.kind=compositional", "embeddings.combine=path", "embeddings.composition=pooled"],
-         "embeddings.composition: combine=path composes each id; use per_id"),
+        (
+            ["embeddings.kind=compositional", "embeddings.combine=path", "embeddings.composition=pooled"],
+            "embeddings.composition: combine=path composes each id; use per_id",
+        ),
     ],
 )
 def test_impossible_combinations_are_rejected(overrides: list[str], message: str) -> None:
@@ -80,6 +123,20 @@ def test_all_errors_are_listed_at_once() -> None:
         _validated("model.over_arch_layer_sizes=[8,2]", "data.global_batch_size=3", "train.epochs=0")
     lines = str(info.value).splitlines()
     assert lines[0] == "invalid config:" and len(lines) == 4
+
+
+def test_all_type_errors_are_listed_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.global_batch_size=x", "run.overwrite=maybe", "embeddings.combin=add"])
+    assert str(info.value).splitlines() == [
+        "invalid config:",
+        "  run.overwrite: expected true/false, got 'maybe'",
+        "  data.global_batch_size: expected an integer, got 'x'",
+        (
+            "  embeddings.combin: unknown key; did you mean 'embeddings.combine'? known keys: kind, scheme, "
+            "collisions, num_partitions, combine, composition, threshold, path, hot_rows, memory_per_rank"
+        ),
+    ]
 
 
 def test_overrides_parse_yaml_values() -> None:
@@ -127,9 +184,18 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path: Path) -> None:
 def test_cli_rejects_bad_config_before_starting_processes() -> None:
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "torchrec_qr.train", "--config", str(ROOT / "configs" / "synthetic_qr_mult.yaml"),
-         "embeddings.combine=mul"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "torchrec_qr.train",
+            "--config",
+            str(ROOT / "configs" / "synthetic_qr_mult.yaml"),
+            "embeddings.combine=mul",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert proc.returncode == 2, proc.stderr
     assert "error: embeddings.combine: must be one of mult/add/concat/path, got 'mul'" in proc.stderr
@@ -143,5 +209,5 @@ def test_yaml11_exponent_floats_are_numbers_and_non_finite_values_are_rejected()
     with pytest.raises(ConfigError, match=r"optimizer.dense.lr: expected a number, got 'fast'"):
         load_config(None, ["optimizer.dense.lr=fast"])
     for value in (".inf", ".nan", "-.inf"):
-        with pytest.raises(ConfigError, match=rf"optimizer.sparse.lr: must be a finite number, got"):
+        with pytest.raises(ConfigError, match=r"optimizer.sparse.lr: must be a finite number, got"):
             validate(load_config(None, [f"optimizer.sparse.lr={value}"]), 1, False)

@@ -1,8 +1,11 @@
-"""Training configuration: a tree of dataclasses loaded from YAML plus ``key=value`` overrides.
+"""Training configuration: the tree of dataclasses of ``config_schema`` loaded from YAML plus ``key=value``
+overrides, and the rules across keys.
 
 Everything is checked before any process group starts, so a typo fails in a second with the key path
 (``embeddings.combine: must be one of mult/add/concat, got 'mul'``) instead of after data loading and
-sharding on every rank. Types come from the annotations; cross-field rules live in ``validate``.
+sharding on every rank. pydantic checks the YAML tree against the dataclass annotations (lax mode: YAML 1.1's
+``1e-3`` string reads as a number; unknown keys are errors) and sections check themselves in ``__post_init__``;
+cross-field rules live in ``validate``.
 """
 
 from __future__ import annotations
@@ -11,28 +14,43 @@ import dataclasses
 import difflib
 import math
 import re
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
-from torchrec_qr.data.synthetic import SyntheticCriteoConfig
-from torchrec_qr.modules.path_functions import PathFunction
+from torchrec_qr.train.config_schema import (
+    CRITEO_NUM_DENSE,
+    CRITEO_NUM_SPARSE,
+    CheckpointConfig,
+    DataConfig,
+    DenseOptimizerConfig,
+    EmbeddingsConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    ShardingConfig,
+    SparseOptimizerConfig,
+    TrainConfig,
+    TrainingConfig,
+)
 
-__all__ = [
+__all__ = [  # the sections are re-exported: the app and its users import them from here
+    "CRITEO_NUM_DENSE",
+    "CRITEO_NUM_SPARSE",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DenseOptimizerConfig",
     "EmbeddingsConfig",
     "ModelConfig",
     "OptimizerConfig",
     "RunConfig",
     "ShardingConfig",
     "SparseOptimizerConfig",
-    "DenseOptimizerConfig",
     "TrainConfig",
     "TrainingConfig",
     "config_to_dict",
@@ -42,257 +60,62 @@ __all__ = [
     "validate",
 ]
 
-CRITEO_NUM_SPARSE = 26
-CRITEO_NUM_DENSE = 13
-
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or inconsistent; the message starts with its key path."""
 
 
-@dataclass
-class DataConfig:
-    """Where rows come from and how they are batched.
-
-    ``global_batch_size`` is split evenly over ranks, so a run resumed at another world size keeps
-    the same global batches (and learning dynamics).
-    """
-
-    source: Literal["synthetic", "criteo"] = "synthetic"
-    cache_dir: str = "~/.cache/torchrec_qr"
-    synthetic: SyntheticCriteoConfig = field(default_factory=SyntheticCriteoConfig)
-    criteo_path: str | None = None
-    num_embeddings_per_feature: list[int] | None = None
-    max_ind_range: int | None = None
-    skip_malformed: bool = False
-    global_batch_size: int = 2048
-    eval_batch_size: int = 8192
-    shuffle: bool = True
-    limit_train_rows: int | None = None
-    limit_eval_rows: int | None = None
-
-
-@dataclass
-class ModelConfig:
-    """TorchRec's DLRM (dot interaction) or DLRM_DCN (low-rank cross net); the over arch ends in 1 logit."""
-
-    arch: Literal["dlrm", "dcn"] = "dlrm"
-    embedding_dim: int = 16
-    dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 64, 16])
-    over_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 1])
-    dcn_num_layers: int = 3
-    dcn_low_rank_dim: int = 16
-
-
-@dataclass
-class EmbeddingsConfig:
-    """How each table is stored; tables with at most ``threshold`` rows always stay full.
-
-    ``hash``: the hashing trick, ``ceil(N / collisions)`` rows, id mod rows. ``compositional``:
-    ``scheme`` qr (``collisions``), mixed_radix or chinese_remainder (``num_partitions`` balanced parts);
-    ``combine=path`` keeps partition 1's table and maps its rows through per-class functions (``path``:
-    kind linear|mlp, hidden, activation, bias). ``hot_rows=K`` (compositional only; 0 = off): each compressed
-    table keeps its K most frequent training ids (capped by its size) in rows of their own (``HotIds``).
-    ``auto``: per table full or compositional (``combine`` mult or add) so that every rank fits
-    ``memory_per_rank`` (e.g. ``8GiB``), chosen with the sharding plan by
-    ``torchrec_qr.distributed.compression_planner`` for the world size the run starts at.
-    """
-
-    kind: Literal["full", "hash", "compositional", "auto"] = "full"
-    scheme: Literal["qr", "mixed_radix", "chinese_remainder"] = "qr"
-    collisions: int = 4
-    num_partitions: int = 2
-    combine: Literal["mult", "add", "concat", "path"] = "mult"
-    composition: Literal["per_id", "pooled"] = "per_id"
-    threshold: int = 0
-    path: PathFunction = field(default_factory=PathFunction)
-    hot_rows: int = 0
-    memory_per_rank: str | None = None
-
-
-@dataclass
-class SparseOptimizerConfig:
-    """The fused (FBGEMM, in-backward) optimizer of sharded embedding tables."""
-
-    type: Literal["sgd", "adagrad", "rowwise_adagrad", "adam"] = "rowwise_adagrad"
-    lr: float = 0.01
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-
-
-@dataclass
-class DenseOptimizerConfig:
-    """The torch optimizer of MLPs and data-parallel tables."""
-
-    type: Literal["sgd", "adagrad", "adam", "amsgrad"] = "adagrad"
-    lr: float = 0.01
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    momentum: float = 0.0
-
-
-@dataclass
-class OptimizerConfig:
-    sparse: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
-    dense: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
-
-
-@dataclass
-class ShardingConfig:
-    """Automatic planning (TorchRec's planner) unless ``plan_file`` names a YAML plan.
-
-    Sharded tables use fused FBGEMM kernels (their optimizer runs in the backward); tables the planner
-    makes data-parallel are dense parameters trained by the dense optimizer, as in TorchRec.
-    """
-
-    plan_file: str | None = None
-    sharding_types: list[Literal["table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise", "table_row_wise"]] | None = None
-
-
-@dataclass
-class TrainConfig:
-    """Length of training and evaluation cadence (``max_steps`` caps ``epochs``; 0 = never)."""
-
-    epochs: int = 1
-    max_steps: int | None = None
-    eval_every_steps: int = 0
-    eval_max_batches: int | None = 20
-    log_every_steps: int = 20
-
-
-@dataclass
-class CheckpointConfig:
-    """DCP checkpoints in ``<run dir>/checkpoints`` (or ``dir``) every N steps (0 = only at the end); the
-    newest ``keep_last`` are kept (null = all). Resuming verifies checksums and falls back past a damaged
-    checkpoint with a warning; ``strict_resume`` fails instead."""
-
-    every_steps: int = 0
-    at_end: bool = True
-    keep_last: int | None = 3
-    resume: bool = False
-    dir: str | None = None
-    strict_resume: bool = False
-
-
-@dataclass
-class RunConfig:
-    """Run identity and outputs: ``<output_dir>/<name>`` holds config, plan, metrics, checkpoints.
-
-    ``fail_at_step`` is a fault-injection hook for tests: rank 1 (or 0 at world size 1) SIGKILLs itself
-    once after that step, guarded by a marker file in the run directory.
-    """
-
-    name: str | None = None
-    output_dir: str = "runs"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    overwrite: bool = False
-    progress_bar: bool = True
-    tensorboard: bool = True
-    fail_at_step: int | None = None
-
-
-@dataclass
-class TrainingConfig:
-    """The whole configuration of ``python -m torchrec_qr.train``."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    sharding: ShardingConfig = field(default_factory=ShardingConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+_TRAINING_CONFIG = TypeAdapter(TrainingConfig)
 
 
 # --- loading -------------------------------------------------------------------------------------
 
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    """``value`` checked against annotation ``tp`` (YAML already produced Python scalars and lists)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _coerce(option, value, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{path}: must be one of {'/'.join(map(str, choices))}, got {value!r}")
-        return value
-    if origin in (list, tuple):  # tuples only as tuple[X, ...]
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        item = typing.get_args(tp)[0]
-        items = [_coerce(item, v, _join(path, i)) for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string: it needs "1.0e-3"
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{path}: unsupported annotation {tp!r}")
+# pydantic (lax mode) checks the YAML tree against the annotations; its errors are phrased here for people.
+_PHRASES = {
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "bool_type": "expected true/false",
+    "bool_parsing": "expected true/false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "tuple_type": "expected a list",
+}
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping of {cls.__name__} keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {_join(path, close[0])!r}? " if close else ""
-            raise ConfigError(f"{_join(path, str(key))}: unknown key; {hint}known keys: {', '.join(names)}")
-    kwargs = {k: _coerce(hints[k], v, _join(path, k)) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{path or 'config'}: {e}") from e
+def _key_path(loc: tuple[str | int, ...]) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in loc).lstrip(".") or "config"
+
+
+def _unknown_key(loc: tuple[str | int, ...]) -> str:
+    section: Any = TrainingConfig
+    for key in loc[:-1]:
+        section = typing.get_type_hints(section)[key]
+    names = [f.name for f in dataclasses.fields(section) if f.init]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    hint = f"did you mean {_key_path((*loc[:-1], close[0]))!r}? " if close else ""
+    return f"{_key_path(loc)}: unknown key; {hint}known keys: {', '.join(names)}"
+
+
+def _message(error: Any) -> str:
+    """One pydantic error as ``<key path>: <what is wrong>, got <value>``."""
+    kind, loc, value = error["type"], error["loc"], error["input"]
+    if kind == "unexpected_keyword_argument":
+        return _unknown_key(loc)
+    if kind == "value_error":  # a section's own check (its __post_init__)
+        return f"{_key_path(loc)}: {error['ctx']['error']}"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
+        return f"{_key_path(loc)}: must be one of {'/'.join(choices)}, got {value!r}"
+    if kind == "dataclass_type":
+        return f"{_key_path(loc)}: expected a mapping of {error['ctx']['class_name']} keys, got {value!r}"
+    return f"{_key_path(loc)}: {_PHRASES.get(kind, error['msg'])}, got {value!r}"
+
+
+def _config_error(errors: list[str]) -> ConfigError:
+    return ConfigError("invalid config:\n  " + "\n  ".join(errors) if len(errors) > 1 else errors[0])
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -334,7 +157,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainingC
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (run, data, model, ...)")
-    cfg = _build(TrainingConfig, _merge(data, parse_overrides(list(overrides))), "")
+    try:
+        cfg = _TRAINING_CONFIG.validate_python(_merge(data, parse_overrides(list(overrides))))
+    except ValidationError as e:
+        raise _config_error([_message(error) for error in e.errors()]) from e
     if cfg.run.name is None:
         cfg.run.name = Path(path).stem if path is not None else "default"
     return cfg
@@ -347,7 +173,7 @@ def config_to_dict(cfg: TrainingConfig) -> dict[str, Any]:
 # --- cross-field rules ---------------------------------------------------------------------------
 
 
-def _positive(errors: list[str], path: str, value: int | float | None, allow_zero: bool = False) -> None:
+def _positive(errors: list[str], path: str, value: float | None, allow_zero: bool = False) -> None:
     if value is not None and not math.isfinite(value):
         errors.append(f"{path}: must be a finite number, got {value}")
     elif value is not None and (value < 0 or (value == 0 and not allow_zero)):
@@ -374,15 +200,17 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
     _positive(errors, "data.limit_train_rows", d.limit_train_rows)
     _positive(errors, "data.limit_eval_rows", d.limit_eval_rows)
     _positive(errors, "data.max_ind_range", d.max_ind_range)
-    if d.num_embeddings_per_feature is not None:
-        if len(d.num_embeddings_per_feature) != CRITEO_NUM_SPARSE or min(d.num_embeddings_per_feature) < 1:
-            errors.append(
-                f"data.num_embeddings_per_feature: needs {CRITEO_NUM_SPARSE} positive table sizes (one per "
-                f"categorical feature), got {len(d.num_embeddings_per_feature)} values"
-            )
+    sizes = d.num_embeddings_per_feature
+    if sizes is not None and (len(sizes) != CRITEO_NUM_SPARSE or min(sizes) < 1):
+        errors.append(
+            f"data.num_embeddings_per_feature: needs {CRITEO_NUM_SPARSE} positive table sizes (one per "
+            f"categorical feature), got {len(sizes)} values"
+        )
     if d.source == "criteo":
         if d.criteo_path is None:
-            errors.append("data.criteo_path: required when data.source=criteo (a directory of day_<n> files or train.txt)")
+            errors.append(
+                "data.criteo_path: required when data.source=criteo (a directory of day_<n> files or train.txt)"
+            )
         elif not Path(d.criteo_path).exists():
             errors.append(f"data.criteo_path: {d.criteo_path} does not exist")
         if d.num_embeddings_per_feature is None and d.max_ind_range is None:
@@ -427,19 +255,9 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
             errors.append("embeddings.collisions: qr needs collisions >= 2 (1 would be a full table)")
         if e.combine == "path" and e.composition != "per_id":
             errors.append("embeddings.composition: combine=path composes each id; use per_id")
-        if e.combine == "concat":
-            k = e.num_partitions
-            if m.embedding_dim % k:
-                errors.append(
-                    f"embeddings.combine: concat splits model.embedding_dim={m.embedding_dim} into "
-                    f"{k} parts, which must be equal; pick a dimension divisible by {k}"
-                )
-            elif (m.embedding_dim // k) % 4:
-                errors.append(
-                    f"embeddings.combine: concat sub-tables of width {m.embedding_dim // k} are not a multiple "
-                    "of 4, which fused TBE kernels need; raise model.embedding_dim or use mult/add"
-                )
 
+    if e.kind == "compositional":
+        _check_tables(errors, cfg)
     if e.kind == "auto":
         _check_auto(errors, cfg)
     elif e.memory_per_rank is not None:
@@ -447,8 +265,7 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
 
     if o.sparse.type == "adam" and not on_gpu:
         errors.append(
-            "optimizer.sparse.type: fused 'adam' needs a GPU in fbgemm 1.8; on CPU use sgd, adagrad or "
-            "rowwise_adagrad"
+            "optimizer.sparse.type: fused 'adam' needs a GPU in fbgemm 1.8; on CPU use sgd, adagrad or rowwise_adagrad"
         )
     for section in ("sparse", "dense"):
         opt = getattr(o, section)
@@ -474,11 +291,50 @@ def validate(cfg: TrainingConfig, world_size: int, cuda_available: bool) -> None
     _positive(errors, "checkpoint.keep_last", cfg.checkpoint.keep_last)
 
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors) if len(errors) > 1 else errors[0])
+        raise _config_error(errors)
+
+
+def _check_tables(errors: list[str], cfg: TrainingConfig) -> None:
+    """Build the tables as training will (``CompositionalEmbeddingBagConfig``, no weights) so the library's own
+    checks speak before any process group: complementary partitions, the concat split, path functions.
+
+    Table sizes come from the config (``torchrec_qr.train.data.num_embeddings``); hot ids need the training data's
+    id counts, so they are left out here (they change neither the schemes' validity nor the widths). Each
+    stored width must then suit FBGEMM's fused kernels.
+    """
+    if any(err.startswith(("data.", "model.embedding_dim", "embeddings.")) for err in errors):
+        return  # the tables are built from these keys: they are reported first
+    from torchrec_qr.distributed.plan_checks import FUSED_WIDTH_MULTIPLE
+    from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig
+    from torchrec_qr.train.data import num_embeddings
+    from torchrec_qr.train.model import table_configs
+
+    try:
+        tables = table_configs(replace(cfg, embeddings=replace(cfg.embeddings, hot_rows=0)), num_embeddings(cfg))
+    except ValueError as err:
+        errors.append(f"embeddings: {err}")
+        return
+    widths = (t.sub_embedding_dims() for t in tables if isinstance(t, CompositionalEmbeddingBagConfig))
+    dims = next((w for w in widths if any(d % FUSED_WIDTH_MULTIPLE for d in w)), None)
+    if dims is None:
+        return
+    m = FUSED_WIDTH_MULTIPLE
+    if len(set(dims)) > 1:  # only concat splits; mult/add widths are model.embedding_dim, checked above
+        errors.append(
+            f"embeddings.combine: concat splits model.embedding_dim={cfg.model.embedding_dim} into {len(dims)} "
+            f"parts of widths {dims}; fused TBE kernels need multiples of {m}: pick a dimension divisible by "
+            f"{m * len(dims)}"
+        )
+    else:
+        errors.append(
+            f"embeddings.combine: concat sub-tables of width {dims[0]} are not a multiple of {m}, which fused TBE "
+            "kernels need; raise model.embedding_dim or use mult/add"
+        )
 
 
 def _check_auto(errors: list[str], cfg: TrainingConfig) -> None:
-    from torchrec_qr.distributed.compression_planner import parse_bytes  # imports this module's package
+    # imported here: compression_planner imports this module's package
+    from torchrec_qr.distributed.compression_planner import parse_bytes
 
     e = cfg.embeddings
     if e.memory_per_rank is None:
