@@ -29,8 +29,8 @@ Timing: after ``--warmup`` steps per variant, ``--rounds`` rounds each run ``--i
 (the order rotates per round, so machine noise hits all alike). A barrier precedes each step; a step's time
 is the slowest rank's; the median over all measured steps is reported.
 
-Bytes: ``torch.distributed`` collectives are wrapped (as in ``tests/test_sharding.py``) for one extra step
-per variant and the tensors handed to them counted per rank: ids (integer tensors: input all-to-all of
+Bytes: ``torch.distributed`` collectives are wrapped (``common.CollectiveCounter``) for one extra step per
+variant and the tensors handed to them counted per rank: ids (integer tensors: input all-to-all of
 lengths, ids and splits) and embeddings (float tensors: pooled output all-to-all in the forward, its
 gradient in the backward).
 

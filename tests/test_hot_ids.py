@@ -11,7 +11,7 @@ import torch
 from conftest import make_kjt, random_bags, random_weights, reference_classes, table_grads
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from test_compositional_ebc import feature_sizes, materialize, reference_forward, reference_table
+from test_compositional_embedding_modules import feature_sizes, materialize, reference_forward, reference_table
 from test_partitions import SETTINGS, assert_complementary, assert_reported_pair_collides
 from torchrec import EmbeddingBagConfig, PoolingType
 
@@ -240,8 +240,8 @@ def test_composed_rows_distinct_and_hot_rows_private():
 @pytest.mark.parametrize("function", ["linear", "mlp_relu"])
 def test_path_tables_match_per_id_loop(function, weighted):
     """combine='path': hot ids all take the later partitions' class 0 function after their own row."""
-    from test_path import FUNCTIONS
-    from test_path import reference_forward as path_reference
+    from test_path_functions import FUNCTIONS
+    from test_path_functions import reference_forward as path_reference
 
     tables = [
         CompositionalEmbeddingBagConfig(

@@ -1,5 +1,5 @@
 """The training data path without processes: hashing is exact, table configs and the memory report follow
-the embeddings config; the global-batch layout itself is tested in test_data_loader.py."""
+the embeddings config; the global-batch layout itself is tested in test_dataloader.py."""
 
 from __future__ import annotations
 
