@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from dist_harness import run_ranks
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from sharding_cases import (
@@ -27,6 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from benchmarks.common import CollectiveCounter
 from torchrec_qr import CompositionalEmbeddingBagCollection
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
 
@@ -115,40 +115,9 @@ def test_every_partition_scheme_shards_row_wise_exactly(sharding: str) -> None:
                     assert err < 1e-6, f"rank {rank} {sharding} weighted={case['weighted']}: {name} differs by {err}"
 
 
-_INPUT_KWARG = {
-    "all_to_all_single": "input",
-    "all_to_all": "input_tensor_list",
-    "reduce_scatter": "input_list",
-    "reduce_scatter_tensor": "input",
-    "all_gather": "tensor",
-    "all_gather_into_tensor": "input_tensor",
-    "all_reduce": "tensor",
-}
-
-
-def _payload_bytes(name: str, args: tuple, kwargs: dict) -> int:
-    """Bytes of the tensor(s) a collective sends: its input argument (the 1st for all_reduce, else the 2nd)."""
-    position = 0 if name == "all_reduce" else 1
-    data = kwargs.get(_INPUT_KWARG[name], args[position] if len(args) > position else None)
-    tensors = data if isinstance(data, list) else [data]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
 def _count_bytes(rank: int, world_size: int, sharding: str) -> dict[str, int]:
     """Bytes handed to collectives during one forward+backward, for a plain EBC and the compositional one."""
-    sent = {"n": 0}
-    originals = {name: getattr(dist, name) for name in _INPUT_KWARG}
-
-    def counting(name: str):
-        def call(*args, **kwargs):
-            sent["n"] += _payload_bytes(name, args, kwargs)
-            return originals[name](*args, **kwargs)
-
-        return call
-
-    for name in _INPUT_KWARG:
-        setattr(dist, name, counting(name))
-    try:
+    with CollectiveCounter() as counter:
         # Row-wise: only tables both collections can shard row-wise, so the two plans are the same.
         tabs = [t for t in tables() if sharding != "rw" or row_wise_capable(t)]
         plain_tables = [
@@ -177,13 +146,10 @@ def _count_bytes(rank: int, world_size: int, sharding: str) -> dict[str, int]:
         ]:
             dmp = shard(module, sharder, sharding, world_size)
             dmp(batch(5, False, tabs)).sum().backward()  # first call sets up the dists
-            sent["n"] = 0
+            counter.bytes.clear()
             dmp(batch(6 + rank, False, tabs)).sum().backward()
-            result[label] = sent["n"]
+            result[label] = counter.total
         return result
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
 
 
 @pytest.mark.parametrize("sharding", ["tw", "cw", "rw"])
