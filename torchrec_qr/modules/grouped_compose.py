@@ -110,8 +110,8 @@ class GroupedComposer:
             g.columns = [_as_range_or_index(c) for c in g.part_columns]
             g.out = _as_range_or_index(g.out_columns)
         self._fallback_out = [slice(out_start[i], out_start[i] + self._fallback_width[i]) for i in self.fallback_slots]
-        covered = sorted(c for g in self.groups for cols in g.part_columns for c in cols)
-        self._covers_lookup = covered == list(range(self.lookup_width))
+        covered = {c for g in self.groups for cols in g.part_columns for c in cols}
+        self._uncovered = _column_runs([c for c in range(self.lookup_width) if c not in covered])
 
     def __call__(
         self, inputs: Inputs, looked_up: torch.Tensor, fallback: Callable[[int], torch.Tensor]
@@ -186,9 +186,13 @@ class _Compose(torch.autograd.Function):
         info: _Batch = ctx.info
         looked_up, weights = ctx.saved_tensors
         grad = grad.contiguous()
-        multi_id = any(g.per_id and not one_hot for g, one_hot in zip(composer.groups, info.one_hot))
-        full = composer._covers_lookup and info.rows == info.batch and not multi_id
-        grad_in = looked_up.new_empty(looked_up.shape) if full else looked_up.new_zeros(looked_up.shape)
+        # Groups write the gradient of every row they read. The other rows of their columns belong to the
+        # empty bags that pad each feature to the lookup's stride, whose gradient the TBE ignores; only columns
+        # no group reads (fallback slots, which get theirs through autograd) must be zero. A full zero fill of a
+        # multi-id lookup's gradient would cost as much as the lookup.
+        grad_in = looked_up.new_empty(looked_up.shape)
+        for cols in composer._uncovered:
+            grad_in[:, cols] = 0
         grad_w = torch.zeros_like(weights) if weights is not None and ctx.needs_input_grad[3] else None
         for g, one_hot in zip(composer.groups, info.one_hot):
             _backward_group(g, one_hot, info, looked_up, weights, grad, grad_in, grad_w)
@@ -252,6 +256,17 @@ def _backward_group(
                 grad_w[start : start + n] += (g_rows * _combine(g.combine, parts)).sum(1).to(grad_w.dtype)
             g_rows = g_rows * _feature_weights(f, n, info, weights).unsqueeze(1)
         _part_grads_into(g.combine, parts, g_rows, [(grad_in, c, n) for c in cols])
+
+
+def _column_runs(columns: list[int]) -> list[slice]:
+    """Sorted columns as maximal contiguous runs."""
+    runs: list[slice] = []
+    for c in columns:
+        if runs and runs[-1].stop == c:
+            runs[-1] = slice(runs[-1].start, c + 1)
+        else:
+            runs.append(slice(c, c + 1))
+    return runs
 
 
 def _combine(op: str, parts: list[torch.Tensor]) -> torch.Tensor:
