@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_qr import ChineseRemainder, ExplicitPartitions, HotIds, MixedRadix, QuotientRemainder
@@ -28,6 +29,20 @@ def make_kjt(bags: Bags, weights: dict[str, list[list[float]]] | None = None) ->
         lengths=torch.tensor(lengths, dtype=torch.int32),
         weights=w,
     )
+
+
+def plain_configs(tables: list[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:
+    """The logical tables as plain ``EmbeddingBagConfig`` s (for a reference EBC holding materialized rows)."""
+    return [
+        EmbeddingBagConfig(
+            name=t.name,
+            num_embeddings=t.num_embeddings,
+            embedding_dim=t.embedding_dim,
+            feature_names=list(t.feature_names),
+            pooling=t.pooling,
+        )
+        for t in tables
+    ]
 
 
 def random_bags(rng: random.Random, sizes: dict[str, int], batch: int, max_len: int = 4) -> Bags:

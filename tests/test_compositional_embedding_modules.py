@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_kjt, permuted_qr, random_bags, random_weights, reference_classes, table_grads
+from conftest import make_kjt, permuted_qr, plain_configs, random_bags, random_weights, reference_classes, table_grads
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 
 from torchrec_qr import (
@@ -119,16 +119,7 @@ def materialize(module):
 
 
 def full_table_ebc(tables, full, weighted):
-    plain = [
-        EmbeddingBagConfig(
-            name=t.name,
-            num_embeddings=t.num_embeddings,
-            embedding_dim=t.embedding_dim,
-            feature_names=list(t.feature_names),
-            pooling=t.pooling,
-        )
-        for t in tables
-    ]
+    plain = plain_configs(tables)
     ebc = EmbeddingBagCollection(plain, is_weighted=weighted)
     ebc.load_state_dict({f"embedding_bags.{name}.weight": w for name, w in full.items()})
     return ebc

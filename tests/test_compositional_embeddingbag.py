@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import plain_configs
 from dist_harness import run_ranks
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from sharding_cases import (
@@ -21,7 +22,6 @@ from sharding_cases import (
     tables,
 )
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -120,16 +120,7 @@ def _count_bytes(rank: int, world_size: int, sharding: str) -> dict[str, int]:
     with CollectiveCounter() as counter:
         # Row-wise: only tables both collections can shard row-wise, so the two plans are the same.
         tabs = [t for t in tables() if sharding != "rw" or row_wise_capable(t)]
-        plain_tables = [
-            EmbeddingBagConfig(
-                name=t.name,
-                num_embeddings=t.num_embeddings,
-                embedding_dim=t.embedding_dim,
-                feature_names=list(t.feature_names),
-                pooling=t.pooling,
-            )
-            for t in tabs
-        ]
+        plain_tables = plain_configs(tabs)
         fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
         result = {}
         for label, module, sharder in [

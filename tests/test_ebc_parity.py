@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torchrec
+from conftest import plain_configs
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -52,16 +53,7 @@ def _kjt(weighted: bool = False, device: str = "cpu") -> KeyedJaggedTensor:
 def _materialized(module: torch.nn.Module, weighted: bool) -> EmbeddingBagCollection:
     """A plain EBC holding the module's logical tables, row for row (our composed rows materialized)."""
     configs = module.embedding_bag_configs()
-    plain = [
-        EmbeddingBagConfig(
-            name=t.name,
-            num_embeddings=t.num_embeddings,
-            embedding_dim=t.embedding_dim,
-            feature_names=list(t.feature_names),
-            pooling=t.pooling,
-        )
-        for t in configs
-    ]
+    plain = plain_configs(configs)
     ref = EmbeddingBagCollection(plain, is_weighted=weighted)
     with torch.no_grad():
         for t in configs:
