@@ -84,6 +84,7 @@ from torchrec_qr.modules.compositional_embedding_modules import (
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
 from torchrec_qr.modules.hot_id_buffers import HotIdBuffers
 from torchrec_qr.modules.validation import check_features, check_id_ranges
+from torchrec_qr.modules.variable_batch import fixed_batch
 
 __all__ = [
     "CompositionalEmbeddingBagCollectionSharder",
@@ -269,10 +270,9 @@ class ShardedCompositionalEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
         if features.variable_stride_per_key():
-            raise ValueError(
-                "the sharded CompositionalEmbeddingBagCollection takes one batch size for every feature; "
-                "expand variable-batch (VBE) inputs first (torchrec_qr.modules.variable_batch.fixed_batch)"
-            )
+            # Bags expanded to the output batch before the input dist (exact, as the unsharded module does;
+            # the ids of a bag read by several samples travel once per sample).
+            features = fixed_batch(features)
         check_features(features, [f for t in self._parts.tables for f in t.feature_names], self._parts.is_weighted)
         if self._validate_ids:
             check_id_ranges(features, self._parts.tables)
