@@ -79,14 +79,15 @@ class CompositionalLookup(nn.Module):
         self.composer.partitions.update(partitions or {})  # (table, feature) -> the scheme this rank's ids go through
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        inputs = self.composer.expand(features, weighted=self._is_weighted)
-        outputs = [lookup(kjt) for lookup, kjt in zip(self._sources, inputs)]
+        inputs = self.composer.inputs(features)
+        lookup_inputs = self.composer.expand(inputs, weighted=self._is_weighted)
+        outputs = [lookup(kjt) for lookup, kjt in zip(self._sources, lookup_inputs)]
         if len(outputs) > 1 and self.replicated_grad_scale != 1:
             outputs[1] = scale_grad(outputs[1], self.replicated_grad_scale)
         if not self.composer.compose_slots:
             return outputs[0]  # an empty rank: the physical lookup's placeholder
         looked_up = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        return self.composer.compose(features, looked_up)
+        return self.composer.compose(inputs, looked_up)
 
 
 class GradScaled(nn.Module):

@@ -267,10 +267,11 @@ class LookupComposer:
             starts[key] = a
         return Inputs(jts, starts, weights, stride)
 
-    def expand(self, features: KeyedJaggedTensor, weighted: bool) -> list[KeyedJaggedTensor]:
-        """One lookup KJT per source (see module docstring). ``weighted``: whether lookups take weights."""
-        jts = self.inputs(features).jts
-        stride = features.stride()
+    def expand(self, inputs: Inputs, weighted: bool) -> list[KeyedJaggedTensor]:
+        """One lookup KJT per source (see module docstring) from ``inputs(features)``. ``weighted``: whether
+        lookups take weights."""
+        jts = inputs.jts
+        stride = inputs.stride
         if self.has_per_id:
             for s in self.expand_slots:
                 if s.per_id:
@@ -310,10 +311,10 @@ class LookupComposer:
             for source, (values, lengths, weights) in enumerate(parts)
         ]
 
-    def compose(self, features: KeyedJaggedTensor, looked_up: torch.Tensor) -> torch.Tensor:
-        """``[B, sum of output dims]``: each compose slot's pooled embedding, concatenated in slot order."""
+    def compose(self, inputs: Inputs, looked_up: torch.Tensor) -> torch.Tensor:
+        """``[B, sum of output dims]``: each compose slot's pooled embedding, concatenated in slot order
+        (``inputs``: the same ``inputs(features)`` that ``expand`` took)."""
         blocks: list[torch.Tensor] = []
-        inputs = self.inputs(features)
 
         def one_slot(i: int) -> torch.Tensor:
             if not blocks:

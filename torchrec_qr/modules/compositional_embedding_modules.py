@@ -53,9 +53,10 @@ def _pooled_embeddings(features: KeyedJaggedTensor, module: "CompositionalEmbedd
         return torch.empty(features.stride(), sum(module._embedding_dims), device="meta")
     if features.variable_stride_per_key():
         features = fixed_batch(features)
-    (lookup_input,) = module._composer.expand(features, weighted=module._is_weighted)
+    inputs = module._composer.inputs(features)
+    (lookup_input,) = module._composer.expand(inputs, weighted=module._is_weighted)
     looked_up = module._embedding_bag_collection(lookup_input)
-    return module._composer.compose(features, looked_up)
+    return module._composer.compose(inputs, looked_up)
 
 
 def _opaque_call(module: nn.Module, *args: object) -> object:
