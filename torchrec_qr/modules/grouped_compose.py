@@ -56,7 +56,6 @@ class _Batch:
     """What one batch tells the composition: sizes, per-feature bags and weights (host ints and tensors)."""
 
     batch: int
-    rows: int  # rows of the lookup output (its stride)
     one_hot: list[bool]  # per group
     bags: dict[tuple[str, str], tuple[torch.Tensor, int]]  # per-id multi-id feature -> (bag of each id, ids)
     weight_start: dict[tuple[str, str], int]  # per-id feature -> where its weights start in the KJT's weights
@@ -119,13 +118,13 @@ class GroupedComposer:
         fallback_outs = [fallback(i) for i in self.fallback_slots]
         if not self.groups:
             return fallback_outs[0] if len(fallback_outs) == 1 else torch.cat(fallback_outs, dim=1)
-        info = self._batch_info(inputs, looked_up.shape[0])
+        info = self._batch_info(inputs)
         weights = inputs.weights if info.weight_start else None
         return _Compose.apply(self, info, looked_up, weights, *fallback_outs)
 
-    def _batch_info(self, inputs: Inputs, rows: int) -> _Batch:
+    def _batch_info(self, inputs: Inputs) -> _Batch:
         batch = inputs.stride
-        info = _Batch(batch, rows, [], {}, {}, {})
+        info = _Batch(batch, [], {}, {}, {})
         weighted = inputs.weights is not None
         per_id_features = {f for g in self.groups if g.per_id for f in g.features}
         if not per_id_features:
