@@ -35,7 +35,6 @@ def path_functions_for(tables: list[EmbeddingBagConfig], device: torch.device | 
     )
 
 
-@torch.fx.wrap
 def _validate(features: KeyedJaggedTensor, module: "CompositionalEmbeddingBagCollection") -> KeyedJaggedTensor:
     if isinstance(features, KeyedJaggedTensor) and features.values().device.type == "meta":
         return features  # no values to read: shapes only
@@ -45,10 +44,9 @@ def _validate(features: KeyedJaggedTensor, module: "CompositionalEmbeddingBagCol
     return features
 
 
-@torch.fx.wrap
 def _pooled_embeddings(features: KeyedJaggedTensor, module: "CompositionalEmbeddingBagCollection") -> torch.Tensor:
-    """``[B, sum of dims]``: expand → sub-table lookups → compose. One opaque call in fx graphs: the bag
-    and id counts it depends on are data, not structure. On ``meta`` only the shape is known."""
+    """``[B, sum of dims]``: expand → sub-table lookups → compose (the eager training path; tracing, scripting
+    and export take ``ScriptedComposition``). On ``meta`` only the shape is known."""
     if features.values().device.type == "meta":
         return torch.empty(features.stride(), sum(module._embedding_dims), device="meta")
     if features.variable_stride_per_key():
