@@ -30,4 +30,6 @@ fi
 "$VENV/bin/python" - <<'PY'
 import torch, fbgemm_gpu, torchrec  # noqa: F401  (fails loudly if the triple does not load together)
 PY
+# The native compose kernel (C++/OpenMP): fails here, saying what to install, when no compiler is found.
+"$VENV/bin/python" -m torchrec_qr.ops
 touch "$STAMP"

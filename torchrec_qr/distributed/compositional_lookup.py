@@ -15,7 +15,9 @@ from torchrec.distributed.embedding_types import GroupedEmbeddingConfig
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_qr.distributed.torchrec_internals import split_tbes
 from torchrec_qr.modules.composition import LocalTable, LookupComposer
+from torchrec_qr.modules.fused_compose import FusedCompose
 from torchrec_qr.modules.partitions import Partition
 from torchrec_qr.modules.path_functions import PathFunctions, scale_grad
 
@@ -77,9 +79,17 @@ class CompositionalLookup(nn.Module):
             sharded_input=True,
         )
         self.composer.partitions.update(partitions or {})  # (table, feature) -> the scheme this rank's ids go through
+        # The native kernel composes straight from the TBEs' weights (see ``FusedCompose``). Row-wise shards
+        # (partial sums, replicated sub-tables) and data-parallel (dense) lookups keep the reference path.
+        tbes = split_tbes(sources[0][0]) if len(sources) == 1 and not mean_after_output_dist else None
+        self._fused_compose = (
+            FusedCompose.build(self.composer, tbes) if tbes is not None and self.composer.compose_slots else None
+        )
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         inputs = self.composer.inputs(features)
+        if self._fused_compose is not None:
+            return self._fused_compose(inputs)
         lookup_inputs = self.composer.expand(inputs, weighted=self._is_weighted)
         outputs = [lookup(kjt) for lookup, kjt in zip(self._sources, lookup_inputs)]
         if len(outputs) > 1 and self.replicated_grad_scale != 1:

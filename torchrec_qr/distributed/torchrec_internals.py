@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
 from torchrec.distributed.embedding_sharding import EmbeddingSharding
 from torchrec.distributed.embedding_types import GroupedEmbeddingConfig
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
@@ -29,6 +30,7 @@ __all__ = [
     "set_in_backward_optimizer",
     "shardings",
     "skip_input_dist",
+    "split_tbes",
 ]
 
 # What ``apply_optimizer_in_backward`` sets on a parameter, and TorchRec's sharders and planner read from the
@@ -54,6 +56,14 @@ def local_grouped_configs(sharding: EmbeddingSharding, rank: int) -> list[Groupe
 def lookups_by_sharding_type(module: ShardedEmbeddingBagCollection) -> dict[str, nn.Module]:
     """Sharding type → the module's lookup for it (DDP-wrapped for data_parallel)."""
     return dict(zip(module._sharding_types, module._lookups))
+
+
+def split_tbes(lookup: nn.Module) -> list[nn.Module] | None:
+    """The FBGEMM TBE of each group of a pooled lookup, in its grouped configs' (and tables') order; None for
+    any other module."""
+    if not isinstance(lookup, GroupedPooledEmbeddingsLookup):
+        return None
+    return [kernel.emb_module for kernel in lookup._emb_modules]
 
 
 def add_lookup(module: ShardedEmbeddingBagCollection, lookup: nn.Module) -> None:

@@ -80,6 +80,7 @@ class ExpandSlot:
     per_id: bool
     source: int = 0  # which lookup serves it (a sharded rank may compose from several)
     table: str = ""  # the logical table (a feature may be read by several)
+    local_table: int = 0  # position of its physical table (or shard) among its source's tables
 
 
 @dataclass(frozen=True)
@@ -201,13 +202,13 @@ class LookupComposer:
         # (logical table, feature, partition, col offset) -> block
         block_of: dict[tuple[str, str, int | None, int], int] = {}
         for source, local_tables in enumerate(sources):
-            for shard in local_tables:
+            for position, shard in enumerate(local_tables):
                 logical, j = origin[shard.name]
                 per_id = looks_up_per_id(logical, is_weighted)
                 for phys_feature in shard.feature_names:
                     feature = phys_feature if j is None else phys_feature.rsplit(SUB_TABLE_SEPARATOR, 1)[0]
                     block_of[(logical.name, feature, j, shard.col_offset)] = len(expand)
-                    expand.append(ExpandSlot(feature, j, per_id, source, logical.name))
+                    expand.append(ExpandSlot(feature, j, per_id, source, logical.name, position))
                     widths.append(shard.width)
         compose: list[ComposeSlot] = []
         for shard in outputs:

@@ -15,6 +15,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_qr.modules.batched_embedding_bags import BatchedEmbeddingBags
 from torchrec_qr.modules.composition import LookupComposer, _combine
 from torchrec_qr.modules.embedding_configs import CompositionalEmbeddingBagConfig, physical_table_configs
+from torchrec_qr.modules.fused_compose import FusedCompose
 from torchrec_qr.modules.hot_id_buffers import HotIdBuffers
 from torchrec_qr.modules.path_functions import PathFunctions
 from torchrec_qr.modules.scripted_composition import ScriptedComposition
@@ -52,6 +53,8 @@ def _pooled_embeddings(features: KeyedJaggedTensor, module: "CompositionalEmbedd
     if features.variable_stride_per_key():
         features = fixed_batch(features)
     inputs = module._composer.inputs(features)
+    if module._fused_compose is not None:
+        return module._fused_compose(inputs)
     (lookup_input,) = module._composer.expand(inputs, weighted=module._is_weighted)
     looked_up = module._embedding_bag_collection(lookup_input)
     return module._composer.compose(inputs, looked_up)
@@ -129,6 +132,7 @@ class CompositionalEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._hot_ids = HotIdBuffers(tables, device)  # HotIds tables' lists: state dict keys _hot_ids.{table}
         self._composer = LookupComposer.for_tables(self._embedding_bag_configs, is_weighted, self._path_functions)
         assert self._composer.physical_feature_names() == self._embedding_bag_collection.feature_names()
+        self._fused_compose: FusedCompose | None = None  # set by storages with a fused optimizer
         self._scripted = ScriptedComposition(
             self._composer,
             self._embedding_bag_configs,

@@ -18,6 +18,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from torchrec_qr.modules.batched_embedding_bags import BatchedEmbeddingBags
 from torchrec_qr.modules.compositional_embedding_modules import CompositionalEmbeddingBagCollection
+from torchrec_qr.modules.fused_compose import FusedCompose
 
 __all__ = ["FusedCompositionalEmbeddingBagCollection"]
 
@@ -70,6 +71,9 @@ class FusedCompositionalEmbeddingBagCollection(CompositionalEmbeddingBagCollecti
             validate_ids,
             storage=partial(_fused_storage, optimizer=optimizer, optimizer_kwargs=kwargs),
         )
+        # The native kernel composes straight from the TBEs' weights and applies their optimizer (see
+        # ``FusedCompose``); where it does not apply, the TBEs' own fused backward does.
+        self._fused_compose = FusedCompose.build(self._composer, list(self._embedding_bag_collection._emb_modules))
         self._optimizer_type = optimizer_type
         self._optimizer_kwargs = optimizer_kwargs
         storage_optim = self._embedding_bag_collection.fused_optimizer

@@ -1,0 +1,187 @@
+"""The native compose kernel (``FusedCompose``) against FBGEMM's own path: the same module with the kernel off
+(``TORCHREC_QR_COMPOSE_KERNEL=0``) looks up through the split TBE, composes with the reference code and lets
+FBGEMM's fused backward apply the optimizer. Outputs, weights and optimizer state must agree over several
+steps, for every combine op, pooling, weighting, composition mode and fused optimizer the kernel serves."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torchrec
+from dist_harness import run_ranks
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from sharding_cases import batch, reference, shard
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_qr import (
+    FusedCompositionalEmbeddingBagCollection,
+    MixedRadix,
+    PathFunction,
+    QuotientRemainder,
+    compress,
+)
+from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
+from torchrec_qr.ops.build import ENV_SWITCH
+
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, {"lr": 0.3}),
+    "rowwise_adagrad": (torchrec.optim.RowWiseAdagrad, {"lr": 0.3, "eps": 1e-8}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 0.3, "eps": 1e-8}),
+}
+
+
+def _tables(combine: str, pooling: PoolingType, composition: str) -> list[EmbeddingBagConfig]:
+    """A shared two-feature table (k=2), a k=3 table, and a plain table."""
+    plain = [
+        EmbeddingBagConfig(name="big", num_embeddings=997, embedding_dim=8, feature_names=["a", "b"], pooling=pooling),
+        EmbeddingBagConfig(name="wide", num_embeddings=500, embedding_dim=12, feature_names=["c"], pooling=pooling),
+        EmbeddingBagConfig(name="small", num_embeddings=7, embedding_dim=4, feature_names=["d"], pooling=pooling),
+    ]
+    sub_dims = {"sub_dims": [4, 4, 4]} if combine == "concat" else {}
+    big = compress(plain[:1], QuotientRemainder(collisions=10), combine=combine, composition=composition)
+    wide = compress(plain[1:2], MixedRadix((8, 8, 8)), combine=combine, composition=composition)
+    if sub_dims:
+        wide = [replace(w, **sub_dims) for w in wide]
+    return big + wide + plain[2:]
+
+
+def _batch(weighted: bool, seed: int, batch_size: int = 6) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    keys, rows = ["a", "b", "c", "d"], [997, 997, 500, 7]
+    lengths = torch.randint(0, 5, (len(keys) * batch_size,), generator=g)
+    per_key = lengths.view(len(keys), batch_size).sum(1).tolist()
+    values = torch.cat([torch.randint(0, r, (n,), generator=g) for r, n in zip(rows, per_key)])
+    weights = torch.rand(values.numel(), generator=g) if weighted else None
+    return KeyedJaggedTensor.from_lengths_sync(keys, values, lengths, weights=weights)
+
+
+def _module(tables, optimizer: str, weighted: bool, kernel: bool, monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, "1" if kernel else "0")
+    cls, kwargs = OPTIMIZERS[optimizer]
+    torch.manual_seed(0)
+    module = FusedCompositionalEmbeddingBagCollection(tables, cls, kwargs, is_weighted=weighted, validate_ids=False)
+    assert (module._fused_compose is not None) == kernel
+    return module
+
+
+def _optimizer_state(module: FusedCompositionalEmbeddingBagCollection) -> dict[str, torch.Tensor]:
+    state = module.fused_optimizer().state_dict()["state"]
+    return {f"{param}.{name}": value for param, states in state.items() for name, value in states.items()}
+
+
+def _train_both(kernel_module, reference_module, weighted: bool, steps: int = 3) -> None:
+    reference_module.load_state_dict(kernel_module.state_dict())
+    for step in range(steps):
+        kjt = _batch(weighted, step)
+        out_k, out_r = kernel_module(kjt).values(), reference_module(kjt).values()
+        torch.testing.assert_close(out_k, out_r, rtol=0, atol=1e-6)
+        target = torch.randn(out_k.shape, generator=torch.Generator().manual_seed(100 + step))
+        (out_k * target).sum().backward()
+        (out_r * target).sum().backward()
+    for key, value in reference_module.state_dict().items():
+        torch.testing.assert_close(kernel_module.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    state_k, state_r = _optimizer_state(kernel_module), _optimizer_state(reference_module)
+    assert state_k.keys() == state_r.keys()
+    for key, value in state_r.items():
+        torch.testing.assert_close(state_k[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize(
+    "combine,composition", [("mult", "per_id"), ("mult", "pooled"), ("add", "per_id"), ("concat", "per_id")]
+)
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_kernel_equals_fbgemm_path(
+    combine: str, composition: str, pooling: PoolingType, weighted: bool, optimizer: str, monkeypatch
+) -> None:
+    tables = _tables(combine, pooling, composition)
+    kernel = _module(tables, optimizer, weighted, True, monkeypatch)
+    ref = _module(tables, optimizer, weighted, False, monkeypatch)
+    _train_both(kernel, ref, weighted)
+
+
+def test_learning_rate_changes_reach_the_kernel(monkeypatch) -> None:
+    tables = _tables("mult", PoolingType.SUM, "per_id")
+    kernel = _module(tables, "rowwise_adagrad", False, True, monkeypatch)
+    ref = _module(tables, "rowwise_adagrad", False, False, monkeypatch)
+    for module in (kernel, ref):
+        for group in module.fused_optimizer().param_groups:
+            group["lr"] = 0.01
+        module.fused_optimizer().step()  # a fused optimizer's step only pushes the learning rate to FBGEMM
+    _train_both(kernel, ref, False, steps=2)
+    before = {k: v.clone() for k, v in kernel.state_dict().items()}
+    for group in kernel.fused_optimizer().param_groups:
+        group["lr"] = 0.0
+    kernel.fused_optimizer().step()
+    kernel(_batch(False, 9)).values().sum().backward()
+    for key, value in kernel.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+
+
+def test_out_of_range_ids_fail_clearly_without_validation(monkeypatch) -> None:
+    tables = _tables("mult", PoolingType.SUM, "per_id")
+    module = _module(tables, "sgd", False, True, monkeypatch)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        ["a", "b", "c", "d"], torch.tensor([5000, 1, 2, 3]), torch.tensor([1, 1, 1, 1])
+    )
+    with pytest.raises(RuntimeError, match="out of range"):
+        module(kjt)
+
+
+def test_path_tables_keep_the_reference_path(monkeypatch) -> None:
+    monkeypatch.setenv(ENV_SWITCH, "1")
+    (table,) = compress(
+        [EmbeddingBagConfig(name="p", num_embeddings=100, embedding_dim=8, feature_names=["a"])],
+        QuotientRemainder(collisions=10),
+        combine="path",
+        path=PathFunction(),
+    )
+    module = FusedCompositionalEmbeddingBagCollection([table], torch.optim.SGD, {"lr": 0.1})
+    assert module._fused_compose is None
+    kjt = KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([3, 99]), torch.tensor([1, 1]))
+    assert module(kjt).values().shape == (2, 8)
+
+
+LR = 0.2
+
+
+def _sharded_kernel_vs_reference(rank: int, world_size: int, sharding: str) -> dict:
+    """The same sharded model trained with the kernel on and off; returns output and weight differences and
+    whether each lookup used the kernel."""
+    import os
+
+    fused = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": LR, "eps": 1e-8}
+    runs = {}
+    for kernel in (True, False):
+        os.environ[ENV_SWITCH] = "1" if kernel else "0"
+        sharder = CompositionalEmbeddingBagCollectionSharder(fused_params=fused)
+        dmp = shard(reference(False), sharder, sharding, world_size)
+        outs = []
+        for step in range(3):
+            out = dmp(batch(step * world_size + rank, False))
+            outs.append(out.detach().clone())
+            out.pow(2).sum().backward()
+        lookups = dmp.module.ebc._lookups
+        runs[kernel] = (outs, dmp.state_dict(), [lk._fused_compose is not None for lk in lookups])
+    (outs_k, state_k, used_k), (outs_r, state_r, used_r) = runs[True], runs[False]
+    out_diff = max((a - b).abs().max().item() for a, b in zip(outs_k, outs_r))
+    weight_diff = 0.0
+    for key, value in state_r.items():
+        local_k = state_k[key].local_shards() if hasattr(value, "local_shards") else None
+        if local_k is None:
+            weight_diff = max(weight_diff, (state_k[key] - value).abs().max().item())
+            continue
+        for a, b in zip(local_k, value.local_shards()):
+            weight_diff = max(weight_diff, (a.tensor - b.tensor).abs().max().item())
+    return {"out": out_diff, "weights": weight_diff, "kernel": used_k, "reference": used_r}
+
+
+@pytest.mark.parametrize("sharding", ["tw", "cw"])
+def test_sharded_kernel_equals_fbgemm_path(sharding: str) -> None:
+    for report in run_ranks(_sharded_kernel_vs_reference, 2, sharding):
+        assert any(report["kernel"]) and not any(report["reference"]), report
+        assert report["out"] < 1e-5 and report["weights"] < 1e-5, report

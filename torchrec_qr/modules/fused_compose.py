@@ -1,0 +1,181 @@
+"""``FusedCompose``: lookup, composition, pooling and the fused optimizer step in one native kernel.
+
+The reference path (``LookupComposer.expand`` → TBE → ``compose``) materializes every id's sub-table rows: a
+per-id ``mult`` lookup returns ``[ids, k x D]`` floats, its backward writes as many gradient rows, and the
+product and its gradients are three more passes over them. With ``L`` ids per bag that is ``2L`` times the
+pooled output a plain EBC writes. The kernel (``torchrec_qr/ops/compose_kernel.cpp``) instead reads each id's
+rows straight from the TBE's weights, composes and pools them into the output columns, and in the backward
+sums each touched row's gradient and applies the TBE's own optimizer (SGD, row-wise Adagrad, Adagrad, FBGEMM's
+update rules) to the TBE's weights and state: same parameters, same state-dict keys, same fused optimizer
+(learning-rate changes reach it), nothing per id materialized.
+
+It serves lookups whose every table lives in FP32 CPU split TBEs with one of those optimizers (no weight
+decay, clipping or max-norm) and whose outputs compose by ``none``/``concat``/``add``/``mult`` (per id or
+pooled); anything else (dense TBEs, path tables, row-wise shards with replicated sub-tables, GPU tables) keeps
+the reference path. ``TORCHREC_QR_COMPOSE_KERNEL=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+
+from torchrec_qr.modules.composition import LookupComposer
+from torchrec_qr.modules.composition_inputs import Inputs
+from torchrec_qr.ops import compose_ops_available
+
+__all__ = ["FusedCompose"]
+
+logger = logging.getLogger(__name__)
+
+_OPTIMIZERS = {EmbOptimType.EXACT_SGD: 0, EmbOptimType.EXACT_ROWWISE_ADAGRAD: 1, EmbOptimType.EXACT_ADAGRAD: 2}
+_CONCAT, _ADD, _MULT, _POOLED_MULT = 0, 1, 2, 3
+_OPS = {"none": _CONCAT, "concat": _CONCAT, "add": _ADD, "mult": _MULT}
+
+
+class FusedCompose:
+    """Composes a ``LookupComposer``'s outputs from split TBEs' weights with the native kernel; build with
+    ``FusedCompose.build`` (None where the kernel does not apply), call with ``composer.inputs(features)``.
+
+    Args:
+        composer: the lookup's composer (one source: the TBEs).
+        tbes: the split TBEs holding the source's tables, in the composer's table order.
+    """
+
+    def __init__(self, composer: LookupComposer, tbes: Sequence[SplitTableBatchedEmbeddingBagsCodegen]) -> None:
+        self._composer = composer
+        self._tbes = list(tbes)
+        dims = [dim for tbe in self._tbes for _, dim, _, _ in tbe.embedding_specs]
+        slots: list[int] = []
+        parts: list[int] = []
+        # Per slot: its (table, feature) and, per part, the partition index of its ids (None: the ids).
+        self._slot_inputs: list[tuple[tuple[str, str], list[int | None]]] = []
+        out_col = 0
+        for s in composer.compose_slots:
+            expand = [composer.expand_slots[b] for b in s.blocks]
+            op = _POOLED_MULT if s.pool_first else _OPS[s.combine]
+            slots += [op, int(s.mean), len(parts) // 2, len(expand), out_col]
+            col = out_col
+            for e in expand:
+                parts += [e.local_table, col]
+                if op == _CONCAT:
+                    col += dims[e.local_table]
+            out_col = col if op == _CONCAT else out_col + dims[expand[0].local_table]
+            self._slot_inputs.append(((s.table, s.feature), [e.partition_index for e in expand]))
+        self._slots, self._parts, self._width = slots, parts, out_col
+        self._optimizers = [_OPTIMIZERS[tbe.optimizer] for tbe in self._tbes for _ in tbe.embedding_specs]
+        # Autograd reaches the backward through this (as FBGEMM's TBE does through its placeholder).
+        self._placeholder = torch.zeros(0, requires_grad=True)
+        self._storage: tuple[tuple[int, ...], list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @staticmethod
+    def build(composer: LookupComposer, tbes: Sequence[Any]) -> FusedCompose | None:
+        """A kernel for ``composer`` over ``tbes`` (holding its source's tables in order), or None (logged
+        at INFO with the reason) where it does not apply."""
+        reason = _unsupported(composer, tbes)
+        if reason is None and not compose_ops_available():
+            reason = "the native kernel is off or could not be built"
+        if reason is not None:
+            logger.info("reference composition: %s", reason)
+            return None
+        return FusedCompose(composer, tbes)
+
+    def __call__(self, inputs: Inputs) -> torch.Tensor:
+        indices: list[torch.Tensor] = []
+        lengths: list[torch.Tensor] = []
+        weights: list[torch.Tensor] = []
+        sub_ids: dict[tuple[str, str], torch.Tensor] = {}
+        weighted = inputs.weights is not None
+        for key, partition_indices in self._slot_inputs:
+            jt = inputs.jts[key]
+            ids = jt.values()
+            lengths.append(jt.lengths())
+            if weighted:
+                weights.append(jt.weights().to(torch.float32))
+            for j in partition_indices:
+                if j is None:
+                    indices.append(ids.to(torch.int64))
+                    continue
+                if key not in sub_ids:
+                    sub_ids[key] = self._composer.partitions[key].indices(ids)
+                indices.append(sub_ids[key][j])
+        return _FusedComposeFunction.apply(self._placeholder, self, inputs.stride, indices, lengths, weights)
+
+    def tables_and_states(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each table's ``[rows, D]`` weights and optimizer state (views into the TBEs), rebuilt only when a
+        TBE's buffers were replaced."""
+        key = tuple(p for tbe in self._tbes for p in (tbe.weights_host.data_ptr(), tbe.momentum1_host.data_ptr()))
+        if self._storage is None or self._storage[0] != key:
+            tables: list[torch.Tensor] = []
+            states: list[torch.Tensor] = []
+            for tbe in self._tbes:
+                tables += tbe.split_embedding_weights()
+                if tbe.optimizer == EmbOptimType.EXACT_SGD:
+                    states += [torch.empty(0)] * len(tbe.embedding_specs)
+                else:
+                    states += [table_states[0] for table_states in tbe.split_optimizer_states()]
+            self._storage = (key, tables, states)
+        return self._storage[1], self._storage[2]
+
+    def apply_update(self, grad: torch.Tensor, batch: int, *inputs: list[torch.Tensor]) -> None:
+        """The backward: every touched row's gradient, then the TBEs' optimizer applied in place."""
+        indices, lengths, weights = inputs
+        tables, states = self.tables_and_states()
+        lrs = [tbe.get_learning_rate() for tbe in self._tbes for _ in tbe.embedding_specs]
+        eps = [float(tbe.optimizer_args.eps) for tbe in self._tbes for _ in tbe.embedding_specs]
+        torch.ops.torchrec_qr.compose_backward_update(
+            grad, tables, states, indices, lengths, weights, self._slots, self._parts, self._optimizers, lrs, eps, batch
+        )
+
+
+class _FusedComposeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        placeholder: torch.Tensor,
+        kernel: FusedCompose,
+        batch: int,
+        indices: list[torch.Tensor],
+        lengths: list[torch.Tensor],
+        weights: list[torch.Tensor],
+    ) -> torch.Tensor:
+        ctx.kernel, ctx.batch, ctx.inputs = kernel, batch, (indices, lengths, weights)
+        tables, _ = kernel.tables_and_states()
+        return torch.ops.torchrec_qr.compose_forward(
+            tables, indices, lengths, weights, kernel._slots, kernel._parts, batch, kernel._width
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:
+        ctx.kernel.apply_update(grad.contiguous(), ctx.batch, *ctx.inputs)
+        return (None,) * 6
+
+
+def _unsupported(composer: LookupComposer, tbes: Sequence[Any]) -> str | None:
+    """Why the kernel cannot serve this lookup, or None."""
+    if composer.num_sources != 1:
+        return "sub-tables come from more than one lookup"
+    for tbe in tbes:
+        if not isinstance(tbe, SplitTableBatchedEmbeddingBagsCodegen):
+            return f"{type(tbe).__name__} is not a split TBE with a fused optimizer"
+        if not tbe.use_cpu or tbe.weights_precision != SparseType.FP32:
+            return "tables are not FP32 on CPU"
+        if tbe.optimizer not in _OPTIMIZERS:
+            return f"optimizer {tbe.optimizer} (the kernel applies SGD, row-wise Adagrad and Adagrad)"
+        args = tbe.optimizer_args
+        if args.weight_decay != 0 or args.gradient_clipping or args.max_norm != 0:
+            return "weight decay, gradient clipping or max-norm is set"
+        if getattr(tbe, "_global_weight_decay", None) is not None or getattr(tbe, "use_writeback_bwd_prehook", False):
+            return "global weight decay or a write-back hook is set"
+    num_tables = sum(len(tbe.embedding_specs) for tbe in tbes)
+    if any(e.local_table >= num_tables for e in composer.expand_slots):
+        return "the TBEs hold fewer tables than the lookup reads"
+    for s in composer.compose_slots:
+        if s.combine == "path":
+            return f"table {s.table!r} composes with path functions"
+    return None

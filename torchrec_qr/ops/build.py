@@ -1,0 +1,79 @@
+"""Build and load ``compose_kernel.cpp`` (``torch.ops.torchrec_qr.*``) with torch's C++ extension builder.
+
+The kernel is compiled for this machine (OpenMP, AVX2/FMA where the CPU has them) into torch's extension
+directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), once per source and flag set;
+concurrent ranks wait on the builder's lock. Without a C++ compiler the modules fall back to the reference
+composition (the same function, slower); ``python -m torchrec_qr.ops`` fails with what to install.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+__all__ = ["ENV_SWITCH", "compose_ops_available", "load_compose_ops"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("compose_kernel.cpp")
+# "0" turns the fused compose kernel off (the modules then compose with the reference path).
+ENV_SWITCH = "TORCHREC_QR_COMPOSE_KERNEL"
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= flags else []
+
+
+def load_compose_ops() -> None:
+    """Compile (if needed) and load the kernel; raises ``RuntimeError`` naming what is missing."""
+    _load()
+
+
+@functools.cache
+def _load() -> None:
+    if hasattr(torch.ops.torchrec_qr, "compose_forward"):
+        return
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(
+            f"the compose kernel needs a C++ compiler ({compiler!r} not found): install g++ (e.g. "
+            "`apt-get install build-essential`) or set CXX; until then the reference composition is used"
+        )
+    from torch.utils import cpp_extension
+
+    march = _cpu_flags()
+    cpp_extension.load(
+        name="torchrec_qr_compose" + ("_avx2" if march else ""),
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-fopenmp", *march],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def compose_ops_available() -> bool:
+    """Whether the fused compose kernel is enabled (``TORCHREC_QR_COMPOSE_KERNEL`` is not ``0``) and loads;
+    a failed build is logged once and the reference composition is used."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    try:
+        _load()
+    except (RuntimeError, OSError) as e:
+        _warn_once(str(e))
+        return False
+    return True
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning("fused compose kernel unavailable, composing with the reference path: %s", message)

@@ -1,0 +1,507 @@
+// Fused lookup + composition + pooling for compositional embedding bags on CPU, and its backward with the
+// optimizer applied in place (as FBGEMM's fused TBE backward does).
+//
+// A *slot* is one pooled output (a feature of a logical table, or a column shard of one): its bags (lengths),
+// optional per-id weights, and its *parts*, one per sub-table, each an index tensor into one table. The
+// forward reads each id's sub-table rows, combines them (concat, add, per-id mult, or pooled mult: each part
+// pooled, then multiplied), pools per bag (SUM or MEAN) and writes the result straight into its output
+// columns: no per-id rows are materialized. The backward accumulates each touched row's gradient (counting
+// sort of the rows per table) from the output gradient and the other parts' rows, then, once every gradient
+// is known (products read the pre-update rows), applies SGD, row-wise Adagrad or Adagrad with FBGEMM's update
+// rules to the tables and their optimizer state.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace {
+
+enum Op : int64_t { kConcat = 0, kAdd = 1, kMult = 2, kPooledMult = 3 };
+enum Optimizer : int64_t { kSgd = 0, kRowwiseAdagrad = 1, kAdagrad = 2 };
+
+constexpr int64_t kSlotFields = 5;  // op, mean, first part, number of parts, output column
+constexpr int64_t kPartFields = 2;  // table, output column
+
+struct Layout {
+  int64_t batch = 0;
+  int64_t out_width = 0;
+  int64_t num_slots = 0;
+  int64_t num_parts = 0;
+  std::vector<int64_t> op, mean, first, count, slot_col, n;  // per slot
+  std::vector<std::vector<int64_t>> offsets;                 // per slot, batch + 1
+  std::vector<const float*> w;                               // per slot, null when unweighted
+  std::vector<int64_t> table, col, slot_of;                  // per part
+  std::vector<const int64_t*> idx;                           // per part
+  std::vector<float*> tab;                                   // per table
+  std::vector<int64_t> rows, dims;                           // per table
+
+  float scale(int64_t s, int64_t b) const {
+    const int64_t len = offsets[s][b + 1] - offsets[s][b];
+    return (mean[s] && len > 0) ? 1.0f / static_cast<float>(len) : 1.0f;
+  }
+  const float* row(int64_t p, int64_t i) const {
+    const int64_t t = table[p];
+    return tab[t] + idx[p][i] * dims[t];
+  }
+};
+
+template <typename T>
+void fill_offsets(const at::Tensor& lengths, std::vector<int64_t>& out) {
+  const T* len = lengths.data_ptr<T>();
+  out.resize(lengths.numel() + 1);
+  out[0] = 0;
+  for (int64_t b = 0; b < lengths.numel(); ++b) {
+    out[b + 1] = out[b] + static_cast<int64_t>(len[b]);
+  }
+}
+
+Layout make_layout(
+    at::TensorList tables,
+    at::TensorList indices,
+    at::TensorList lengths,
+    at::TensorList weights,
+    at::IntArrayRef slots,
+    at::IntArrayRef parts,
+    int64_t batch,
+    int64_t out_width) {
+  Layout L;
+  L.batch = batch;
+  L.out_width = out_width;
+  TORCH_CHECK(slots.size() % kSlotFields == 0 && parts.size() % kPartFields == 0, "malformed compose layout");
+  L.num_slots = static_cast<int64_t>(slots.size()) / kSlotFields;
+  L.num_parts = static_cast<int64_t>(parts.size()) / kPartFields;
+  TORCH_CHECK(static_cast<int64_t>(lengths.size()) == L.num_slots, "one lengths tensor per slot expected");
+  TORCH_CHECK(static_cast<int64_t>(indices.size()) == L.num_parts, "one index tensor per part expected");
+  TORCH_CHECK(weights.empty() || static_cast<int64_t>(weights.size()) == L.num_slots, "one weight tensor per slot");
+  for (const auto& t : tables) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.is_contiguous(),
+                "compose kernel tables must be contiguous float32 CPU matrices");
+    L.tab.push_back(t.data_ptr<float>());
+    L.rows.push_back(t.size(0));
+    L.dims.push_back(t.size(1));
+  }
+  L.slot_of.assign(L.num_parts, -1);
+  for (int64_t s = 0; s < L.num_slots; ++s) {
+    const int64_t* f = slots.data() + s * kSlotFields;
+    L.op.push_back(f[0]);
+    L.mean.push_back(f[1]);
+    L.first.push_back(f[2]);
+    L.count.push_back(f[3]);
+    L.slot_col.push_back(f[4]);
+    TORCH_CHECK(f[0] >= kConcat && f[0] <= kPooledMult && f[3] >= 1 && f[2] >= 0 && f[2] + f[3] <= L.num_parts,
+                "malformed compose slot ", s);
+    const at::Tensor& len = lengths[s];
+    TORCH_CHECK(len.device().is_cpu() && len.is_contiguous() && len.numel() == batch, "slot ", s,
+                ": lengths must be a contiguous CPU tensor of the batch size");
+    L.offsets.emplace_back();
+    if (len.scalar_type() == at::kInt) {
+      fill_offsets<int32_t>(len, L.offsets.back());
+    } else {
+      TORCH_CHECK(len.scalar_type() == at::kLong, "slot ", s, ": lengths must be int32 or int64");
+      fill_offsets<int64_t>(len, L.offsets.back());
+    }
+    L.n.push_back(L.offsets.back()[batch]);
+    const float* w = nullptr;
+    if (!weights.empty()) {
+      const at::Tensor& wt = weights[s];
+      TORCH_CHECK(wt.scalar_type() == at::kFloat && wt.is_contiguous() && wt.numel() == L.n[s], "slot ", s,
+                  ": weights must be contiguous float32, one per id");
+      w = wt.data_ptr<float>();
+    }
+    L.w.push_back(w);
+    for (int64_t p = f[2]; p < f[2] + f[3]; ++p) {
+      L.slot_of[p] = s;
+    }
+  }
+  for (int64_t p = 0; p < L.num_parts; ++p) {
+    const int64_t* f = parts.data() + p * kPartFields;
+    const int64_t s = L.slot_of[p];
+    TORCH_CHECK(s >= 0, "part ", p, " belongs to no slot");
+    TORCH_CHECK(f[0] >= 0 && f[0] < static_cast<int64_t>(tables.size()), "part ", p, ": no table ", f[0]);
+    L.table.push_back(f[0]);
+    L.col.push_back(f[1]);
+    TORCH_CHECK(f[1] >= 0 && f[1] + L.dims[f[0]] <= out_width, "part ", p, ": columns out of the output");
+    const at::Tensor& ix = indices[p];
+    TORCH_CHECK(ix.scalar_type() == at::kLong && ix.is_contiguous() && ix.numel() == L.n[s], "part ", p,
+                ": indices must be contiguous int64, one per id of its slot");
+    L.idx.push_back(ix.data_ptr<int64_t>());
+    if (L.op[s] != kConcat) {
+      TORCH_CHECK(L.dims[f[0]] == L.dims[L.table[L.first[s]]], "slot ", s, ": parts combined by add/mult must have equal widths");
+    }
+  }
+  return L;
+}
+
+void check_bounds(const Layout& L) {
+  at::parallel_for(0, L.num_parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t rows = L.rows[L.table[p]];
+      const int64_t* ix = L.idx[p];
+      for (int64_t i = 0; i < L.n[L.slot_of[p]]; ++i) {
+        TORCH_CHECK(ix[i] >= 0 && ix[i] < rows, "compose kernel: index ", ix[i], " is out of range for table ",
+                    L.table[p], " of ", rows, " rows");
+      }
+    }
+  });
+}
+
+inline void axpy(int64_t d, float a, const float* x, float* y) {
+  for (int64_t j = 0; j < d; ++j) {
+    y[j] += a * x[j];
+  }
+}
+
+inline void scale_by(int64_t d, float a, float* y) {
+  if (a != 1.0f) {
+    for (int64_t j = 0; j < d; ++j) {
+      y[j] *= a;
+    }
+  }
+}
+
+// Pools each part of slot s over bag b into tmp (count x D, each factor scaled for MEAN); the first part
+// takes the per-id weights (pooled-mode mult, as the kernel-pooled path applies them).
+void pool_parts(const Layout& L, int64_t s, int64_t b, float* tmp) {
+  const int64_t p0 = L.first[s], D = L.dims[L.table[p0]];
+  const int64_t start = L.offsets[s][b], end = L.offsets[s][b + 1];
+  for (int64_t k = 0; k < L.count[s]; ++k) {
+    float* acc = tmp + k * D;
+    std::fill(acc, acc + D, 0.0f);
+    const float* w = k == 0 ? L.w[s] : nullptr;
+    for (int64_t i = start; i < end; ++i) {
+      axpy(D, w ? w[i] : 1.0f, L.row(p0 + k, i), acc);
+    }
+    scale_by(D, L.scale(s, b), acc);
+  }
+}
+
+void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* tmp) {
+  const int64_t start = L.offsets[s][b], end = L.offsets[s][b + 1];
+  const float scale = L.scale(s, b);
+  const float* w = L.w[s];
+  const int64_t p0 = L.first[s], k = L.count[s];
+  const int64_t D = L.dims[L.table[p0]];
+  if (L.op[s] == kConcat) {
+    for (int64_t p = p0; p < p0 + k; ++p) {
+      const int64_t d = L.dims[L.table[p]];
+      float* acc = out_row + L.col[p];
+      std::fill(acc, acc + d, 0.0f);
+      for (int64_t i = start; i < end; ++i) {
+        axpy(d, w ? w[i] : 1.0f, L.row(p, i), acc);
+      }
+      scale_by(d, scale, acc);
+    }
+    return;
+  }
+  float* acc = out_row + L.slot_col[s];
+  if (L.op[s] == kPooledMult) {
+    pool_parts(L, s, b, tmp);
+    std::copy(tmp, tmp + D, acc);
+    for (int64_t q = 1; q < k; ++q) {
+      const float* f = tmp + q * D;
+      for (int64_t j = 0; j < D; ++j) {
+        acc[j] *= f[j];
+      }
+    }
+    return;
+  }
+  std::fill(acc, acc + D, 0.0f);
+  for (int64_t i = start; i < end; ++i) {
+    const float c = (w ? w[i] : 1.0f) * scale;
+    if (L.op[s] == kAdd) {
+      for (int64_t p = p0; p < p0 + k; ++p) {
+        axpy(D, c, L.row(p, i), acc);
+      }
+    } else if (k == 2) {
+      const float* r0 = L.row(p0, i);
+      const float* r1 = L.row(p0 + 1, i);
+      for (int64_t j = 0; j < D; ++j) {
+        acc[j] += c * r0[j] * r1[j];
+      }
+    } else {
+      const float* r0 = L.row(p0, i);
+      for (int64_t j = 0; j < D; ++j) {
+        tmp[j] = c * r0[j];
+      }
+      for (int64_t p = p0 + 1; p < p0 + k; ++p) {
+        const float* r = L.row(p, i);
+        for (int64_t j = 0; j < D; ++j) {
+          tmp[j] *= r[j];
+        }
+      }
+      axpy(D, 1.0f, tmp, acc);
+    }
+  }
+}
+
+int64_t tmp_size(const Layout& L) {
+  int64_t size = 1;
+  for (int64_t s = 0; s < L.num_slots; ++s) {
+    size = std::max(size, L.count[s] * L.dims[L.table[L.first[s]]]);
+  }
+  return size;
+}
+
+at::Tensor compose_forward(
+    at::TensorList tables,
+    at::TensorList indices,
+    at::TensorList lengths,
+    at::TensorList weights,
+    at::IntArrayRef slots,
+    at::IntArrayRef parts,
+    int64_t batch,
+    int64_t out_width) {
+  const Layout L = make_layout(tables, indices, lengths, weights, slots, parts, batch, out_width);
+  check_bounds(L);
+  at::Tensor out = at::zeros({batch, out_width}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const int64_t size = tmp_size(L);
+  at::parallel_for(0, L.num_slots * batch, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> tmp(size);
+    for (int64_t sb = begin; sb < end; ++sb) {
+      const int64_t s = sb / batch, b = sb % batch;
+      forward_bag(L, s, b, o + b * out_width, tmp.data());
+    }
+  });
+  return out;
+}
+
+// The rows of one table a batch touched, and the gradient of each.
+struct TableGrad {
+  std::vector<int64_t> rows;
+  std::vector<float> grads;  // rows.size() x D
+};
+
+// Gradient of every row table t's parts read: occurrences sorted by row (counting sort when the table is not
+// much larger than the batch, else a comparison sort), then summed per row.
+void table_grad(
+    const Layout& L,
+    int64_t t,
+    const std::vector<int64_t>& parts_of_t,
+    const std::vector<std::vector<int32_t>>& bag_of,
+    const std::vector<std::vector<float>>& pooled_grad,
+    const float* g,
+    TableGrad& out) {
+  const int64_t D = L.dims[t], rows = L.rows[t], W = L.out_width;
+  int64_t total = 0;
+  for (int64_t p : parts_of_t) {
+    total += L.n[L.slot_of[p]];
+  }
+  if (total == 0) {
+    return;
+  }
+  // code = (position in parts_of_t) << 32 | id position within its slot
+  std::vector<uint64_t> order(total);
+  auto row_of = [&](uint64_t code) { return L.idx[parts_of_t[code >> 32]][code & 0xffffffffu]; };
+  if (rows <= 16 * total + 65536) {
+    std::vector<int64_t> start(rows + 1, 0);
+    for (int64_t p : parts_of_t) {
+      for (int64_t i = 0; i < L.n[L.slot_of[p]]; ++i) {
+        ++start[L.idx[p][i] + 1];
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      start[r + 1] += start[r];
+    }
+    for (size_t j = 0; j < parts_of_t.size(); ++j) {
+      const int64_t p = parts_of_t[j];
+      for (int64_t i = 0; i < L.n[L.slot_of[p]]; ++i) {
+        order[start[L.idx[p][i]]++] = (static_cast<uint64_t>(j) << 32) | static_cast<uint64_t>(i);
+      }
+    }
+  } else {
+    size_t at = 0;
+    for (size_t j = 0; j < parts_of_t.size(); ++j) {
+      for (int64_t i = 0; i < L.n[L.slot_of[parts_of_t[j]]]; ++i) {
+        order[at++] = (static_cast<uint64_t>(j) << 32) | static_cast<uint64_t>(i);
+      }
+    }
+    std::sort(order.begin(), order.end(), [&](uint64_t a, uint64_t b) { return row_of(a) < row_of(b); });
+  }
+  std::vector<float> tmp(D);
+  for (int64_t a = 0; a < total;) {
+    const int64_t row = row_of(order[a]);
+    out.rows.push_back(row);
+    out.grads.resize(out.rows.size() * D, 0.0f);
+    float* acc = out.grads.data() + (out.rows.size() - 1) * D;
+    for (; a < total && row_of(order[a]) == row; ++a) {
+      const int64_t p = parts_of_t[order[a] >> 32];
+      const int64_t i = static_cast<int64_t>(order[a] & 0xffffffffu);
+      const int64_t s = L.slot_of[p];
+      const int64_t b = bag_of[s][i];
+      const float* w = L.w[s];
+      const int64_t op = L.op[s];
+      const float weight = (w && (op != kPooledMult || p == L.first[s])) ? w[i] : 1.0f;
+      const float c = weight * L.scale(s, b);
+      if (op == kConcat) {
+        axpy(D, c, g + b * W + L.col[p], acc);
+      } else if (op == kAdd) {
+        axpy(D, c, g + b * W + L.slot_col[s], acc);
+      } else if (op == kPooledMult) {
+        axpy(D, c, pooled_grad[p].data() + b * D, acc);
+      } else {
+        const float* gb = g + b * W + L.slot_col[s];
+        const int64_t p0 = L.first[s], k = L.count[s];
+        if (k == 2) {
+          const float* other = L.row(p == p0 ? p0 + 1 : p0, i);
+          for (int64_t j = 0; j < D; ++j) {
+            acc[j] += c * gb[j] * other[j];
+          }
+        } else {
+          for (int64_t j = 0; j < D; ++j) {
+            tmp[j] = c * gb[j];
+          }
+          for (int64_t q = p0; q < p0 + k; ++q) {
+            if (q != p) {
+              const float* r = L.row(q, i);
+              for (int64_t j = 0; j < D; ++j) {
+                tmp[j] *= r[j];
+              }
+            }
+          }
+          axpy(D, 1.0f, tmp.data(), acc);
+        }
+      }
+    }
+  }
+}
+
+void apply_update(const Layout& L, int64_t t, const TableGrad& tg, int64_t optimizer, float lr, float eps,
+                  float* state) {
+  const int64_t D = L.dims[t];
+  float* weights = L.tab[t];
+  for (size_t u = 0; u < tg.rows.size(); ++u) {
+    const int64_t row = tg.rows[u];
+    const float* gr = tg.grads.data() + u * D;
+    float* wr = weights + row * D;
+    if (optimizer == kSgd) {
+      for (int64_t j = 0; j < D; ++j) {
+        wr[j] -= lr * gr[j];
+      }
+    } else if (optimizer == kRowwiseAdagrad) {
+      float sum_square = 0.0f;
+      for (int64_t j = 0; j < D; ++j) {
+        sum_square += gr[j] * gr[j];
+      }
+      const float momentum = state[row] + sum_square / static_cast<float>(D);
+      state[row] = momentum;
+      const float multiplier = lr / (std::sqrt(momentum) + eps);
+      for (int64_t j = 0; j < D; ++j) {
+        wr[j] -= multiplier * gr[j];
+      }
+    } else {
+      float* m = state + row * D;
+      for (int64_t j = 0; j < D; ++j) {
+        m[j] += gr[j] * gr[j];
+        wr[j] -= lr * gr[j] / (std::sqrt(m[j]) + eps);
+      }
+    }
+  }
+}
+
+void compose_backward_update(
+    const at::Tensor& grad,
+    at::TensorList tables,
+    at::TensorList states,
+    at::TensorList indices,
+    at::TensorList lengths,
+    at::TensorList weights,
+    at::IntArrayRef slots,
+    at::IntArrayRef parts,
+    at::IntArrayRef optimizers,
+    at::ArrayRef<double> learning_rates,
+    at::ArrayRef<double> eps,
+    int64_t batch) {
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == batch,
+              "compose backward: the output gradient must be a contiguous float32 [batch, width] matrix");
+  const Layout L = make_layout(tables, indices, lengths, weights, slots, parts, batch, grad.size(1));
+  const int64_t T = static_cast<int64_t>(tables.size());
+  TORCH_CHECK(static_cast<int64_t>(states.size()) == T && static_cast<int64_t>(optimizers.size()) == T &&
+                  static_cast<int64_t>(learning_rates.size()) == T && static_cast<int64_t>(eps.size()) == T,
+              "compose backward: one optimizer, state, learning rate and eps per table");
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t expected = optimizers[t] == kSgd ? 0 : (optimizers[t] == kRowwiseAdagrad ? L.rows[t] : L.rows[t] * L.dims[t]);
+    TORCH_CHECK(optimizers[t] >= kSgd && optimizers[t] <= kAdagrad, "table ", t, ": unknown optimizer");
+    TORCH_CHECK(states[t].numel() == expected && (expected == 0 || (states[t].scalar_type() == at::kFloat &&
+                states[t].is_contiguous())), "table ", t, ": optimizer state of the wrong size or type");
+  }
+  const float* g = grad.data_ptr<float>();
+  std::vector<std::vector<int32_t>> bag_of(L.num_slots);
+  at::parallel_for(0, L.num_slots, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      bag_of[s].resize(L.n[s]);
+      for (int64_t b = 0; b < batch; ++b) {
+        std::fill(bag_of[s].begin() + L.offsets[s][b], bag_of[s].begin() + L.offsets[s][b + 1], static_cast<int32_t>(b));
+      }
+    }
+  });
+  // Pooled mult: each part's bag gradient, the output gradient times the other parts' pooled rows.
+  std::vector<std::vector<float>> pooled_grad(L.num_parts);
+  for (int64_t s = 0; s < L.num_slots; ++s) {
+    if (L.op[s] != kPooledMult) {
+      continue;
+    }
+    const int64_t p0 = L.first[s], k = L.count[s], D = L.dims[L.table[p0]];
+    for (int64_t q = 0; q < k; ++q) {
+      pooled_grad[p0 + q].assign(batch * D, 0.0f);
+    }
+    at::parallel_for(0, batch, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> tmp(k * D);
+      for (int64_t b = begin; b < end; ++b) {
+        pool_parts(L, s, b, tmp.data());
+        const float* gb = g + b * L.out_width + L.slot_col[s];
+        for (int64_t q = 0; q < k; ++q) {
+          float* out = pooled_grad[p0 + q].data() + b * D;
+          std::copy(gb, gb + D, out);
+          for (int64_t r = 0; r < k; ++r) {
+            if (r != q) {
+              for (int64_t j = 0; j < D; ++j) {
+                out[j] *= tmp[r * D + j];
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+  std::vector<std::vector<int64_t>> parts_of(T);
+  for (int64_t p = 0; p < L.num_parts; ++p) {
+    parts_of[L.table[p]].push_back(p);
+  }
+  std::vector<TableGrad> table_grads(T);
+  // Every gradient first: mult gradients read the other parts' rows before any update.
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      table_grad(L, t, parts_of[t], bag_of, pooled_grad, g, table_grads[t]);
+    }
+  });
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* state = states[t].numel() ? states[t].data_ptr<float>() : nullptr;
+      apply_update(L, t, table_grads[t], optimizers[t], static_cast<float>(learning_rates[t]),
+                   static_cast<float>(eps[t]), state);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(torchrec_qr, m) {
+  m.def(
+      "compose_forward(Tensor[] tables, Tensor[] indices, Tensor[] lengths, Tensor[] weights, int[] slots, "
+      "int[] parts, int batch, int out_width) -> Tensor");
+  m.def(
+      "compose_backward_update(Tensor grad, Tensor(a!)[] tables, Tensor(b!)[] states, Tensor[] indices, "
+      "Tensor[] lengths, Tensor[] weights, int[] slots, int[] parts, int[] optimizers, float[] learning_rates, "
+      "float[] eps, int batch) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(torchrec_qr, CPU, m) {
+  m.impl("compose_forward", &compose_forward);
+  m.impl("compose_backward_update", &compose_backward_update);
+}
