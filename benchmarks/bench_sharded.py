@@ -17,6 +17,8 @@ Variants:
   qr         torchrec_qr ``CompositionalEmbeddingBagCollection`` (QR ``collisions``, ``mult``, per-id
              composition) sharded with ``CompositionalEmbeddingBagCollectionSharder``: composes on the rank
              that owns the rows; communicates what ``plain`` does.
+  qr_ref     ``qr`` with the native compose kernel off (``TORCHREC_QR_COMPOSE_KERNEL=0``): FBGEMM's TBE looks
+             up every id's sub-table rows, the reference code composes them, FBGEMM's backward updates.
   qr_pooled  the same with ``composition="pooled"`` (pool each sub-table, then multiply; what ``naive``
              computes for multi-id bags).
   qr_add, qr_concat  ``combine="add"`` / ``"concat"`` (kernel-pooled sub-tables, combined once per bag).
@@ -64,16 +66,18 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_qr import CompositionalEmbeddingBagCollection, QuotientRemainder, compress
 from torchrec_qr.distributed import CompositionalEmbeddingBagCollectionSharder
+from torchrec_qr.ops.build import ENV_SWITCH
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import CollectiveCounter, allocator_state, git_state, make_batches, parse_variants  # noqa: E402
 from naive_compositional import NaiveCompositionalModel, naive_table_configs  # noqa: E402
 
-VARIANTS = ("plain", "naive", "qr", "qr_pooled", "qr_add", "qr_concat", "qr_sqrt")
+VARIANTS = ("plain", "naive", "qr", "qr_ref", "qr_pooled", "qr_add", "qr_concat", "qr_sqrt")
 LABELS = {
     "plain": "(a) plain EBC",
     "naive": "(b) naive",
     "qr": "(c) torchrec_qr",
+    "qr_ref": "(c0) qr, no kernel",
     "qr_pooled": "(c') qr pooled",
     "qr_add": "(d) qr add",
     "qr_concat": "(e) qr concat",
@@ -137,6 +141,10 @@ def build(variant: str, args: argparse.Namespace, device: torch.device) -> tuple
         )
         sharder = CompositionalEmbeddingBagCollectionSharder(fused_params=fused)
         wrapper = PooledModel(ebc, features)
+    # Lookups choose their composition when DMP builds them.
+    kernel_switch = os.environ.get(ENV_SWITCH)
+    if variant == "qr_ref":
+        os.environ[ENV_SWITCH] = "0"
     plan = construct_module_sharding_plan(
         ebc,
         per_param_sharding={name: table_wise(rank=r, compute_kernel="fused") for name, r in rank_of.items()},
@@ -152,6 +160,10 @@ def build(variant: str, args: argparse.Namespace, device: torch.device) -> tuple
         plan=ShardingPlan({"ebc": plan}),
         sharders=[sharder],
     )
+    if kernel_switch is None:
+        os.environ.pop(ENV_SWITCH, None)
+    else:
+        os.environ[ENV_SWITCH] = kernel_switch
     return dmp, wrapper
 
 

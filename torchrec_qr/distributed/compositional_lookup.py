@@ -88,7 +88,7 @@ class CompositionalLookup(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         inputs = self.composer.inputs(features)
-        if self._fused_compose is not None:
+        if self._fused_compose is not None and self._fused_compose.serves(inputs):
             return self._fused_compose(inputs)
         lookup_inputs = self.composer.expand(inputs, weighted=self._is_weighted)
         outputs = [lookup(kjt) for lookup, kjt in zip(self._sources, lookup_inputs)]

@@ -53,7 +53,7 @@ def _pooled_embeddings(features: KeyedJaggedTensor, module: "CompositionalEmbedd
     if features.variable_stride_per_key():
         features = fixed_batch(features)
     inputs = module._composer.inputs(features)
-    if module._fused_compose is not None:
+    if module._fused_compose is not None and module._fused_compose.serves(inputs):
         return module._fused_compose(inputs)
     (lookup_input,) = module._composer.expand(inputs, weighted=module._is_weighted)
     looked_up = module._embedding_bag_collection(lookup_input)

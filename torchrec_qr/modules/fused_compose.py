@@ -85,6 +85,12 @@ class FusedCompose:
             return None
         return FusedCompose(composer, tbes)
 
+    @staticmethod
+    def serves(inputs: Inputs) -> bool:
+        """Whether the kernel computes this batch: not when its per-id weights need a gradient (the kernel
+        gives none; the reference path does)."""
+        return inputs.weights is None or not inputs.weights.requires_grad
+
     def __call__(self, inputs: Inputs) -> torch.Tensor:
         indices: list[torch.Tensor] = []
         lengths: list[torch.Tensor] = []

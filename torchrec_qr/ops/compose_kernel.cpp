@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -150,13 +151,42 @@ void check_bounds(const Layout& L) {
   });
 }
 
-inline void axpy(int64_t d, float a, const float* x, float* y) {
+// Rows are read in id order, scattered over tables larger than the caches: each loop prefetches the rows
+// kPrefetch ids ahead, as FBGEMM's lookup kernels do.
+constexpr int64_t kPrefetch = 8;
+
+// An asm statement: GCC 12 drops __builtin_prefetch of addresses computed from loaded indices.
+inline void prefetch_row(const float* row, int64_t d) {
+#if defined(__x86_64__)
+  for (int64_t j = 0; j < d; j += 16) {
+    asm volatile("prefetcht0 %0" : : "m"(row[j]));
+  }
+#else
+  for (int64_t j = 0; j < d; j += 16) {
+    __builtin_prefetch(row + j, 0, 3);
+  }
+#endif
+}
+
+inline void axpy(int64_t d, float a, const float* __restrict__ x, float* __restrict__ y) {
   for (int64_t j = 0; j < d; ++j) {
     y[j] += a * x[j];
   }
 }
 
-inline void scale_by(int64_t d, float a, float* y) {
+// y = a x for a bag's first id, y += a x after: the output row is never zero-filled and re-read (a wide
+// zero store forwards badly to the narrower loads that follow, stalling on the row's cache miss).
+inline void axpy_or_set(bool first, int64_t d, float a, const float* __restrict__ x, float* __restrict__ y) {
+  if (first) {
+    for (int64_t j = 0; j < d; ++j) {
+      y[j] = a * x[j];
+    }
+  } else {
+    axpy(d, a, x, y);
+  }
+}
+
+inline void scale_by(int64_t d, float a, float* __restrict__ y) {
   if (a != 1.0f) {
     for (int64_t j = 0; j < d; ++j) {
       y[j] *= a;
@@ -180,8 +210,18 @@ void pool_parts(const Layout& L, int64_t s, int64_t b, float* tmp) {
   }
 }
 
+void prefetch_ids(const Layout& L, int64_t s, int64_t from, int64_t to) {
+  const int64_t last = std::min(to, L.n[s]);
+  for (int64_t i = from; i < last; ++i) {
+    for (int64_t p = L.first[s]; p < L.first[s] + L.count[s]; ++p) {
+      prefetch_row(L.row(p, i), L.dims[L.table[p]]);
+    }
+  }
+}
+
 void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* tmp) {
   const int64_t start = L.offsets[s][b], end = L.offsets[s][b + 1];
+  prefetch_ids(L, s, start + kPrefetch, end + kPrefetch);
   const float scale = L.scale(s, b);
   const float* w = L.w[s];
   const int64_t p0 = L.first[s], k = L.count[s];
@@ -190,11 +230,12 @@ void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* t
     for (int64_t p = p0; p < p0 + k; ++p) {
       const int64_t d = L.dims[L.table[p]];
       float* acc = out_row + L.col[p];
-      std::fill(acc, acc + d, 0.0f);
-      for (int64_t i = start; i < end; ++i) {
-        axpy(d, w ? w[i] : 1.0f, L.row(p, i), acc);
+      if (start == end) {
+        std::fill(acc, acc + d, 0.0f);
       }
-      scale_by(d, scale, acc);
+      for (int64_t i = start; i < end; ++i) {
+        axpy_or_set(i == start, d, (w ? w[i] : 1.0f) * scale, L.row(p, i), acc);
+      }
     }
     return;
   }
@@ -210,18 +251,28 @@ void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* t
     }
     return;
   }
-  std::fill(acc, acc + D, 0.0f);
+  if (start == end) {
+    std::fill(acc, acc + D, 0.0f);
+  }
   for (int64_t i = start; i < end; ++i) {
     const float c = (w ? w[i] : 1.0f) * scale;
+    const bool first = i == start;
     if (L.op[s] == kAdd) {
       for (int64_t p = p0; p < p0 + k; ++p) {
-        axpy(D, c, L.row(p, i), acc);
+        axpy_or_set(first && p == p0, D, c, L.row(p, i), acc);
       }
     } else if (k == 2) {
-      const float* r0 = L.row(p0, i);
-      const float* r1 = L.row(p0 + 1, i);
-      for (int64_t j = 0; j < D; ++j) {
-        acc[j] += c * r0[j] * r1[j];
+      const float* __restrict__ r0 = L.row(p0, i);
+      const float* __restrict__ r1 = L.row(p0 + 1, i);
+      float* __restrict__ o = acc;
+      if (first) {
+        for (int64_t j = 0; j < D; ++j) {
+          o[j] = c * r0[j] * r1[j];
+        }
+      } else {
+        for (int64_t j = 0; j < D; ++j) {
+          o[j] += c * r0[j] * r1[j];
+        }
       }
     } else {
       const float* r0 = L.row(p0, i);
@@ -234,7 +285,7 @@ void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* t
           tmp[j] *= r[j];
         }
       }
-      axpy(D, 1.0f, tmp, acc);
+      axpy_or_set(first, D, 1.0f, tmp, acc);
     }
   }
 }
@@ -258,7 +309,8 @@ at::Tensor compose_forward(
     int64_t out_width) {
   const Layout L = make_layout(tables, indices, lengths, weights, slots, parts, batch, out_width);
   check_bounds(L);
-  at::Tensor out = at::zeros({batch, out_width}, at::TensorOptions().dtype(at::kFloat));
+  // Every column is written: the slots tile the output.
+  at::Tensor out = at::empty({batch, out_width}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const int64_t size = tmp_size(L);
   at::parallel_for(0, L.num_slots * batch, 64, [&](int64_t begin, int64_t end) {
@@ -271,103 +323,144 @@ at::Tensor compose_forward(
   return out;
 }
 
-// The rows of one table a batch touched, and the gradient of each.
-struct TableGrad {
-  std::vector<int64_t> rows;
-  std::vector<float> grads;  // rows.size() x D
+// One read of a row by an id: its gradient is coef x grad (x other, the other part's row, for a two-part mult).
+struct Read {
+  int64_t row, part, id;
+  float coef;
+  const float* grad;
+  const float* other;
 };
 
-// Gradient of every row table t's parts read: occurrences sorted by row (counting sort when the table is not
-// much larger than the batch, else a comparison sort), then summed per row.
-void table_grad(
-    const Layout& L,
-    int64_t t,
-    const std::vector<int64_t>& parts_of_t,
-    const std::vector<std::vector<int32_t>>& bag_of,
-    const std::vector<std::vector<float>>& pooled_grad,
-    const float* g,
-    TableGrad& out) {
-  const int64_t D = L.dims[t], rows = L.rows[t], W = L.out_width;
-  int64_t total = 0;
-  for (int64_t p : parts_of_t) {
-    total += L.n[L.slot_of[p]];
+// The rows of one table a batch touched and the gradient of each. Gradients are summed into a slot per distinct
+// row, found through a row -> slot map; a table much larger than the batch (where the map would cost more than
+// the batch) keeps its reads and sums them after sorting by row.
+struct TableGrad {
+  std::vector<int64_t> rows;
+  std::unique_ptr<float[]> grads;  // rows.size() x D, each row written (not added) first
+  std::vector<int32_t> slot_of_row;
+  std::vector<Read> reads;
+  bool mapped = true;
+
+  void init(int64_t num_rows, int64_t reads_expected, int64_t d) {
+    mapped = num_rows <= 16 * reads_expected + 65536;
+    const int64_t capacity = mapped ? std::min(reads_expected, num_rows) : reads_expected;
+    if (mapped) {
+      slot_of_row.assign(num_rows, -1);
+    } else {
+      reads.reserve(reads_expected);
+    }
+    rows.reserve(capacity);
+    grads.reset(new float[std::max<int64_t>(capacity, 1) * d]);
   }
-  if (total == 0) {
+  // The gradient slot of a row read soon, if it has one already.
+  void prefetch(int64_t row, int64_t d) const {
+    if (mapped && slot_of_row[row] >= 0) {
+      prefetch_row(grads.get() + static_cast<int64_t>(slot_of_row[row]) * d, d);
+    }
+  }
+  // The row's gradient slot, and whether this is its first read.
+  float* slot(int64_t row, int64_t d, bool& first) {
+    int32_t at = slot_of_row[row];
+    first = at < 0;
+    if (first) {
+      at = static_cast<int32_t>(rows.size());
+      slot_of_row[row] = at;
+      rows.push_back(row);
+    }
+    return grads.get() + static_cast<int64_t>(at) * d;
+  }
+};
+
+// What one read adds to its row's gradient: c g (concat, add, pooled mult's bag gradient) or c g times the
+// other parts' rows (per-id mult). `first`: set instead of add.
+inline void add_read(const Layout& L, const Read& r, int64_t D, bool first, float* __restrict__ acc, float* tmp) {
+  const float* __restrict__ gr = r.grad;
+  const float c = r.coef;
+  if (r.other != nullptr) {
+    const float* __restrict__ other = r.other;
+    if (first) {
+      for (int64_t j = 0; j < D; ++j) {
+        acc[j] = c * gr[j] * other[j];
+      }
+    } else {
+      for (int64_t j = 0; j < D; ++j) {
+        acc[j] += c * gr[j] * other[j];
+      }
+    }
     return;
   }
-  // code = (position in parts_of_t) << 32 | id position within its slot
-  std::vector<uint64_t> order(total);
-  auto row_of = [&](uint64_t code) { return L.idx[parts_of_t[code >> 32]][code & 0xffffffffu]; };
-  if (rows <= 16 * total + 65536) {
-    std::vector<int64_t> start(rows + 1, 0);
-    for (int64_t p : parts_of_t) {
-      for (int64_t i = 0; i < L.n[L.slot_of[p]]; ++i) {
-        ++start[L.idx[p][i] + 1];
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      start[r + 1] += start[r];
-    }
-    for (size_t j = 0; j < parts_of_t.size(); ++j) {
-      const int64_t p = parts_of_t[j];
-      for (int64_t i = 0; i < L.n[L.slot_of[p]]; ++i) {
-        order[start[L.idx[p][i]]++] = (static_cast<uint64_t>(j) << 32) | static_cast<uint64_t>(i);
-      }
-    }
-  } else {
-    size_t at = 0;
-    for (size_t j = 0; j < parts_of_t.size(); ++j) {
-      for (int64_t i = 0; i < L.n[L.slot_of[parts_of_t[j]]]; ++i) {
-        order[at++] = (static_cast<uint64_t>(j) << 32) | static_cast<uint64_t>(i);
-      }
-    }
-    std::sort(order.begin(), order.end(), [&](uint64_t a, uint64_t b) { return row_of(a) < row_of(b); });
+  const int64_t s = L.slot_of[r.part];
+  if (L.op[s] != kMult) {
+    axpy_or_set(first, D, c, gr, acc);
+    return;
   }
-  std::vector<float> tmp(D);
-  for (int64_t a = 0; a < total;) {
-    const int64_t row = row_of(order[a]);
-    out.rows.push_back(row);
-    out.grads.resize(out.rows.size() * D, 0.0f);
-    float* acc = out.grads.data() + (out.rows.size() - 1) * D;
-    for (; a < total && row_of(order[a]) == row; ++a) {
-      const int64_t p = parts_of_t[order[a] >> 32];
-      const int64_t i = static_cast<int64_t>(order[a] & 0xffffffffu);
-      const int64_t s = L.slot_of[p];
-      const int64_t b = bag_of[s][i];
-      const float* w = L.w[s];
-      const int64_t op = L.op[s];
-      const float weight = (w && (op != kPooledMult || p == L.first[s])) ? w[i] : 1.0f;
-      const float c = weight * L.scale(s, b);
-      if (op == kConcat) {
-        axpy(D, c, g + b * W + L.col[p], acc);
-      } else if (op == kAdd) {
-        axpy(D, c, g + b * W + L.slot_col[s], acc);
-      } else if (op == kPooledMult) {
-        axpy(D, c, pooled_grad[p].data() + b * D, acc);
-      } else {
-        const float* gb = g + b * W + L.slot_col[s];
-        const int64_t p0 = L.first[s], k = L.count[s];
-        if (k == 2) {
-          const float* other = L.row(p == p0 ? p0 + 1 : p0, i);
-          for (int64_t j = 0; j < D; ++j) {
-            acc[j] += c * gb[j] * other[j];
-          }
-        } else {
-          for (int64_t j = 0; j < D; ++j) {
-            tmp[j] = c * gb[j];
-          }
-          for (int64_t q = p0; q < p0 + k; ++q) {
-            if (q != p) {
-              const float* r = L.row(q, i);
-              for (int64_t j = 0; j < D; ++j) {
-                tmp[j] *= r[j];
-              }
-            }
-          }
-          axpy(D, 1.0f, tmp.data(), acc);
+  for (int64_t j = 0; j < D; ++j) {
+    tmp[j] = c * gr[j];
+  }
+  for (int64_t q = L.first[s]; q < L.first[s] + L.count[s]; ++q) {
+    if (q != r.part) {
+      const float* row = L.row(q, r.id);
+      for (int64_t j = 0; j < D; ++j) {
+        tmp[j] *= row[j];
+      }
+    }
+  }
+  axpy_or_set(first, D, 1.0f, tmp, acc);
+}
+
+// Every read of slot s, in id order: the output gradient's row is read once for all the slot's parts.
+void slot_grads(const Layout& L, int64_t s, const float* g, const std::vector<std::vector<float>>& pooled_grad,
+                std::vector<TableGrad>& tables, float* tmp) {
+  const int64_t p0 = L.first[s], k = L.count[s], op = L.op[s], n = L.n[s];
+  const bool pair = op == kMult && k == 2;
+  for (int64_t b = 0; b < L.batch; ++b) {
+    const float scale = L.scale(s, b);
+    if (op != kPooledMult && b + kPrefetch < L.batch) {
+      const float* ahead = g + (b + kPrefetch) * L.out_width;
+      for (int64_t p = p0; p < (op == kConcat ? p0 + k : p0 + 1); ++p) {
+        prefetch_row(ahead + (op == kConcat ? L.col[p] : L.slot_col[s]), L.dims[L.table[p]]);
+      }
+    }
+    for (int64_t i = L.offsets[s][b]; i < L.offsets[s][b + 1]; ++i) {
+      if (i + kPrefetch < n) {
+        for (int64_t p = p0; p < p0 + k; ++p) {
+          const int64_t t = L.table[p];
+          prefetch_row(L.row(p, i + kPrefetch), L.dims[t]);
+          tables[t].prefetch(L.idx[p][i + kPrefetch], L.dims[t]);
         }
       }
+      for (int64_t p = p0; p < p0 + k; ++p) {
+        const int64_t t = L.table[p], D = L.dims[t];
+        const float* w = (op != kPooledMult || p == p0) ? L.w[s] : nullptr;
+        Read r{L.idx[p][i], p, i, (w ? w[i] : 1.0f) * scale, nullptr, nullptr};
+        r.grad = op == kPooledMult ? pooled_grad[p].data() + b * D
+                                   : g + b * L.out_width + (op == kConcat ? L.col[p] : L.slot_col[s]);
+        if (pair) {
+          r.other = L.row(p == p0 ? p0 + 1 : p0, i);
+        }
+        TableGrad& tg = tables[t];
+        if (!tg.mapped) {
+          tg.reads.push_back(r);
+          continue;
+        }
+        bool first;
+        float* acc = tg.slot(r.row, D, first);
+        add_read(L, r, D, first, acc, tmp);
+      }
     }
+  }
+}
+
+// A table whose reads were kept: sum them by row.
+void sum_sorted_reads(const Layout& L, int64_t t, TableGrad& tg, float* tmp) {
+  const int64_t D = L.dims[t];
+  std::sort(tg.reads.begin(), tg.reads.end(), [](const Read& a, const Read& b) { return a.row < b.row; });
+  for (const Read& r : tg.reads) {
+    const bool first = tg.rows.empty() || tg.rows.back() != r.row;
+    if (first) {
+      tg.rows.push_back(r.row);
+    }
+    add_read(L, r, D, first, tg.grads.get() + (static_cast<int64_t>(tg.rows.size()) - 1) * D, tmp);
   }
 }
 
@@ -376,8 +469,14 @@ void apply_update(const Layout& L, int64_t t, const TableGrad& tg, int64_t optim
   const int64_t D = L.dims[t];
   float* weights = L.tab[t];
   for (size_t u = 0; u < tg.rows.size(); ++u) {
+    if (u + kPrefetch < tg.rows.size()) {
+      prefetch_row(weights + tg.rows[u + kPrefetch] * D, D);
+      if (state != nullptr) {
+        prefetch_row(state + tg.rows[u + kPrefetch] * (optimizer == kAdagrad ? D : 1), 1);
+      }
+    }
     const int64_t row = tg.rows[u];
-    const float* gr = tg.grads.data() + u * D;
+    const float* gr = tg.grads.get() + u * D;
     float* wr = weights + row * D;
     if (optimizer == kSgd) {
       for (int64_t j = 0; j < D; ++j) {
@@ -431,15 +530,7 @@ void compose_backward_update(
                 states[t].is_contiguous())), "table ", t, ": optimizer state of the wrong size or type");
   }
   const float* g = grad.data_ptr<float>();
-  std::vector<std::vector<int32_t>> bag_of(L.num_slots);
-  at::parallel_for(0, L.num_slots, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      bag_of[s].resize(L.n[s]);
-      for (int64_t b = 0; b < batch; ++b) {
-        std::fill(bag_of[s].begin() + L.offsets[s][b], bag_of[s].begin() + L.offsets[s][b + 1], static_cast<int32_t>(b));
-      }
-    }
-  });
+  const int64_t max_dim = T ? *std::max_element(L.dims.begin(), L.dims.end()) : 1;
   // Pooled mult: each part's bag gradient, the output gradient times the other parts' pooled rows.
   std::vector<std::vector<float>> pooled_grad(L.num_parts);
   for (int64_t s = 0; s < L.num_slots; ++s) {
@@ -469,19 +560,55 @@ void compose_backward_update(
       }
     });
   }
-  std::vector<std::vector<int64_t>> parts_of(T);
+  // Slots that share a table are summed by one thread: union the tables each slot reads.
+  std::vector<int64_t> root(T);
+  for (int64_t t = 0; t < T; ++t) {
+    root[t] = t;
+  }
+  auto find = [&](int64_t t) {
+    while (root[t] != t) {
+      t = root[t] = root[root[t]];
+    }
+    return t;
+  };
+  std::vector<int64_t> reads(T, 0);
   for (int64_t p = 0; p < L.num_parts; ++p) {
-    parts_of[L.table[p]].push_back(p);
+    reads[L.table[p]] += L.n[L.slot_of[p]];
+    root[find(L.table[p])] = find(L.table[L.first[L.slot_of[p]]]);
+  }
+  std::vector<std::vector<int64_t>> groups(T);
+  for (int64_t s = 0; s < L.num_slots; ++s) {
+    groups[find(L.table[L.first[s]])].push_back(s);
   }
   std::vector<TableGrad> table_grads(T);
   // Every gradient first: mult gradients read the other parts' rows before any update.
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      table_grad(L, t, parts_of[t], bag_of, pooled_grad, g, table_grads[t]);
+    std::vector<float> tmp(max_dim);
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t s : groups[c]) {
+        for (int64_t p = L.first[s]; p < L.first[s] + L.count[s]; ++p) {
+          const int64_t t = L.table[p];
+          if (!table_grads[t].grads) {
+            table_grads[t].init(L.rows[t], reads[t], L.dims[t]);
+          }
+        }
+        slot_grads(L, s, g, pooled_grad, table_grads, tmp.data());
+      }
+      for (int64_t s : groups[c]) {
+        for (int64_t p = L.first[s]; p < L.first[s] + L.count[s]; ++p) {
+          TableGrad& tg = table_grads[L.table[p]];
+          if (!tg.mapped && tg.rows.empty()) {
+            sum_sorted_reads(L, L.table[p], tg, tmp.data());
+          }
+        }
+      }
     }
   });
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
+      if (!table_grads[t].grads) {
+        continue;
+      }
       float* state = states[t].numel() ? states[t].data_ptr<float>() : nullptr;
       apply_update(L, t, table_grads[t], optimizers[t], static_cast<float>(learning_rates[t]),
                    static_cast<float>(eps[t]), state);
