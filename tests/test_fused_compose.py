@@ -104,6 +104,49 @@ def test_kernel_equals_fbgemm_path(
     _train_both(kernel, ref, weighted)
 
 
+def test_tables_much_larger_than_the_batch(monkeypatch) -> None:
+    """A table far larger than a batch's reads sums them by sorting instead of a row map; both are exact."""
+    tables = compress(
+        [EmbeddingBagConfig(name="huge", num_embeddings=400_000, embedding_dim=8, feature_names=["a"])],
+        QuotientRemainder(collisions=2),
+        combine="mult",
+    ) + [EmbeddingBagConfig(name="plain", num_embeddings=300_000, embedding_dim=4, feature_names=["b"])]
+    kernel = _module(tables, "rowwise_adagrad", False, True, monkeypatch)
+    ref = _module(tables, "rowwise_adagrad", False, False, monkeypatch)
+    ref.load_state_dict(kernel.state_dict())
+    for step in range(2):
+        g = torch.Generator().manual_seed(step)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            ["a", "b"],
+            torch.cat([torch.randint(0, 400_000, (7,), generator=g), torch.tensor([5, 5, 299_999, 5])]),
+            torch.tensor([2, 0, 5, 1, 3, 0]),
+        )
+        out_k, out_r = kernel(kjt).values(), ref(kjt).values()
+        torch.testing.assert_close(out_k, out_r, rtol=0, atol=1e-6)
+        out_k.pow(2).sum().backward()
+        out_r.pow(2).sum().backward()
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(kernel.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_per_sample_weights_with_gradients_take_the_reference_path(monkeypatch) -> None:
+    """The kernel gives per-id weights no gradient; a batch whose weights need one is composed by the
+    reference path, so feature processors still learn."""
+    tables = _tables("mult", PoolingType.SUM, "per_id")
+    kernel = _module(tables, "sgd", True, True, monkeypatch)
+    ref = _module(tables, "sgd", True, False, monkeypatch)
+    ref.load_state_dict(kernel.state_dict())
+    kjt = _batch(True, 4)
+    grads = []
+    for module in (kernel, ref):
+        weights = kjt.weights().clone().requires_grad_()
+        features = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=weights)
+        module(features).values().pow(2).sum().backward()
+        grads.append(weights.grad)
+    assert grads[0] is not None
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
 def test_learning_rate_changes_reach_the_kernel(monkeypatch) -> None:
     tables = _tables("mult", PoolingType.SUM, "per_id")
     kernel = _module(tables, "rowwise_adagrad", False, True, monkeypatch)

@@ -27,6 +27,8 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBat
 
 from torchrec_qr.modules.composition import LookupComposer
 from torchrec_qr.modules.composition_inputs import Inputs
+from torchrec_qr.modules.partition_indexers import DivModIndexer
+from torchrec_qr.modules.partitions import Partition
 from torchrec_qr.ops import compose_ops_available
 
 __all__ = ["FusedCompose"]
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 _OPTIMIZERS = {EmbOptimType.EXACT_SGD: 0, EmbOptimType.EXACT_ROWWISE_ADAGRAD: 1, EmbOptimType.EXACT_ADAGRAD: 2}
 _CONCAT, _ADD, _MULT, _POOLED_MULT = 0, 1, 2, 3
 _OPS = {"none": _CONCAT, "concat": _CONCAT, "add": _ADD, "mult": _MULT}
+_PART_FIELDS = 4  # table, output column, divisor, modulus
 
 
 class FusedCompose:
@@ -53,20 +56,27 @@ class FusedCompose:
         dims = [dim for tbe in self._tbes for _, dim, _, _ in tbe.embedding_specs]
         slots: list[int] = []
         parts: list[int] = []
-        # Per slot: its (table, feature) and, per part, the partition index of its ids (None: the ids).
+        # Per slot: its (table, feature) and, per part, None where the kernel reads the ids themselves (a plain
+        # table, or classes it computes as (id // divisor) % modulus), else the partition index of the classes
+        # computed here.
         self._slot_inputs: list[tuple[tuple[str, str], list[int | None]]] = []
         out_col = 0
         for s in composer.compose_slots:
             expand = [composer.expand_slots[b] for b in s.blocks]
             op = _POOLED_MULT if s.pool_first else _OPS[s.combine]
-            slots += [op, int(s.mean), len(parts) // 2, len(expand), out_col]
+            slots += [op, int(s.mean), len(parts) // _PART_FIELDS, len(expand), out_col]
+            divmod_ = _div_mod(composer.partitions.get((s.table, s.feature)))
             col = out_col
+            sources: list[int | None] = []
             for e in expand:
-                parts += [e.local_table, col]
+                j = e.partition_index
+                divisor, modulus = (1, 0) if j is None or divmod_ is None else (divmod_[0][j], divmod_[1][j])
+                parts += [e.local_table, col, divisor, modulus]
+                sources.append(None if j is None or divmod_ is not None else j)
                 if op == _CONCAT:
                     col += dims[e.local_table]
             out_col = col if op == _CONCAT else out_col + dims[expand[0].local_table]
-            self._slot_inputs.append(((s.table, s.feature), [e.partition_index for e in expand]))
+            self._slot_inputs.append(((s.table, s.feature), sources))
         self._slots, self._parts, self._width = slots, parts, out_col
         self._optimizers = [_OPTIMIZERS[tbe.optimizer] for tbe in self._tbes for _ in tbe.embedding_specs]
         # Autograd reaches the backward through this (as FBGEMM's TBE does through its placeholder).
@@ -105,7 +115,7 @@ class FusedCompose:
                 weights.append(jt.weights().to(torch.float32))
             for j in partition_indices:
                 if j is None:
-                    indices.append(ids.to(torch.int64))
+                    indices.append(ids.to(torch.int64))  # a no-op for int64 ids: every part shares them
                     continue
                 if key not in sub_ids:
                     sub_ids[key] = self._composer.partitions[key].indices(ids)
@@ -160,6 +170,18 @@ class _FusedComposeFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:
         ctx.kernel.apply_update(grad.contiguous(), ctx.batch, *ctx.inputs)
         return (None,) * 6
+
+
+def _div_mod(partition: Partition | None) -> tuple[list[int], list[int]] | None:
+    """The divisors and moduli of a scheme whose classes are ``(id // divisor) % modulus`` (quotient-remainder,
+    mixed radix, Chinese remainder), which the kernel computes itself; None for any other."""
+    if partition is None:
+        return None
+    try:
+        indexer = partition.indexer()
+    except NotImplementedError:
+        return None
+    return (indexer.divisors, indexer.moduli) if isinstance(indexer, DivModIndexer) else None
 
 
 def _unsupported(composer: LookupComposer, tbes: Sequence[Any]) -> str | None:

@@ -30,6 +30,8 @@ def _cpu_flags() -> list[str]:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return []
+    if {"avx512f", "avx512dq"} <= flags:
+        return ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq"]
     return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= flags else []
 
 
@@ -52,7 +54,7 @@ def _load() -> None:
 
     march = _cpu_flags()
     cpp_extension.load(
-        name="torchrec_qr_compose" + ("_avx2" if march else ""),
+        name="torchrec_qr_compose" + {0: "", 2: "_avx2", 4: "_avx512"}[len(march)],
         sources=[str(SOURCE)],
         extra_cflags=["-O3", "-fopenmp", *march],
         extra_ldflags=["-fopenmp"],

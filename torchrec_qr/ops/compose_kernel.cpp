@@ -26,7 +26,38 @@ enum Op : int64_t { kConcat = 0, kAdd = 1, kMult = 2, kPooledMult = 3 };
 enum Optimizer : int64_t { kSgd = 0, kRowwiseAdagrad = 1, kAdagrad = 2 };
 
 constexpr int64_t kSlotFields = 5;  // op, mean, first part, number of parts, output column
-constexpr int64_t kPartFields = 2;  // table, output column
+constexpr int64_t kPartFields = 4;  // table, output column, divisor, modulus (0: none)
+
+// Classes (id // divisor) % modulus of n ids, for 0 <= id < 2^52 by multiplying with the reciprocals and one
+// correction step (exact there, and vectorizable; a 64-bit division per id costs more than reading its row);
+// any other id by division.
+void div_mod(const int64_t* ids, int64_t n, int64_t divisor, int64_t modulus, int64_t* out) {
+  const double inv_d = 1.0 / static_cast<double>(divisor);
+  const double inv_m = modulus ? 1.0 / static_cast<double>(modulus) : 0.0;
+  bool exact = true;
+  for (int64_t i = 0; i < n; ++i) {
+    exact &= ids[i] >= 0 && ids[i] < (int64_t{1} << 52);
+  }
+  if (!exact) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = ids[i] / divisor;  // out-of-range ids (negative) are reported by the bounds check
+      out[i] = modulus ? c % modulus : c;
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t c = static_cast<int64_t>(static_cast<double>(ids[i]) * inv_d);
+    const int64_t r = ids[i] - c * divisor;
+    c += (r >= divisor) - (r < 0);
+    if (modulus) {
+      int64_t q = static_cast<int64_t>(static_cast<double>(c) * inv_m);
+      const int64_t rm = c - q * modulus;
+      q += (rm >= modulus) - (rm < 0);
+      c -= q * modulus;
+    }
+    out[i] = c;
+  }
+}
 
 struct Layout {
   int64_t batch = 0;
@@ -37,7 +68,8 @@ struct Layout {
   std::vector<std::vector<int64_t>> offsets;                 // per slot, batch + 1
   std::vector<const float*> w;                               // per slot, null when unweighted
   std::vector<int64_t> table, col, slot_of;                  // per part
-  std::vector<const int64_t*> idx;                           // per part
+  std::vector<const int64_t*> idx;                           // per part: its rows
+  std::vector<std::vector<int64_t>> classes;                 // per part: rows computed from ids here
   std::vector<float*> tab;                                   // per table
   std::vector<int64_t> rows, dims;                           // per table
 
@@ -131,8 +163,24 @@ Layout make_layout(
     TORCH_CHECK(ix.scalar_type() == at::kLong && ix.is_contiguous() && ix.numel() == L.n[s], "part ", p,
                 ": indices must be contiguous int64, one per id of its slot");
     L.idx.push_back(ix.data_ptr<int64_t>());
+    TORCH_CHECK(f[2] >= 1 && f[3] >= 0, "part ", p, ": divisor must be positive and modulus non-negative");
     if (L.op[s] != kConcat) {
       TORCH_CHECK(L.dims[f[0]] == L.dims[L.table[L.first[s]]], "slot ", s, ": parts combined by add/mult must have equal widths");
+    }
+  }
+  L.classes.resize(L.num_parts);
+  at::parallel_for(0, L.num_parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t* f = parts.data() + p * kPartFields;
+      if (f[2] != 1 || f[3] != 0) {
+        L.classes[p].resize(L.n[L.slot_of[p]]);
+        div_mod(L.idx[p], L.n[L.slot_of[p]], f[2], f[3], L.classes[p].data());
+      }
+    }
+  });
+  for (int64_t p = 0; p < L.num_parts; ++p) {
+    if (!L.classes[p].empty()) {
+      L.idx[p] = L.classes[p].data();
     }
   }
   return L;
@@ -142,10 +190,9 @@ void check_bounds(const Layout& L) {
   at::parallel_for(0, L.num_parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t rows = L.rows[L.table[p]];
-      const int64_t* ix = L.idx[p];
       for (int64_t i = 0; i < L.n[L.slot_of[p]]; ++i) {
-        TORCH_CHECK(ix[i] >= 0 && ix[i] < rows, "compose kernel: index ", ix[i], " is out of range for table ",
-                    L.table[p], " of ", rows, " rows");
+        TORCH_CHECK(L.idx[p][i] >= 0 && L.idx[p][i] < rows, "compose kernel: row ", L.idx[p][i],
+                    " is out of range for table ", L.table[p], " of ", rows, " rows");
       }
     }
   });
@@ -341,8 +388,8 @@ struct TableGrad {
   std::vector<Read> reads;
   bool mapped = true;
 
-  void init(int64_t num_rows, int64_t reads_expected, int64_t d) {
-    mapped = num_rows <= 16 * reads_expected + 65536;
+  void init(int64_t num_rows, int64_t reads_expected, int64_t d, bool map_always) {
+    mapped = map_always || num_rows <= 16 * reads_expected + 65536;
     const int64_t capacity = mapped ? std::min(reads_expected, num_rows) : reads_expected;
     if (mapped) {
       slot_of_row.assign(num_rows, -1);
@@ -408,11 +455,47 @@ inline void add_read(const Layout& L, const Read& r, int64_t D, bool first, floa
   axpy_or_set(first, D, 1.0f, tmp, acc);
 }
 
+// A table whose reads were kept: sum them by row.
+void sum_sorted_reads(const Layout& L, int64_t t, TableGrad& tg, float* tmp) {
+  const int64_t D = L.dims[t];
+  std::sort(tg.reads.begin(), tg.reads.end(), [](const Read& a, const Read& b) { return a.row < b.row; });
+  for (const Read& r : tg.reads) {
+    const bool first = tg.rows.empty() || tg.rows.back() != r.row;
+    if (first) {
+      tg.rows.push_back(r.row);
+    }
+    add_read(L, r, D, first, tg.grads.get() + (static_cast<int64_t>(tg.rows.size()) - 1) * D, tmp);
+  }
+}
+
+// Pooled mult, bag b: each part's bag gradient, g times the other parts' pooled rows, into out (k x D).
+void pooled_bag_grads(const Layout& L, int64_t s, int64_t b, const float* g, float* pooled, float* out) {
+  const int64_t p0 = L.first[s], k = L.count[s], D = L.dims[L.table[p0]];
+  pool_parts(L, s, b, pooled);
+  const float* gb = g + b * L.out_width + L.slot_col[s];
+  for (int64_t q = 0; q < k; ++q) {
+    float* o = out + q * D;
+    std::copy(gb, gb + D, o);
+    for (int64_t r = 0; r < k; ++r) {
+      if (r != q) {
+        for (int64_t j = 0; j < D; ++j) {
+          o[j] *= pooled[r * D + j];
+        }
+      }
+    }
+  }
+}
+
 // Every read of slot s, in id order: the output gradient's row is read once for all the slot's parts.
-void slot_grads(const Layout& L, int64_t s, const float* g, const std::vector<std::vector<float>>& pooled_grad,
-                std::vector<TableGrad>& tables, float* tmp) {
+void slot_grads(const Layout& L, int64_t s, const float* g, std::vector<TableGrad>& tables, float* tmp) {
   const int64_t p0 = L.first[s], k = L.count[s], op = L.op[s], n = L.n[s];
   const bool pair = op == kMult && k == 2;
+  // Pooled mult: the bag gradients of the bag at hand (its tables are mapped: reads are summed at once).
+  std::vector<float> pooled, bag_grad;
+  if (op == kPooledMult) {
+    pooled.resize(k * L.dims[L.table[p0]]);
+    bag_grad.resize(k * L.dims[L.table[p0]]);
+  }
   for (int64_t b = 0; b < L.batch; ++b) {
     const float scale = L.scale(s, b);
     if (op != kPooledMult && b + kPrefetch < L.batch) {
@@ -420,6 +503,9 @@ void slot_grads(const Layout& L, int64_t s, const float* g, const std::vector<st
       for (int64_t p = p0; p < (op == kConcat ? p0 + k : p0 + 1); ++p) {
         prefetch_row(ahead + (op == kConcat ? L.col[p] : L.slot_col[s]), L.dims[L.table[p]]);
       }
+    }
+    if (op == kPooledMult) {
+      pooled_bag_grads(L, s, b, g, pooled.data(), bag_grad.data());
     }
     for (int64_t i = L.offsets[s][b]; i < L.offsets[s][b + 1]; ++i) {
       if (i + kPrefetch < n) {
@@ -433,7 +519,7 @@ void slot_grads(const Layout& L, int64_t s, const float* g, const std::vector<st
         const int64_t t = L.table[p], D = L.dims[t];
         const float* w = (op != kPooledMult || p == p0) ? L.w[s] : nullptr;
         Read r{L.idx[p][i], p, i, (w ? w[i] : 1.0f) * scale, nullptr, nullptr};
-        r.grad = op == kPooledMult ? pooled_grad[p].data() + b * D
+        r.grad = op == kPooledMult ? bag_grad.data() + (p - p0) * D
                                    : g + b * L.out_width + (op == kConcat ? L.col[p] : L.slot_col[s]);
         if (pair) {
           r.other = L.row(p == p0 ? p0 + 1 : p0, i);
@@ -448,19 +534,6 @@ void slot_grads(const Layout& L, int64_t s, const float* g, const std::vector<st
         add_read(L, r, D, first, acc, tmp);
       }
     }
-  }
-}
-
-// A table whose reads were kept: sum them by row.
-void sum_sorted_reads(const Layout& L, int64_t t, TableGrad& tg, float* tmp) {
-  const int64_t D = L.dims[t];
-  std::sort(tg.reads.begin(), tg.reads.end(), [](const Read& a, const Read& b) { return a.row < b.row; });
-  for (const Read& r : tg.reads) {
-    const bool first = tg.rows.empty() || tg.rows.back() != r.row;
-    if (first) {
-      tg.rows.push_back(r.row);
-    }
-    add_read(L, r, D, first, tg.grads.get() + (static_cast<int64_t>(tg.rows.size()) - 1) * D, tmp);
   }
 }
 
@@ -531,35 +604,6 @@ void compose_backward_update(
   }
   const float* g = grad.data_ptr<float>();
   const int64_t max_dim = T ? *std::max_element(L.dims.begin(), L.dims.end()) : 1;
-  // Pooled mult: each part's bag gradient, the output gradient times the other parts' pooled rows.
-  std::vector<std::vector<float>> pooled_grad(L.num_parts);
-  for (int64_t s = 0; s < L.num_slots; ++s) {
-    if (L.op[s] != kPooledMult) {
-      continue;
-    }
-    const int64_t p0 = L.first[s], k = L.count[s], D = L.dims[L.table[p0]];
-    for (int64_t q = 0; q < k; ++q) {
-      pooled_grad[p0 + q].assign(batch * D, 0.0f);
-    }
-    at::parallel_for(0, batch, 64, [&](int64_t begin, int64_t end) {
-      std::vector<float> tmp(k * D);
-      for (int64_t b = begin; b < end; ++b) {
-        pool_parts(L, s, b, tmp.data());
-        const float* gb = g + b * L.out_width + L.slot_col[s];
-        for (int64_t q = 0; q < k; ++q) {
-          float* out = pooled_grad[p0 + q].data() + b * D;
-          std::copy(gb, gb + D, out);
-          for (int64_t r = 0; r < k; ++r) {
-            if (r != q) {
-              for (int64_t j = 0; j < D; ++j) {
-                out[j] *= tmp[r * D + j];
-              }
-            }
-          }
-        }
-      }
-    });
-  }
   // Slots that share a table are summed by one thread: union the tables each slot reads.
   std::vector<int64_t> root(T);
   for (int64_t t = 0; t < T; ++t) {
@@ -572,8 +616,10 @@ void compose_backward_update(
     return t;
   };
   std::vector<int64_t> reads(T, 0);
+  std::vector<char> pooled_mult(T, 0);  // read by a pooled mult, whose bag gradients live for one bag
   for (int64_t p = 0; p < L.num_parts; ++p) {
     reads[L.table[p]] += L.n[L.slot_of[p]];
+    pooled_mult[L.table[p]] |= L.op[L.slot_of[p]] == kPooledMult;
     root[find(L.table[p])] = find(L.table[L.first[L.slot_of[p]]]);
   }
   std::vector<std::vector<int64_t>> groups(T);
@@ -589,10 +635,10 @@ void compose_backward_update(
         for (int64_t p = L.first[s]; p < L.first[s] + L.count[s]; ++p) {
           const int64_t t = L.table[p];
           if (!table_grads[t].grads) {
-            table_grads[t].init(L.rows[t], reads[t], L.dims[t]);
+            table_grads[t].init(L.rows[t], reads[t], L.dims[t], pooled_mult[t]);
           }
         }
-        slot_grads(L, s, g, pooled_grad, table_grads, tmp.data());
+        slot_grads(L, s, g, table_grads, tmp.data());
       }
       for (int64_t s : groups[c]) {
         for (int64_t p = L.first[s]; p < L.first[s] + L.count[s]; ++p) {
