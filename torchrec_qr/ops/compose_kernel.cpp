@@ -14,6 +14,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -65,6 +69,7 @@ struct Layout {
   int64_t num_slots = 0;
   int64_t num_parts = 0;
   std::vector<int64_t> op, mean, first, count, slot_col, n;  // per slot
+  std::vector<int64_t> width;                                // per slot: output columns
   std::vector<std::vector<int64_t>> offsets;                 // per slot, batch + 1
   std::vector<const float*> w;                               // per slot, null when unweighted
   std::vector<int64_t> table, col, slot_of;                  // per part
@@ -168,6 +173,14 @@ Layout make_layout(
       TORCH_CHECK(L.dims[f[0]] == L.dims[L.table[L.first[s]]], "slot ", s, ": parts combined by add/mult must have equal widths");
     }
   }
+  for (int64_t s = 0; s < L.num_slots; ++s) {
+    int64_t w = 0;
+    for (int64_t p = L.first[s]; p < L.first[s] + L.count[s]; ++p) {
+      TORCH_CHECK(L.op[s] != kConcat || L.col[p] == L.slot_col[s] + w, "slot ", s, ": concat parts must be adjacent");
+      w = L.op[s] == kConcat ? w + L.dims[L.table[p]] : L.dims[L.table[p]];
+    }
+    L.width.push_back(w);
+  }
   L.classes.resize(L.num_parts);
   at::parallel_for(0, L.num_parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
@@ -266,6 +279,21 @@ void prefetch_ids(const Layout& L, int64_t s, int64_t from, int64_t to) {
   }
 }
 
+// Writes a finished output row: streaming stores (no read of the destination line first) where aligned, as
+// the output (batch x every feature's width) is far larger than the caches and written once.
+inline void store_row(float* __restrict__ dst, const float* __restrict__ src, int64_t d) {
+#if defined(__AVX__)
+  if (reinterpret_cast<uintptr_t>(dst) % 32 == 0 && d % 8 == 0) {
+    for (int64_t j = 0; j < d; j += 8) {
+      _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
+    }
+    return;
+  }
+#endif
+  std::copy(src, src + d, dst);
+}
+
+// Slot s of bag b into out_row (at the slot's columns); tmp holds the slot's width, then count x D floats.
 void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* tmp) {
   const int64_t start = L.offsets[s][b], end = L.offsets[s][b + 1];
   prefetch_ids(L, s, start + kPrefetch, end + kPrefetch);
@@ -273,74 +301,70 @@ void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* t
   const float* w = L.w[s];
   const int64_t p0 = L.first[s], k = L.count[s];
   const int64_t D = L.dims[L.table[p0]];
-  if (L.op[s] == kConcat) {
+  const int64_t width = L.width[s];
+  float* acc = tmp;
+  float* scratch = tmp + width;
+  if (start == end) {
+    std::fill(acc, acc + width, 0.0f);
+  } else if (L.op[s] == kConcat) {
     for (int64_t p = p0; p < p0 + k; ++p) {
       const int64_t d = L.dims[L.table[p]];
-      float* acc = out_row + L.col[p];
-      if (start == end) {
-        std::fill(acc, acc + d, 0.0f);
-      }
       for (int64_t i = start; i < end; ++i) {
-        axpy_or_set(i == start, d, (w ? w[i] : 1.0f) * scale, L.row(p, i), acc);
+        axpy_or_set(i == start, d, (w ? w[i] : 1.0f) * scale, L.row(p, i), acc + L.col[p] - L.slot_col[s]);
       }
     }
-    return;
-  }
-  float* acc = out_row + L.slot_col[s];
-  if (L.op[s] == kPooledMult) {
-    pool_parts(L, s, b, tmp);
-    std::copy(tmp, tmp + D, acc);
+  } else if (L.op[s] == kPooledMult) {
+    pool_parts(L, s, b, scratch);
+    std::copy(scratch, scratch + D, acc);
     for (int64_t q = 1; q < k; ++q) {
-      const float* f = tmp + q * D;
+      const float* f = scratch + q * D;
       for (int64_t j = 0; j < D; ++j) {
         acc[j] *= f[j];
       }
     }
-    return;
-  }
-  if (start == end) {
-    std::fill(acc, acc + D, 0.0f);
-  }
-  for (int64_t i = start; i < end; ++i) {
-    const float c = (w ? w[i] : 1.0f) * scale;
-    const bool first = i == start;
-    if (L.op[s] == kAdd) {
-      for (int64_t p = p0; p < p0 + k; ++p) {
-        axpy_or_set(first && p == p0, D, c, L.row(p, i), acc);
-      }
-    } else if (k == 2) {
-      const float* __restrict__ r0 = L.row(p0, i);
-      const float* __restrict__ r1 = L.row(p0 + 1, i);
-      float* __restrict__ o = acc;
-      if (first) {
-        for (int64_t j = 0; j < D; ++j) {
-          o[j] = c * r0[j] * r1[j];
+  } else {
+    for (int64_t i = start; i < end; ++i) {
+      const float c = (w ? w[i] : 1.0f) * scale;
+      const bool first = i == start;
+      if (L.op[s] == kAdd) {
+        for (int64_t p = p0; p < p0 + k; ++p) {
+          axpy_or_set(first && p == p0, D, c, L.row(p, i), acc);
+        }
+      } else if (k == 2) {
+        const float* __restrict__ r0 = L.row(p0, i);
+        const float* __restrict__ r1 = L.row(p0 + 1, i);
+        float* __restrict__ o = acc;
+        if (first) {
+          for (int64_t j = 0; j < D; ++j) {
+            o[j] = c * r0[j] * r1[j];
+          }
+        } else {
+          for (int64_t j = 0; j < D; ++j) {
+            o[j] += c * r0[j] * r1[j];
+          }
         }
       } else {
+        const float* r0 = L.row(p0, i);
         for (int64_t j = 0; j < D; ++j) {
-          o[j] += c * r0[j] * r1[j];
+          scratch[j] = c * r0[j];
         }
-      }
-    } else {
-      const float* r0 = L.row(p0, i);
-      for (int64_t j = 0; j < D; ++j) {
-        tmp[j] = c * r0[j];
-      }
-      for (int64_t p = p0 + 1; p < p0 + k; ++p) {
-        const float* r = L.row(p, i);
-        for (int64_t j = 0; j < D; ++j) {
-          tmp[j] *= r[j];
+        for (int64_t p = p0 + 1; p < p0 + k; ++p) {
+          const float* r = L.row(p, i);
+          for (int64_t j = 0; j < D; ++j) {
+            scratch[j] *= r[j];
+          }
         }
+        axpy_or_set(first, D, 1.0f, scratch, acc);
       }
-      axpy_or_set(first, D, 1.0f, tmp, acc);
     }
   }
+  store_row(out_row + L.slot_col[s], acc, width);
 }
 
 int64_t tmp_size(const Layout& L) {
   int64_t size = 1;
   for (int64_t s = 0; s < L.num_slots; ++s) {
-    size = std::max(size, L.count[s] * L.dims[L.table[L.first[s]]]);
+    size = std::max(size, L.width[s] + L.count[s] * L.dims[L.table[L.first[s]]]);
   }
   return size;
 }
@@ -366,6 +390,9 @@ at::Tensor compose_forward(
       const int64_t s = sb / batch, b = sb % batch;
       forward_bag(L, s, b, o + b * out_width, tmp.data());
     }
+#if defined(__AVX__)
+    _mm_sfence();  // the streaming stores are visible before the output is
+#endif
   });
   return out;
 }
