@@ -147,6 +147,29 @@ def test_per_sample_weights_with_gradients_take_the_reference_path(monkeypatch) 
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
+def test_pooled_outputs_of_long_bags_take_fbgemm_pooled_lookups(monkeypatch) -> None:
+    """Without per-id products, bags of many ids go through FBGEMM's pooled lookups (faster there); bags of
+    one id through the kernel; both exact."""
+    tables = _tables("add", PoolingType.SUM, "per_id")
+    module = _module(tables, "sgd", False, True, monkeypatch)
+    ref = _module(tables, "sgd", False, False, monkeypatch)
+    ref.load_state_dict(module.state_dict())
+    one_id = KeyedJaggedTensor.from_lengths_sync(
+        ["a", "b", "c", "d"], torch.tensor([1, 2, 3, 4]), torch.ones(4, dtype=torch.int64)
+    )
+    long_bags = KeyedJaggedTensor.from_lengths_sync(
+        ["a", "b", "c", "d"], torch.arange(16) % 7, torch.full((4,), 4, dtype=torch.int64)
+    )
+    for kjt, kernel in ((one_id, True), (long_bags, False)):
+        assert module._fused_compose.serves(module._composer.inputs(kjt)) == kernel
+        out, expected = module(kjt).values(), ref(kjt).values()
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        out.sum().backward()
+        expected.sum().backward()
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(module.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_learning_rate_changes_reach_the_kernel(monkeypatch) -> None:
     tables = _tables("mult", PoolingType.SUM, "per_id")
     kernel = _module(tables, "rowwise_adagrad", False, True, monkeypatch)

@@ -31,7 +31,7 @@ from torchrec_qr.modules.partition_indexers import DivModIndexer
 from torchrec_qr.modules.partitions import Partition
 from torchrec_qr.ops import compose_ops_available
 
-__all__ = ["FusedCompose"]
+__all__ = ["MAX_POOLED_IDS_PER_BAG", "FusedCompose"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ _OPTIMIZERS = {EmbOptimType.EXACT_SGD: 0, EmbOptimType.EXACT_ROWWISE_ADAGRAD: 1,
 _CONCAT, _ADD, _MULT, _POOLED_MULT = 0, 1, 2, 3
 _OPS = {"none": _CONCAT, "concat": _CONCAT, "add": _ADD, "mult": _MULT}
 _PART_FIELDS = 4  # table, output column, divisor, modulus
+# Kernel-pooled outputs (add, concat, pooled mult, plain tables) with more ids per bag than this, on average,
+# go through FBGEMM's pooled lookups (benchmarks/README.md: the kernel is faster at 1 id per bag, even at 2, slower
+# from 3).
+MAX_POOLED_IDS_PER_BAG = 1.5
 
 
 class FusedCompose:
@@ -78,6 +82,8 @@ class FusedCompose:
             out_col = col if op == _CONCAT else out_col + dims[expand[0].local_table]
             self._slot_inputs.append(((s.table, s.feature), sources))
         self._slots, self._parts, self._width = slots, parts, out_col
+        # Whether the reference path would look up every id's rows (per-id products, weighted MEAN bags).
+        self._per_id = any(s.per_id for s in composer.compose_slots)
         self._optimizers = [_OPTIMIZERS[tbe.optimizer] for tbe in self._tbes for _ in tbe.embedding_specs]
         # Autograd reaches the backward through this (as FBGEMM's TBE does through its placeholder).
         self._placeholder = torch.zeros(0, requires_grad=True)
@@ -95,11 +101,16 @@ class FusedCompose:
             return None
         return FusedCompose(composer, tbes)
 
-    @staticmethod
-    def serves(inputs: Inputs) -> bool:
+    def serves(self, inputs: Inputs) -> bool:
         """Whether the kernel computes this batch: not when its per-id weights need a gradient (the kernel
-        gives none; the reference path does)."""
-        return inputs.weights is None or not inputs.weights.requires_grad
+        gives none; the reference path does), nor, where no output is composed per id, for bags of more than
+        ``MAX_POOLED_IDS_PER_BAG`` ids on average: FBGEMM's pooled lookups then cost less than the kernel."""
+        if inputs.weights is not None and inputs.weights.requires_grad:
+            return False
+        if self._per_id:
+            return True
+        ids = sum(inputs.jts[key].values().numel() for key, _ in self._slot_inputs)
+        return ids <= MAX_POOLED_IDS_PER_BAG * inputs.stride * len(self._slot_inputs)
 
     def __call__(self, inputs: Inputs) -> torch.Tensor:
         indices: list[torch.Tensor] = []
