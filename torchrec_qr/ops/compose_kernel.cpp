@@ -302,18 +302,20 @@ void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* t
   const int64_t p0 = L.first[s], k = L.count[s];
   const int64_t D = L.dims[L.table[p0]];
   const int64_t width = L.width[s];
+  // A one-id bag of a pooled mult is the per-id product.
+  const int64_t op = L.op[s] == kPooledMult && end - start == 1 ? kMult : L.op[s];
   float* acc = tmp;
   float* scratch = tmp + width;
   if (start == end) {
     std::fill(acc, acc + width, 0.0f);
-  } else if (L.op[s] == kConcat) {
+  } else if (op == kConcat) {
     for (int64_t p = p0; p < p0 + k; ++p) {
       const int64_t d = L.dims[L.table[p]];
       for (int64_t i = start; i < end; ++i) {
         axpy_or_set(i == start, d, (w ? w[i] : 1.0f) * scale, L.row(p, i), acc + L.col[p] - L.slot_col[s]);
       }
     }
-  } else if (L.op[s] == kPooledMult) {
+  } else if (op == kPooledMult) {
     pool_parts(L, s, b, scratch);
     std::copy(scratch, scratch + D, acc);
     for (int64_t q = 1; q < k; ++q) {
@@ -326,7 +328,7 @@ void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* t
     for (int64_t i = start; i < end; ++i) {
       const float c = (w ? w[i] : 1.0f) * scale;
       const bool first = i == start;
-      if (L.op[s] == kAdd) {
+      if (op == kAdd) {
         for (int64_t p = p0; p < p0 + k; ++p) {
           axpy_or_set(first && p == p0, D, c, L.row(p, i), acc);
         }
@@ -403,6 +405,7 @@ struct Read {
   float coef;
   const float* grad;
   const float* other;
+  bool product;  // times the other parts' rows (per-id mult of three or more parts: read from the tables)
 };
 
 // The rows of one table a batch touched and the gradient of each. Gradients are summed into a slot per distinct
@@ -463,11 +466,11 @@ inline void add_read(const Layout& L, const Read& r, int64_t D, bool first, floa
     }
     return;
   }
-  const int64_t s = L.slot_of[r.part];
-  if (L.op[s] != kMult) {
+  if (!r.product) {
     axpy_or_set(first, D, c, gr, acc);
     return;
   }
+  const int64_t s = L.slot_of[r.part];
   for (int64_t j = 0; j < D; ++j) {
     tmp[j] = c * gr[j];
   }
@@ -515,17 +518,19 @@ void pooled_bag_grads(const Layout& L, int64_t s, int64_t b, const float* g, flo
 
 // Every read of slot s, in id order: the output gradient's row is read once for all the slot's parts.
 void slot_grads(const Layout& L, int64_t s, const float* g, std::vector<TableGrad>& tables, float* tmp) {
-  const int64_t p0 = L.first[s], k = L.count[s], op = L.op[s], n = L.n[s];
-  const bool pair = op == kMult && k == 2;
+  const int64_t p0 = L.first[s], k = L.count[s], slot_op = L.op[s], n = L.n[s];
   // Pooled mult: the bag gradients of the bag at hand (its tables are mapped: reads are summed at once).
   std::vector<float> pooled, bag_grad;
-  if (op == kPooledMult) {
+  if (slot_op == kPooledMult) {
     pooled.resize(k * L.dims[L.table[p0]]);
     bag_grad.resize(k * L.dims[L.table[p0]]);
   }
   for (int64_t b = 0; b < L.batch; ++b) {
     const float scale = L.scale(s, b);
-    if (op != kPooledMult && b + kPrefetch < L.batch) {
+    // A one-id bag of a pooled mult is the per-id product (its kernel is used in the forward too).
+    const int64_t op = slot_op == kPooledMult && L.offsets[s][b + 1] - L.offsets[s][b] == 1 ? kMult : slot_op;
+    const bool pair = op == kMult && k == 2;
+    if (b + kPrefetch < L.batch) {
       const float* ahead = g + (b + kPrefetch) * L.out_width;
       for (int64_t p = p0; p < (op == kConcat ? p0 + k : p0 + 1); ++p) {
         prefetch_row(ahead + (op == kConcat ? L.col[p] : L.slot_col[s]), L.dims[L.table[p]]);
@@ -545,7 +550,7 @@ void slot_grads(const Layout& L, int64_t s, const float* g, std::vector<TableGra
       for (int64_t p = p0; p < p0 + k; ++p) {
         const int64_t t = L.table[p], D = L.dims[t];
         const float* w = (op != kPooledMult || p == p0) ? L.w[s] : nullptr;
-        Read r{L.idx[p][i], p, i, (w ? w[i] : 1.0f) * scale, nullptr, nullptr};
+        Read r{L.idx[p][i], p, i, (w ? w[i] : 1.0f) * scale, nullptr, nullptr, op == kMult};
         r.grad = op == kPooledMult ? bag_grad.data() + (p - p0) * D
                                    : g + b * L.out_width + (op == kConcat ? L.col[p] : L.slot_col[s]);
         if (pair) {
