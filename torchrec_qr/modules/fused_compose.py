@@ -88,6 +88,7 @@ class FusedCompose:
         # Autograd reaches the backward through this (as FBGEMM's TBE does through its placeholder).
         self._placeholder = torch.zeros(0, requires_grad=True)
         self._storage: tuple[tuple[int, ...], list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._row_slots: list[torch.Tensor] = []
 
     @staticmethod
     def build(composer: LookupComposer, tbes: Sequence[Any]) -> FusedCompose | None:
@@ -153,10 +154,26 @@ class FusedCompose:
         """The backward: every touched row's gradient, then the TBEs' optimizer applied in place."""
         indices, lengths, weights = inputs
         tables, states = self.tables_and_states()
+        if len(self._row_slots) != len(tables):
+            # Each table's row -> gradient slot map (int32 per row, -1 between batches: 1/16 of an FP32 D=64
+            # table), kept so a batch costs its reads, not its tables' rows.
+            self._row_slots = [torch.full((t.shape[0],), -1, dtype=torch.int32) for t in tables]
         lrs = [tbe.get_learning_rate() for tbe in self._tbes for _ in tbe.embedding_specs]
         eps = [float(tbe.optimizer_args.eps) for tbe in self._tbes for _ in tbe.embedding_specs]
         torch.ops.torchrec_qr.compose_backward_update(
-            grad, tables, states, indices, lengths, weights, self._slots, self._parts, self._optimizers, lrs, eps, batch
+            grad,
+            tables,
+            states,
+            self._row_slots,
+            indices,
+            lengths,
+            weights,
+            self._slots,
+            self._parts,
+            self._optimizers,
+            lrs,
+            eps,
+            batch,
         )
 
 

@@ -2,13 +2,13 @@
 // optimizer applied in place (as FBGEMM's fused TBE backward does).
 //
 // A *slot* is one pooled output (a feature of a logical table, or a column shard of one): its bags (lengths),
-// optional per-id weights, and its *parts*, one per sub-table, each an index tensor into one table. The
-// forward reads each id's sub-table rows, combines them (concat, add, per-id mult, or pooled mult: each part
-// pooled, then multiplied), pools per bag (SUM or MEAN) and writes the result straight into its output
-// columns: no per-id rows are materialized. The backward accumulates each touched row's gradient (counting
-// sort of the rows per table) from the output gradient and the other parts' rows, then, once every gradient
-// is known (products read the pre-update rows), applies SGD, row-wise Adagrad or Adagrad with FBGEMM's update
-// rules to the tables and their optimizer state.
+// optional per-id weights, and its *parts*, one per sub-table: the ids' rows in one table, either given or
+// computed here as (id // divisor) % modulus. The forward reads each id's sub-table rows, combines them
+// (concat, add, per-id mult, or pooled mult: each part pooled, then multiplied), pools per bag (SUM or MEAN)
+// and writes the result straight into its output columns: no per-id rows are materialized. The backward
+// reads each output-gradient row once per slot and sums every touched row's gradient (from it and, for mult,
+// the other parts' pre-update rows) into a slot per row; then, per group of slots sharing tables, applies
+// SGD, row-wise Adagrad or Adagrad with FBGEMM's update rules to the tables and their optimizer state.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -408,30 +408,26 @@ struct Read {
   bool product;  // times the other parts' rows (per-id mult of three or more parts: read from the tables)
 };
 
-// The rows of one table a batch touched and the gradient of each. Gradients are summed into a slot per distinct
-// row, found through a row -> slot map; a table much larger than the batch (where the map would cost more than
-// the batch) keeps its reads and sums them after sorting by row.
+// The rows of one table a batch touched and the gradient of each, summed into a slot per distinct row found
+// through the table's row -> slot map (a caller-owned int32 per row, -1 between batches: only touched entries
+// are reset, so a batch costs its reads, not the table's rows).
 struct TableGrad {
   std::vector<int64_t> rows;
   std::unique_ptr<float[]> grads;  // rows.size() x D, each row written (not added) first
-  std::vector<int32_t> slot_of_row;
-  std::vector<Read> reads;
-  bool mapped = true;
+  int32_t* slot_of_row = nullptr;
 
-  void init(int64_t num_rows, int64_t reads_expected, int64_t d, bool map_always) {
-    mapped = map_always || num_rows <= 16 * reads_expected + 65536;
-    const int64_t capacity = mapped ? std::min(reads_expected, num_rows) : reads_expected;
-    if (mapped) {
-      slot_of_row.assign(num_rows, -1);
-    } else {
-      reads.reserve(reads_expected);
-    }
+  void init(int32_t* row_slots, int64_t num_rows, int64_t reads_expected, int64_t d) {
+    slot_of_row = row_slots;
+    const int64_t capacity = std::max<int64_t>(std::min(reads_expected, num_rows), 1);
     rows.reserve(capacity);
-    grads.reset(new float[std::max<int64_t>(capacity, 1) * d]);
+    grads.reset(new float[capacity * d]);
   }
-  // The gradient slot of a row read soon, if it has one already.
-  void prefetch(int64_t row, int64_t d) const {
-    if (mapped && slot_of_row[row] >= 0) {
+  // A row read soon: its map entry (far ahead), then its gradient slot if it has one (nearer).
+  void prefetch_entry(int64_t row) const {
+    prefetch_row(reinterpret_cast<const float*>(slot_of_row + row), 1);
+  }
+  void prefetch_slot(int64_t row, int64_t d) const {
+    if (slot_of_row[row] >= 0) {
       prefetch_row(grads.get() + static_cast<int64_t>(slot_of_row[row]) * d, d);
     }
   }
@@ -445,6 +441,11 @@ struct TableGrad {
       rows.push_back(row);
     }
     return grads.get() + static_cast<int64_t>(at) * d;
+  }
+  void release() {
+    for (int64_t row : rows) {
+      slot_of_row[row] = -1;
+    }
   }
 };
 
@@ -485,19 +486,6 @@ inline void add_read(const Layout& L, const Read& r, int64_t D, bool first, floa
   axpy_or_set(first, D, 1.0f, tmp, acc);
 }
 
-// A table whose reads were kept: sum them by row.
-void sum_sorted_reads(const Layout& L, int64_t t, TableGrad& tg, float* tmp) {
-  const int64_t D = L.dims[t];
-  std::sort(tg.reads.begin(), tg.reads.end(), [](const Read& a, const Read& b) { return a.row < b.row; });
-  for (const Read& r : tg.reads) {
-    const bool first = tg.rows.empty() || tg.rows.back() != r.row;
-    if (first) {
-      tg.rows.push_back(r.row);
-    }
-    add_read(L, r, D, first, tg.grads.get() + (static_cast<int64_t>(tg.rows.size()) - 1) * D, tmp);
-  }
-}
-
 // Pooled mult, bag b: each part's bag gradient, g times the other parts' pooled rows, into out (k x D).
 void pooled_bag_grads(const Layout& L, int64_t s, int64_t b, const float* g, float* pooled, float* out) {
   const int64_t p0 = L.first[s], k = L.count[s], D = L.dims[L.table[p0]];
@@ -519,7 +507,7 @@ void pooled_bag_grads(const Layout& L, int64_t s, int64_t b, const float* g, flo
 // Every read of slot s, in id order: the output gradient's row is read once for all the slot's parts.
 void slot_grads(const Layout& L, int64_t s, const float* g, std::vector<TableGrad>& tables, float* tmp) {
   const int64_t p0 = L.first[s], k = L.count[s], slot_op = L.op[s], n = L.n[s];
-  // Pooled mult: the bag gradients of the bag at hand (its tables are mapped: reads are summed at once).
+  // Pooled mult: the bag gradients of the bag at hand.
   std::vector<float> pooled, bag_grad;
   if (slot_op == kPooledMult) {
     pooled.resize(k * L.dims[L.table[p0]]);
@@ -540,11 +528,16 @@ void slot_grads(const Layout& L, int64_t s, const float* g, std::vector<TableGra
       pooled_bag_grads(L, s, b, g, pooled.data(), bag_grad.data());
     }
     for (int64_t i = L.offsets[s][b]; i < L.offsets[s][b + 1]; ++i) {
+      if (i + 2 * kPrefetch < n) {
+        for (int64_t p = p0; p < p0 + k; ++p) {
+          tables[L.table[p]].prefetch_entry(L.idx[p][i + 2 * kPrefetch]);
+        }
+      }
       if (i + kPrefetch < n) {
         for (int64_t p = p0; p < p0 + k; ++p) {
           const int64_t t = L.table[p];
           prefetch_row(L.row(p, i + kPrefetch), L.dims[t]);
-          tables[t].prefetch(L.idx[p][i + kPrefetch], L.dims[t]);
+          tables[t].prefetch_slot(L.idx[p][i + kPrefetch], L.dims[t]);
         }
       }
       for (int64_t p = p0; p < p0 + k; ++p) {
@@ -557,10 +550,6 @@ void slot_grads(const Layout& L, int64_t s, const float* g, std::vector<TableGra
           r.other = L.row(p == p0 ? p0 + 1 : p0, i);
         }
         TableGrad& tg = tables[t];
-        if (!tg.mapped) {
-          tg.reads.push_back(r);
-          continue;
-        }
         bool first;
         float* acc = tg.slot(r.row, D, first);
         add_read(L, r, D, first, acc, tmp);
@@ -612,6 +601,7 @@ void compose_backward_update(
     const at::Tensor& grad,
     at::TensorList tables,
     at::TensorList states,
+    at::TensorList row_slots,
     at::TensorList indices,
     at::TensorList lengths,
     at::TensorList weights,
@@ -625,12 +615,15 @@ void compose_backward_update(
               "compose backward: the output gradient must be a contiguous float32 [batch, width] matrix");
   const Layout L = make_layout(tables, indices, lengths, weights, slots, parts, batch, grad.size(1));
   const int64_t T = static_cast<int64_t>(tables.size());
-  TORCH_CHECK(static_cast<int64_t>(states.size()) == T && static_cast<int64_t>(optimizers.size()) == T &&
+  TORCH_CHECK(static_cast<int64_t>(states.size()) == T && static_cast<int64_t>(row_slots.size()) == T &&
+                  static_cast<int64_t>(optimizers.size()) == T &&
                   static_cast<int64_t>(learning_rates.size()) == T && static_cast<int64_t>(eps.size()) == T,
               "compose backward: one optimizer, state, learning rate and eps per table");
   for (int64_t t = 0; t < T; ++t) {
     const int64_t expected = optimizers[t] == kSgd ? 0 : (optimizers[t] == kRowwiseAdagrad ? L.rows[t] : L.rows[t] * L.dims[t]);
     TORCH_CHECK(optimizers[t] >= kSgd && optimizers[t] <= kAdagrad, "table ", t, ": unknown optimizer");
+    TORCH_CHECK(row_slots[t].scalar_type() == at::kInt && row_slots[t].is_contiguous() &&
+                    row_slots[t].numel() == L.rows[t], "table ", t, ": its row -> slot map must be int32, one per row");
     TORCH_CHECK(states[t].numel() == expected && (expected == 0 || (states[t].scalar_type() == at::kFloat &&
                 states[t].is_contiguous())), "table ", t, ": optimizer state of the wrong size or type");
   }
@@ -648,10 +641,8 @@ void compose_backward_update(
     return t;
   };
   std::vector<int64_t> reads(T, 0);
-  std::vector<char> pooled_mult(T, 0);  // read by a pooled mult, whose bag gradients live for one bag
   for (int64_t p = 0; p < L.num_parts; ++p) {
     reads[L.table[p]] += L.n[L.slot_of[p]];
-    pooled_mult[L.table[p]] |= L.op[L.slot_of[p]] == kPooledMult;
     root[find(L.table[p])] = find(L.table[L.first[L.slot_of[p]]]);
   }
   std::vector<std::vector<int64_t>> groups(T);
@@ -659,37 +650,29 @@ void compose_backward_update(
     groups[find(L.table[L.first[s]])].push_back(s);
   }
   std::vector<TableGrad> table_grads(T);
-  // Every gradient first: mult gradients read the other parts' rows before any update.
+  // Per group: every gradient first (mult gradients read the other parts' pre-update rows), then the updates,
+  // while the rows just read are still in cache; no other group reads these tables.
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tmp(max_dim);
     for (int64_t c = begin; c < end; ++c) {
+      std::vector<int64_t> group_tables;
       for (int64_t s : groups[c]) {
         for (int64_t p = L.first[s]; p < L.first[s] + L.count[s]; ++p) {
           const int64_t t = L.table[p];
           if (!table_grads[t].grads) {
-            table_grads[t].init(L.rows[t], reads[t], L.dims[t], pooled_mult[t]);
+            table_grads[t].init(row_slots[t].data_ptr<int32_t>(), L.rows[t], reads[t], L.dims[t]);
+            group_tables.push_back(t);
           }
         }
         slot_grads(L, s, g, table_grads, tmp.data());
       }
-      for (int64_t s : groups[c]) {
-        for (int64_t p = L.first[s]; p < L.first[s] + L.count[s]; ++p) {
-          TableGrad& tg = table_grads[L.table[p]];
-          if (!tg.mapped && tg.rows.empty()) {
-            sum_sorted_reads(L, L.table[p], tg, tmp.data());
-          }
-        }
+      for (int64_t t : group_tables) {
+        float* state = states[t].numel() ? states[t].data_ptr<float>() : nullptr;
+        apply_update(L, t, table_grads[t], optimizers[t], static_cast<float>(learning_rates[t]),
+                     static_cast<float>(eps[t]), state);
+        table_grads[t].release();
+        table_grads[t].grads.reset();
       }
-    }
-  });
-  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (!table_grads[t].grads) {
-        continue;
-      }
-      float* state = states[t].numel() ? states[t].data_ptr<float>() : nullptr;
-      apply_update(L, t, table_grads[t], optimizers[t], static_cast<float>(learning_rates[t]),
-                   static_cast<float>(eps[t]), state);
     }
   });
 }
@@ -701,7 +684,8 @@ TORCH_LIBRARY(torchrec_qr, m) {
       "compose_forward(Tensor[] tables, Tensor[] indices, Tensor[] lengths, Tensor[] weights, int[] slots, "
       "int[] parts, int batch, int out_width) -> Tensor");
   m.def(
-      "compose_backward_update(Tensor grad, Tensor(a!)[] tables, Tensor(b!)[] states, Tensor[] indices, "
+      "compose_backward_update(Tensor grad, Tensor(a!)[] tables, Tensor(b!)[] states, Tensor(c!)[] row_slots, "
+      "Tensor[] indices, "
       "Tensor[] lengths, Tensor[] weights, int[] slots, int[] parts, int[] optimizers, float[] learning_rates, "
       "float[] eps, int batch) -> ()");
 }
