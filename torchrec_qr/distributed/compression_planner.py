@@ -15,7 +15,8 @@ optimizer state) per unit of added cost. The sequence of steps does not depend o
 only decides where it stops: at the first step where TorchRec's planner, with each rank capped at
 ``memory_per_rank`` less ``headroom``, places every shard and every rank's estimate fits (found by galloping
 then bisecting, which takes more compression to never make placement harder). A larger budget therefore
-never compresses a table more. Everything is deterministic (ties go to the earlier table).
+compresses no table more, as far as TorchRec's heuristic placement allows (``_shard`` steers it when a larger
+cap leads it astray). Everything is deterministic (ties go to the earlier table).
 """
 
 from __future__ import annotations
@@ -287,14 +288,24 @@ class CompressionPlanner:
         self, rungs: list[_Rung], model_fn: Callable[..., nn.Module] | None, capacity: float
     ) -> PlannerResult | None:
         """TorchRec's plan for these tables within the caps, or None if it cannot place them or a rank's
-        estimate (with replicated sub-tables) exceeds ``capacity``."""
-        try:
-            result = self._propose([r.config for r in rungs], model_fn, self.memory_per_rank)
-        except PlannerError as e:
-            logger.debug("planner could not place the tables: %s", e)
-            return None
-        per_rank = _bytes_per_rank(result, self.optimizer)
-        return result if max(per_rank.values(), default=0) <= capacity else None
+        estimate (with replicated sub-tables) exceeds ``capacity``.
+
+        TorchRec's placement is a heuristic: given more room per rank it may choose a layout whose estimate
+        overshoots where a tighter cap would have steered it to one that fits. So an overshoot is retried with
+        TorchRec's cap shrunk by the overshoot (a few times): without it a larger budget could fail a step a
+        smaller one passed, and compress more."""
+        memory_per_rank = self.memory_per_rank
+        for _ in range(_PLACEMENT_RETRIES + 1):
+            try:
+                result = self._propose([r.config for r in rungs], model_fn, int(memory_per_rank))
+            except PlannerError as e:
+                logger.debug("planner could not place the tables: %s", e)
+                return None
+            worst = max(_bytes_per_rank(result, self.optimizer).values(), default=0)
+            if worst <= capacity:
+                return result
+            memory_per_rank *= capacity / worst
+        return None
 
     def _propose(
         self, configs: list[EmbeddingBagConfig], model_fn: Callable[..., nn.Module] | None, memory_per_rank: int | None
@@ -414,6 +425,9 @@ def _traffic_shares(
     if min(counts) < 0 or sum(counts) <= 0:
         raise ValueError(f"traffic: counts must be >= 0 and not all 0, got {dict(zip(names, counts))}")
     return [c / sum(counts) for c in counts]
+
+
+_PLACEMENT_RETRIES = 3
 
 
 def _greedy_steps(ladders: list[list[_Rung]], weights: list[float]) -> list[tuple[int, int, float]]:
