@@ -33,9 +33,11 @@ def git_state() -> str:
 
 
 def allocator_state() -> str:
-    """Whether glibc keeps freed memory for reuse (``launch/cpu_allocator.sh``): it changes CPU step times a lot."""
+    """Whether glibc keeps freed memory for reuse and torch asks for huge pages (``launch/cpu_allocator.sh``):
+    both change CPU step times a lot."""
     tuned = os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_")
-    return "malloc tuned (launch/cpu_allocator.sh)" if tuned else "malloc default"
+    pages = "huge pages" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "4 KiB pages"
+    return ("malloc tuned (launch/cpu_allocator.sh)" if tuned else "malloc default") + f", {pages}"
 
 
 def make_batches(

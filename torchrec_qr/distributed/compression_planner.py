@@ -15,8 +15,8 @@ optimizer state) per unit of added cost. The sequence of steps does not depend o
 only decides where it stops: at the first step where TorchRec's planner, with each rank capped at
 ``memory_per_rank`` less ``headroom``, places every shard and every rank's estimate fits (found by galloping
 then bisecting, which takes more compression to never make placement harder). A larger budget therefore
-compresses no table more, as far as TorchRec's heuristic placement allows (``_shard`` steers it when a larger
-cap leads it astray). Everything is deterministic (ties go to the earlier table).
+compresses no table more (``_shard`` keeps TorchRec's cap-dependent placement from breaking that). Everything
+is deterministic (ties go to the earlier table).
 """
 
 from __future__ import annotations
@@ -287,24 +287,25 @@ class CompressionPlanner:
     def _shard(
         self, rungs: list[_Rung], model_fn: Callable[..., nn.Module] | None, capacity: float
     ) -> PlannerResult | None:
-        """TorchRec's plan for these tables within the caps, or None if it cannot place them or a rank's
-        estimate (with replicated sub-tables) exceeds ``capacity``.
+        """TorchRec's plan for these tables within ``capacity`` per rank (by this planner's estimate, with
+        replicated sub-tables), or None.
 
-        TorchRec's placement is a heuristic: given more room per rank it may choose a layout whose estimate
-        overshoots where a tighter cap would have steered it to one that fits. So an overshoot is retried with
-        TorchRec's cap shrunk by the overshoot (a few times): without it a larger budget could fail a step a
-        smaller one passed, and compress more."""
-        memory_per_rank = self.memory_per_rank
-        for _ in range(_PLACEMENT_RETRIES + 1):
+        TorchRec's placement is a heuristic whose choice depends on the cap it is given: with more room it
+        may pick a layout that overshoots where a tighter cap steers it to one that fits. So it is asked with
+        caps that depend on the tables alone — uncapped, then multiples of their average bytes per rank,
+        largest first, those above this planner's budget skipped — and the first layout that fits wins. A cap
+        that works under one budget is tried under every larger one: a larger budget never fails a step a
+        smaller one passed."""
+        average = sum(r.bytes for r in rungs) / self.world_size / (1 - self.headroom)
+        caps = [UNCAPPED] + [int(m * average) for m in _CAP_MULTIPLES if m * average <= self.memory_per_rank]
+        for cap in caps:
             try:
-                result = self._propose([r.config for r in rungs], model_fn, int(memory_per_rank))
+                result = self._propose([r.config for r in rungs], model_fn, cap)
             except PlannerError as e:
-                logger.debug("planner could not place the tables: %s", e)
-                return None
-            worst = max(_bytes_per_rank(result, self.optimizer).values(), default=0)
-            if worst <= capacity:
+                logger.debug("planner could not place the tables under a cap of %s: %s", cap, e)
+                continue
+            if max(_bytes_per_rank(result, self.optimizer).values(), default=0) <= capacity:
                 return result
-            memory_per_rank *= capacity / worst
         return None
 
     def _propose(
@@ -427,7 +428,7 @@ def _traffic_shares(
     return [c / sum(counts) for c in counts]
 
 
-_PLACEMENT_RETRIES = 3
+_CAP_MULTIPLES = (4.0, 2.0, 1.5, 1.25, 1.1, 1.0)  # TorchRec caps tried, x the tables' average bytes per rank
 
 
 def _greedy_steps(ladders: list[list[_Rung]], weights: list[float]) -> list[tuple[int, int, float]]:
