@@ -5,7 +5,7 @@
 # Values the user already set win.
 export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}"
 export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-68719476736}"
-# Tables are read at random rows: with 4 KiB pages nearly every row read of a table larger than the TLB's reach
-# also walks the page table. torch backs its large allocations (the TBEs' weights, step buffers) with
-# transparent huge pages when asked (this machine's THP mode is "madvise").
+# Tables are read at random rows: with 4 KiB pages a row read of tables larger than the TLB's reach also walks
+# the page table. torch backs its large allocations (the TBEs' weights, step buffers) with transparent huge
+# pages when asked (this machine's THP mode is "madvise"); ~5% of a step here (benchmarks/README.md).
 export THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"
