@@ -3,7 +3,7 @@
 The reference path (``LookupComposer.expand`` → TBE → ``compose``) materializes every id's sub-table rows: a
 per-id ``mult`` lookup returns ``[ids, k x D]`` floats, its backward writes as many gradient rows, and the
 product and its gradients are three more passes over them. With ``L`` ids per bag that is ``2L`` times the
-pooled output a plain EBC writes. The kernel (``torchrec_qr/ops/compose_kernel.cpp``) instead reads each id's
+pooled output a plain EBC writes. The kernel (``torchrec_qr/ops/compose_*.cpp``) instead reads each id's
 rows straight from the TBE's weights, composes and pools them into the output columns, and in the backward
 sums each touched row's gradient and applies the TBE's own optimizer (SGD, row-wise Adagrad, Adagrad, FBGEMM's
 update rules) to the TBE's weights and state: same parameters, same state-dict keys, same fused optimizer
@@ -40,8 +40,8 @@ _CONCAT, _ADD, _MULT, _POOLED_MULT = 0, 1, 2, 3
 _OPS = {"none": _CONCAT, "concat": _CONCAT, "add": _ADD, "mult": _MULT}
 _PART_FIELDS = 4  # table, output column, divisor, modulus
 # Kernel-pooled outputs (add, concat, pooled mult, plain tables) with more ids per bag than this, on average,
-# go through FBGEMM's pooled lookups (benchmarks/README.md: the kernel is faster at 1 id per bag, even at 2, slower
-# from 3).
+# go through FBGEMM's pooled lookups: the kernel is faster at 1 id per bag, even (add) or slower (pooled mult) at
+# 2, slower from 3 (`benchmarks/bench_compose_kernel.py --ids-per-bag N --combine add`).
 MAX_POOLED_IDS_PER_BAG = 1.5
 
 
@@ -52,6 +52,14 @@ class FusedCompose:
     Args:
         composer: the lookup's composer (one source: the TBEs).
         tbes: the split TBEs holding the source's tables, in the composer's table order.
+
+    Example::
+
+        ebc = FusedCompositionalEmbeddingBagCollection(tables, torchrec.optim.RowWiseAdagrad, {"lr": 0.05})
+        kernel = FusedCompose.build(ebc._composer, list(ebc._embedding_bag_collection._emb_modules))
+        inputs = ebc._composer.inputs(kjt)
+        if kernel is not None and kernel.serves(inputs):
+            kernel(inputs).sum().backward()  # the TBEs' rows are updated here
     """
 
     def __init__(self, composer: LookupComposer, tbes: Sequence[SplitTableBatchedEmbeddingBagsCodegen]) -> None:

@@ -1,4 +1,5 @@
-"""Build and load ``compose_kernel.cpp`` (``torch.ops.torchrec_qr.*``) with torch's C++ extension builder.
+"""Build and load the compose kernel (``compose_*.cpp``, ``torch.ops.torchrec_qr.*``) with torch's C++
+extension builder.
 
 The kernel is compiled for this machine (OpenMP, AVX2/FMA where the CPU has them) into torch's extension
 directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), once per source and flag set;
@@ -9,6 +10,7 @@ composition (the same function, slower); ``python -m torchrec_qr.ops`` fails wit
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -20,7 +22,7 @@ __all__ = ["ENV_SWITCH", "compose_ops_available", "load_compose_ops"]
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("compose_kernel.cpp")
+SOURCES = sorted(str(p) for p in Path(__file__).parent.glob("compose_*.cpp"))  # with compose_kernel.h
 # "0" turns the fused compose kernel off (the modules then compose with the reference path).
 ENV_SWITCH = "TORCHREC_QR_COMPOSE_KERNEL"
 
@@ -53,10 +55,12 @@ def _load() -> None:
     from torch.utils import cpp_extension
 
     march = _cpu_flags()
+    # The builder re-versions on changed sources and flags, not headers: the header's hash goes into the flags.
+    header = hashlib.sha256(Path(__file__).with_name("compose_kernel.h").read_bytes()).hexdigest()[:16]
     cpp_extension.load(
         name="torchrec_qr_compose" + {0: "", 2: "_avx2", 4: "_avx512"}[len(march)],
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", *march],
+        sources=SOURCES,
+        extra_cflags=["-O3", "-fopenmp", *march, f"-DTORCHREC_QR_HEADER={header}"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,

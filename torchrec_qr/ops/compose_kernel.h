@@ -1,0 +1,118 @@
+// Fused lookup + composition + pooling for compositional embedding bags on CPU, and its backward with the
+// optimizer applied in place (as FBGEMM's fused TBE backward does).
+//
+// A *slot* is one pooled output (a feature of a logical table, or a column shard of one): its bags (lengths),
+// optional per-id weights, and its *parts*, one per sub-table: the ids' rows in one table, either given or
+// computed here as (id // divisor) % modulus. The forward reads each id's sub-table rows, combines them
+// (concat, add, per-id mult, or pooled mult: each part pooled, then multiplied), pools per bag (SUM or MEAN)
+// and writes the result straight into its output columns: no per-id rows are materialized. The backward
+// reads each output-gradient row once per slot and sums every touched row's gradient (from it and, for mult,
+// the other parts' pre-update rows) into a slot per row; then, per group of slots sharing tables, applies
+// SGD, row-wise Adagrad or Adagrad with FBGEMM's update rules to the tables and their optimizer state.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace torchrec_qr_ops {
+
+enum Op : int64_t { kConcat = 0, kAdd = 1, kMult = 2, kPooledMult = 3 };
+enum Optimizer : int64_t { kSgd = 0, kRowwiseAdagrad = 1, kAdagrad = 2 };
+
+constexpr int64_t kSlotFields = 5;  // op, mean, first part, number of parts, output column
+constexpr int64_t kPartFields = 4;  // table, output column, divisor, modulus (0: none)
+
+struct Layout {
+  int64_t batch = 0;
+  int64_t out_width = 0;
+  int64_t num_slots = 0;
+  int64_t num_parts = 0;
+  std::vector<int64_t> op, mean, first, count, slot_col, n;  // per slot
+  std::vector<int64_t> width;                                // per slot: output columns
+  std::vector<std::vector<int64_t>> offsets;                 // per slot, batch + 1
+  std::vector<const float*> w;                               // per slot, null when unweighted
+  std::vector<int64_t> table, col, slot_of;                  // per part
+  std::vector<const int64_t*> idx;                           // per part: its rows
+  std::vector<std::vector<int64_t>> classes;                 // per part: rows computed from ids here
+  std::vector<float*> tab;                                   // per table
+  std::vector<int64_t> rows, dims;                           // per table
+
+  float scale(int64_t s, int64_t b) const {
+    const int64_t len = offsets[s][b + 1] - offsets[s][b];
+    return (mean[s] && len > 0) ? 1.0f / static_cast<float>(len) : 1.0f;
+  }
+  const float* row(int64_t p, int64_t i) const {
+    const int64_t t = table[p];
+    return tab[t] + idx[p][i] * dims[t];
+  }
+};
+
+// The layout of one call: slots, parts, bags and the tables; ids of div/mod parts turned into rows.
+Layout make_layout(at::TensorList tables, at::TensorList indices, at::TensorList lengths, at::TensorList weights,
+                   at::IntArrayRef slots, at::IntArrayRef parts, int64_t batch, int64_t out_width);
+
+// Every row read is inside its table (a clear error instead of a wild read when ids are not validated).
+void check_bounds(const Layout& L);
+
+// Pools each part of slot s over bag b into tmp (count x D, each factor scaled for MEAN); the first part
+// takes the per-id weights (pooled-mode mult, as the kernel-pooled path applies them).
+void pool_parts(const Layout& L, int64_t s, int64_t b, float* tmp);
+
+// Rows are read in id order, scattered over tables larger than the caches: each loop prefetches the rows
+// kPrefetch ids ahead, as FBGEMM's lookup kernels do.
+constexpr int64_t kPrefetch = 8;
+
+// An asm statement: GCC 12 drops __builtin_prefetch of addresses computed from loaded indices.
+inline void prefetch_row(const float* row, int64_t d) {
+#if defined(__x86_64__)
+  for (int64_t j = 0; j < d; j += 16) {
+    asm volatile("prefetcht0 %0" : : "m"(row[j]));
+  }
+#else
+  for (int64_t j = 0; j < d; j += 16) {
+    __builtin_prefetch(row + j, 0, 3);
+  }
+#endif
+}
+
+inline void axpy(int64_t d, float a, const float* __restrict__ x, float* __restrict__ y) {
+  for (int64_t j = 0; j < d; ++j) {
+    y[j] += a * x[j];
+  }
+}
+
+// y = a x for a bag's first id, y += a x after: the output row is never zero-filled and re-read (a wide
+// zero store forwards badly to the narrower loads that follow, stalling on the row's cache miss).
+inline void axpy_or_set(bool first, int64_t d, float a, const float* __restrict__ x, float* __restrict__ y) {
+  if (first) {
+    for (int64_t j = 0; j < d; ++j) {
+      y[j] = a * x[j];
+    }
+  } else {
+    axpy(d, a, x, y);
+  }
+}
+
+inline void scale_by(int64_t d, float a, float* __restrict__ y) {
+  if (a != 1.0f) {
+    for (int64_t j = 0; j < d; ++j) {
+      y[j] *= a;
+    }
+  }
+}
+
+at::Tensor compose_forward(at::TensorList tables, at::TensorList indices, at::TensorList lengths,
+                           at::TensorList weights, at::IntArrayRef slots, at::IntArrayRef parts, int64_t batch,
+                           int64_t out_width);
+
+void compose_backward_update(const at::Tensor& grad, at::TensorList tables, at::TensorList states,
+                             at::TensorList row_slots, at::TensorList indices, at::TensorList lengths,
+                             at::TensorList weights, at::IntArrayRef slots, at::IntArrayRef parts,
+                             at::IntArrayRef optimizers, at::ArrayRef<double> learning_rates,
+                             at::ArrayRef<double> eps, int64_t batch);
+
+}  // namespace torchrec_qr_ops
