@@ -83,6 +83,10 @@ def _plain_ebc(rank: int, world_size: int) -> dict:
     }
     grouped_types = {type(g) for _, s in internals.shardings(module) for g in internals.local_grouped_configs(s, rank)}
     lookups = internals.lookups_by_sharding_type(module)
+    tbes = {t: internals.split_tbes(lookup) for t, lookup in lookups.items()}
+    tbe_tables = {
+        t: None if ks is None else sum(len(k.split_embedding_weights()) for k in ks) for t, ks in tbes.items()
+    }
     count = len(lookups)
     internals.add_lookup(module, torch.nn.Identity())
     added = len(internals.lookups_by_sharding_type(module)) == count and len(list(module._lookups)) == count + 1
@@ -98,6 +102,7 @@ def _plain_ebc(rank: int, world_size: int) -> dict:
         "added": added,
         "input_dist": (before, module._has_uninitialized_input_dist),
         "optimizer": module.fused_optimizer is optimizer,
+        "tbe_tables": tbe_tables,
     }
 
 
@@ -110,6 +115,8 @@ def test_accessors_on_a_plain_sharded_ebc() -> None:
         assert r["local"]["column_wise"] == ["t_cw"]  # one column shard per rank
         assert r["local"]["table_wise"] == (["t_tw"] if rank == 0 else [])
         assert r["added"] and r["input_dist"] == (True, False) and r["optimizer"]
+        # Pooled lookups hand over their TBEs (one table each per local config table); data-parallel's is DDP.
+        assert r["tbe_tables"] == {t: None if t == "data_parallel" else len(r["local"][t]) for t in r["types"]}
 
 
 def _recreated_lookups_match(rank: int, world_size: int) -> list[float]:

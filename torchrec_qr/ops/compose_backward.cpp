@@ -35,14 +35,15 @@ struct TableGrad {
     prefetch_row(reinterpret_cast<const float*>(slot_of_row + row), 1);
   }
   void prefetch_slot(int64_t row, int64_t d) const {
-    if (slot_of_row[row] >= 0) {
+    if (slot_of_row[row] >= 0 && slot_of_row[row] < static_cast<int32_t>(rows.size())) {
       prefetch_row(grads.get() + static_cast<int64_t>(slot_of_row[row]) * d, d);
     }
   }
   // The row's gradient slot, and whether this is its first read.
   float* slot(int64_t row, int64_t d, bool& first) {
     int32_t at = slot_of_row[row];
-    first = at < 0;
+    // An entry left by a batch whose backward did not finish is stale, not a slot of this batch.
+    first = at < 0 || at >= static_cast<int32_t>(rows.size()) || rows[at] != row;
     if (first) {
       at = static_cast<int32_t>(rows.size());
       slot_of_row[row] = at;
