@@ -39,10 +39,23 @@ def _cpu_flags() -> list[str]:
 
 def load_compose_ops() -> None:
     """Compile (if needed) and load the kernel; raises ``RuntimeError`` naming what is missing."""
-    _load()
+    error = _load_error()
+    if error is not None:
+        raise RuntimeError(error)
 
 
 @functools.cache
+def _load_error() -> str | None:
+    """None once the kernel is loaded, else why not. Cached either way: a failed build is not retried by every
+    module that asks (and is logged once)."""
+    try:
+        _load()
+    except (RuntimeError, OSError) as e:
+        logger.warning("fused compose kernel unavailable, composing with the reference path: %s", e)
+        return str(e)
+    return None
+
+
 def _load() -> None:
     if hasattr(torch.ops.torchrec_qr, "compose_forward"):
         return
@@ -70,16 +83,4 @@ def _load() -> None:
 def compose_ops_available() -> bool:
     """Whether the fused compose kernel is enabled (``TORCHREC_QR_COMPOSE_KERNEL`` is not ``0``) and loads;
     a failed build is logged once and the reference composition is used."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
-    try:
-        _load()
-    except (RuntimeError, OSError) as e:
-        _warn_once(str(e))
-        return False
-    return True
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    logger.warning("fused compose kernel unavailable, composing with the reference path: %s", message)
+    return os.environ.get(ENV_SWITCH, "1") != "0" and _load_error() is None
