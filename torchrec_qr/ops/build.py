@@ -22,7 +22,7 @@ __all__ = ["ENV_SWITCH", "compose_ops_available", "load_compose_ops"]
 
 logger = logging.getLogger(__name__)
 
-SOURCES = sorted(str(p) for p in Path(__file__).parent.glob("compose_*.cpp"))  # with compose_kernel.h
+SOURCES = sorted(str(p) for p in Path(__file__).parent.glob("compose_*.cpp"))  # with compose_*.h
 # "0" turns the fused compose kernel off (the modules then compose with the reference path).
 ENV_SWITCH = "TORCHREC_QR_COMPOSE_KERNEL"
 
@@ -68,8 +68,9 @@ def _load() -> None:
     from torch.utils import cpp_extension
 
     march = _cpu_flags()
-    # The builder re-versions on changed sources and flags, not headers: the header's hash goes into the flags.
-    header = hashlib.sha256(Path(__file__).with_name("compose_kernel.h").read_bytes()).hexdigest()[:16]
+    # The builder re-versions on changed sources and flags, not headers: the headers' hash goes into the flags.
+    headers = b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("compose_*.h")))
+    header = hashlib.sha256(headers).hexdigest()[:16]
     cpp_extension.load(
         name="torchrec_qr_compose" + {0: "", 2: "_avx2", 4: "_avx512"}[len(march)],
         sources=SOURCES,

@@ -1,8 +1,5 @@
 // The backward: every touched row's gradient, then the optimizer applied in place (see compose_kernel.h).
-#include "compose_kernel.h"
-
-#include <cmath>
-#include <memory>
+#include "compose_update.h"
 
 namespace torchrec_qr_ops {
 namespace {
@@ -16,64 +13,13 @@ struct Read {
   bool product;  // times the other parts' rows (per-id mult of three or more parts: read from the tables)
 };
 
-// The rows of one table a batch touched and the gradient of each, summed into a slot per distinct row found
-// through the table's row -> slot map (a caller-owned int32 per row, -1 between batches: only touched entries
-// are reset, so a batch costs its reads, not the table's rows).
-struct TableGrad {
-  std::vector<int64_t> rows;
-  std::unique_ptr<float[]> grads;  // rows.size() x D, each row written (not added) first
-  int32_t* slot_of_row = nullptr;
-
-  void init(int32_t* row_slots, int64_t num_rows, int64_t reads_expected, int64_t d) {
-    slot_of_row = row_slots;
-    const int64_t capacity = std::max<int64_t>(std::min(reads_expected, num_rows), 1);
-    rows.reserve(capacity);
-    grads.reset(new float[capacity * d]);
-  }
-  // A row read soon: its map entry (far ahead), then its gradient slot if it has one (nearer).
-  void prefetch_entry(int64_t row) const {
-    prefetch_row(reinterpret_cast<const float*>(slot_of_row + row), 1);
-  }
-  void prefetch_slot(int64_t row, int64_t d) const {
-    if (slot_of_row[row] >= 0 && slot_of_row[row] < static_cast<int32_t>(rows.size())) {
-      prefetch_row(grads.get() + static_cast<int64_t>(slot_of_row[row]) * d, d);
-    }
-  }
-  // The row's gradient slot, and whether this is its first read.
-  float* slot(int64_t row, int64_t d, bool& first) {
-    int32_t at = slot_of_row[row];
-    // An entry left by a batch whose backward did not finish is stale, not a slot of this batch.
-    first = at < 0 || at >= static_cast<int32_t>(rows.size()) || rows[at] != row;
-    if (first) {
-      at = static_cast<int32_t>(rows.size());
-      slot_of_row[row] = at;
-      rows.push_back(row);
-    }
-    return grads.get() + static_cast<int64_t>(at) * d;
-  }
-  void release() {
-    for (int64_t row : rows) {
-      slot_of_row[row] = -1;
-    }
-  }
-};
-
 // What one read adds to its row's gradient: c g (concat, add, pooled mult's bag gradient) or c g times the
 // other parts' rows (per-id mult). `first`: set instead of add.
 inline void add_read(const Layout& L, const Read& r, int64_t D, bool first, float* __restrict__ acc, float* tmp) {
   const float* __restrict__ gr = r.grad;
   const float c = r.coef;
   if (r.other != nullptr) {
-    const float* __restrict__ other = r.other;
-    if (first) {
-      for (int64_t j = 0; j < D; ++j) {
-        acc[j] = c * gr[j] * other[j];
-      }
-    } else {
-      for (int64_t j = 0; j < D; ++j) {
-        acc[j] += c * gr[j] * other[j];
-      }
-    }
+    mul_axpy_or_set(first, D, c, gr, r.other, acc);
     return;
   }
   if (!r.product) {
@@ -139,7 +85,7 @@ void slot_grads(const Layout& L, int64_t s, const float* g, std::vector<TableGra
     for (int64_t i = L.offsets[s][b]; i < L.offsets[s][b + 1]; ++i) {
       if (i + 2 * kPrefetch < n) {
         for (int64_t p = p0; p < p0 + k; ++p) {
-          tables[L.table[p]].prefetch_entry(L.idx[p][i + 2 * kPrefetch]);
+          tables[L.table[p]].index.prefetch_entry(L.idx[p][i + 2 * kPrefetch]);
         }
       }
       if (i + kPrefetch < n) {
@@ -167,46 +113,18 @@ void slot_grads(const Layout& L, int64_t s, const float* g, std::vector<TableGra
   }
 }
 
-void apply_update(const Layout& L, int64_t t, const TableGrad& tg, int64_t optimizer, float lr, float eps,
-                  float* state) {
+}  // namespace
+
+void apply_update(const Layout& L, int64_t t, const TableGrad& tg, const TableOptimizer& opt) {
   const int64_t D = L.dims[t];
-  float* weights = L.tab[t];
-  for (size_t u = 0; u < tg.rows.size(); ++u) {
-    if (u + kPrefetch < tg.rows.size()) {
-      prefetch_row(weights + tg.rows[u + kPrefetch] * D, D);
-      if (state != nullptr) {
-        prefetch_row(state + tg.rows[u + kPrefetch] * (optimizer == kAdagrad ? D : 1), 1);
-      }
+  const std::vector<int64_t>& rows = tg.index.rows;
+  for (size_t u = 0; u < rows.size(); ++u) {
+    if (u + kPrefetch < rows.size()) {
+      opt.prefetch(rows[u + kPrefetch], D, L.tab[t]);
     }
-    const int64_t row = tg.rows[u];
-    const float* gr = tg.grads.get() + u * D;
-    float* wr = weights + row * D;
-    if (optimizer == kSgd) {
-      for (int64_t j = 0; j < D; ++j) {
-        wr[j] -= lr * gr[j];
-      }
-    } else if (optimizer == kRowwiseAdagrad) {
-      float sum_square = 0.0f;
-      for (int64_t j = 0; j < D; ++j) {
-        sum_square += gr[j] * gr[j];
-      }
-      const float momentum = state[row] + sum_square / static_cast<float>(D);
-      state[row] = momentum;
-      const float multiplier = lr / (std::sqrt(momentum) + eps);
-      for (int64_t j = 0; j < D; ++j) {
-        wr[j] -= multiplier * gr[j];
-      }
-    } else {
-      float* m = state + row * D;
-      for (int64_t j = 0; j < D; ++j) {
-        m[j] += gr[j] * gr[j];
-        wr[j] -= lr * gr[j] / (std::sqrt(m[j]) + eps);
-      }
-    }
+    opt.update(rows[u], D, L.tab[t] + rows[u] * D, tg.grads.get() + u * D);
   }
 }
-
-}  // namespace
 
 void compose_backward_update(
     const at::Tensor& grad,
@@ -260,29 +178,42 @@ void compose_backward_update(
   for (int64_t s = 0; s < L.num_slots; ++s) {
     groups[find(L.table[L.first[s]])].push_back(s);
   }
+  std::vector<TableOptimizer> opts(T);
+  std::vector<int32_t*> maps(T);
+  for (int64_t t = 0; t < T; ++t) {
+    opts[t] = {optimizers[t], static_cast<float>(learning_rates[t]), static_cast<float>(eps[t]),
+               states[t].numel() ? states[t].data_ptr<float>() : nullptr};
+    maps[t] = row_slots[t].data_ptr<int32_t>();
+  }
   std::vector<TableGrad> table_grads(T);
   // Per group: every gradient first (mult gradients read the other parts' pre-update rows), then the updates,
-  // while the rows just read are still in cache; no other group reads these tables.
+  // while the rows just read are still in cache; no other group reads these tables. Groups of two-part slots
+  // fold the two into one pass over the primary part's rows.
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tmp(max_dim);
     for (int64_t c = begin; c < end; ++c) {
+      if (groups[c].empty()) {
+        continue;
+      }
+      const std::vector<int64_t> primaries = fold_primaries(L, groups[c]);
+      if (!primaries.empty()) {
+        folded_backward(L, groups[c], primaries, g, maps, reads, opts, max_dim);
+        continue;
+      }
       std::vector<int64_t> group_tables;
       for (int64_t s : groups[c]) {
         for (int64_t p = L.first[s]; p < L.first[s] + L.count[s]; ++p) {
           const int64_t t = L.table[p];
           if (!table_grads[t].grads) {
-            table_grads[t].init(row_slots[t].data_ptr<int32_t>(), L.rows[t], reads[t], L.dims[t]);
+            table_grads[t].init(maps[t], L.rows[t], reads[t], L.dims[t]);
             group_tables.push_back(t);
           }
         }
         slot_grads(L, s, g, table_grads, tmp.data());
       }
       for (int64_t t : group_tables) {
-        float* state = states[t].numel() ? states[t].data_ptr<float>() : nullptr;
-        apply_update(L, t, table_grads[t], optimizers[t], static_cast<float>(learning_rates[t]),
-                     static_cast<float>(eps[t]), state);
+        apply_update(L, t, table_grads[t], opts[t]);
         table_grads[t].release();
-        table_grads[t].grads.reset();
       }
     }
   });

@@ -6,9 +6,11 @@
 // computed here as (id // divisor) % modulus. The forward reads each id's sub-table rows, combines them
 // (concat, add, per-id mult, or pooled mult: each part pooled, then multiplied), pools per bag (SUM or MEAN)
 // and writes the result straight into its output columns: no per-id rows are materialized. The backward
-// reads each output-gradient row once per slot and sums every touched row's gradient (from it and, for mult,
-// the other parts' pre-update rows) into a slot per row; then, per group of slots sharing tables, applies
-// SGD, row-wise Adagrad or Adagrad with FBGEMM's update rules to the tables and their optimizer state.
+// works per group of slots sharing tables and applies SGD, row-wise Adagrad or Adagrad with FBGEMM's update
+// rules to the tables and their optimizer state. Groups of two-part slots fold (compose_update.h): ids sorted
+// by their larger part's row, each such row read once for both parts' gradients and updated at once. Other
+// groups read each output-gradient row once per slot, sum every touched row's gradient (from it and, for
+// mult, the other parts' pre-update rows) into a slot per row, then update.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -94,6 +96,20 @@ inline void axpy_or_set(bool first, int64_t d, float a, const float* __restrict_
     }
   } else {
     axpy(d, a, x, y);
+  }
+}
+
+// y = a x z for a first term, y += a x z after (a product's gradient: the output gradient times the other row).
+inline void mul_axpy_or_set(bool first, int64_t d, float a, const float* __restrict__ x, const float* __restrict__ z,
+                            float* __restrict__ y) {
+  if (first) {
+    for (int64_t j = 0; j < d; ++j) {
+      y[j] = a * x[j] * z[j];
+    }
+  } else {
+    for (int64_t j = 0; j < d; ++j) {
+      y[j] += a * x[j] * z[j];
+    }
   }
 }
 
