@@ -72,10 +72,10 @@ def _optimizer_state(module: FusedCompositionalEmbeddingBagCollection) -> dict[s
     return {f"{param}.{name}": value for param, states in state.items() for name, value in states.items()}
 
 
-def _train_both(kernel_module, reference_module, weighted: bool, steps: int = 3) -> None:
+def _train_both(kernel_module, reference_module, weighted: bool, steps: int = 3, make_batch=_batch) -> None:
     reference_module.load_state_dict(kernel_module.state_dict())
     for step in range(steps):
-        kjt = _batch(weighted, step)
+        kjt = make_batch(weighted, step)
         out_k, out_r = kernel_module(kjt).values(), reference_module(kjt).values()
         torch.testing.assert_close(out_k, out_r, rtol=0, atol=1e-6)
         target = torch.randn(out_k.shape, generator=torch.Generator().manual_seed(100 + step))
@@ -102,6 +102,44 @@ def test_kernel_equals_fbgemm_path(
     kernel = _module(tables, optimizer, weighted, True, monkeypatch)
     ref = _module(tables, optimizer, weighted, False, monkeypatch)
     _train_both(kernel, ref, weighted)
+
+
+@pytest.mark.parametrize(
+    "combine,composition,collisions,sub_dims,max_ids",
+    [
+        ("mult", "pooled", 10, None, 1),  # bags of at most one id: per-id products, folded
+        ("mult", "pooled", 10, None, 3),  # pooled products of longer bags: not folded
+        ("mult", "per_id", 50, None, 4),  # the remainder sub-table (50 rows) is the larger part
+        ("add", "per_id", 50, None, 4),
+        ("concat", "per_id", 10, [12, 4], 4),  # parts of different widths
+    ],
+)
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_two_part_tables_fold_exactly(
+    combine: str, composition: str, collisions: int, sub_dims, max_ids: int, pooling: PoolingType, monkeypatch
+) -> None:
+    """Two-part tables take the folded backward (ids sorted by the larger part's row): it must match FBGEMM's
+    path whichever part is larger, for every combine, and with a second table's features in the batch."""
+    plain = [
+        EmbeddingBagConfig(name="t", num_embeddings=997, embedding_dim=16, feature_names=["a", "b"], pooling=pooling),
+        EmbeddingBagConfig(name="u", num_embeddings=300, embedding_dim=16, feature_names=["c"], pooling=pooling),
+    ]
+    tables = compress(plain, QuotientRemainder(collisions=collisions), combine=combine, composition=composition)
+    if sub_dims:
+        tables = [replace(t, sub_dims=sub_dims) for t in tables]
+
+    def make_batch(weighted: bool, seed: int) -> KeyedJaggedTensor:
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(0, max_ids + 1, (3 * 16,), generator=g)
+        rows = torch.tensor([997, 997, 300]).repeat_interleave(16).repeat_interleave(lengths)
+        values = (torch.rand(int(lengths.sum()), generator=g) * rows).long()
+        weights = torch.rand(values.numel(), generator=g) if weighted else None
+        return KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], values, lengths, weights=weights)
+
+    for weighted in (False, True):
+        kernel = _module(tables, "rowwise_adagrad", weighted, True, monkeypatch)
+        ref = _module(tables, "rowwise_adagrad", weighted, False, monkeypatch)
+        _train_both(kernel, ref, weighted, make_batch=make_batch)
 
 
 def test_tables_much_larger_than_the_batch(monkeypatch) -> None:
