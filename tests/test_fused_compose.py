@@ -208,6 +208,31 @@ def test_pooled_outputs_of_long_bags_take_fbgemm_pooled_lookups(monkeypatch) -> 
         torch.testing.assert_close(module.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_two_part_concat_serves_bags_of_any_length(monkeypatch) -> None:
+    """Two-part concat stays on the kernel for long bags (faster there than FBGEMM's pooled lookups), exactly;
+    a module that also holds another pooled output (a plain table) sends them to FBGEMM."""
+    concat = compress(
+        [EmbeddingBagConfig(name="t", num_embeddings=997, embedding_dim=8, feature_names=["a", "b"])],
+        QuotientRemainder(collisions=10),
+        combine="concat",
+    )
+    plain = [EmbeddingBagConfig(name="p", num_embeddings=7, embedding_dim=4, feature_names=["c"])]
+    for tables, keys, kernel in ((concat, ["a", "b"], True), (concat + plain, ["a", "b", "c"], False)):
+        module = _module(tables, "rowwise_adagrad", False, True, monkeypatch)
+        ref = _module(tables, "rowwise_adagrad", False, False, monkeypatch)
+        ref.load_state_dict(module.state_dict())
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys, torch.arange(8 * len(keys)) * 5 % 7, torch.full((2 * len(keys),), 4, dtype=torch.int64)
+        )
+        assert module._fused_compose.serves(module._composer.inputs(kjt)) == kernel
+        out, expected = module(kjt).values(), ref(kjt).values()
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        out.pow(2).sum().backward()
+        expected.pow(2).sum().backward()
+        for key, value in ref.state_dict().items():
+            torch.testing.assert_close(module.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_learning_rate_changes_reach_the_kernel(monkeypatch) -> None:
     tables = _tables("mult", PoolingType.SUM, "per_id")
     kernel = _module(tables, "rowwise_adagrad", False, True, monkeypatch)

@@ -39,9 +39,10 @@ _OPTIMIZERS = {EmbOptimType.EXACT_SGD: 0, EmbOptimType.EXACT_ROWWISE_ADAGRAD: 1,
 _CONCAT, _ADD, _MULT, _POOLED_MULT = 0, 1, 2, 3
 _OPS = {"none": _CONCAT, "concat": _CONCAT, "add": _ADD, "mult": _MULT}
 _PART_FIELDS = 4  # table, output column, divisor, modulus
-# Kernel-pooled outputs (add, concat, pooled mult, plain tables) with more ids per bag than this, on average,
-# go through FBGEMM's pooled lookups: the kernel is faster at 1 id per bag, even (add) or slower (pooled mult) at
-# 2, slower from 3 (`benchmarks/bench_compose_kernel.py --ids-per-bag N --combine add`).
+# Kernel-pooled outputs (add, pooled mult, plain tables) with more ids per bag than this, on average, go through
+# FBGEMM's pooled lookups: the kernel is faster at 1 id per bag, even (add) or slower (pooled mult) from 8
+# (`benchmarks/bench_compose_kernel.py --ids-per-bag N --combine add`). Two-part concat stays on the kernel at
+# any bag length (at 8 ids 1.06x the plain step, FBGEMM's pooled lookups 1.49x).
 MAX_POOLED_IDS_PER_BAG = 1.5
 
 
@@ -90,8 +91,11 @@ class FusedCompose:
             out_col = col if op == _CONCAT else out_col + dims[expand[0].local_table]
             self._slot_inputs.append(((s.table, s.feature), sources))
         self._slots, self._parts, self._width = slots, parts, out_col
-        # Whether the reference path would look up every id's rows (per-id products, weighted MEAN bags).
-        self._per_id = any(s.per_id for s in composer.compose_slots)
+        # Whether the kernel serves bags of any length: the reference path would look up every id's rows
+        # (per-id products, weighted MEAN bags), or every output is a two-part concat.
+        self._any_length = any(s.per_id for s in composer.compose_slots) or all(
+            s.combine == "concat" and not s.pool_first and len(s.blocks) == 2 for s in composer.compose_slots
+        )
         self._optimizers = [_OPTIMIZERS[tbe.optimizer] for tbe in self._tbes for _ in tbe.embedding_specs]
         # Autograd reaches the backward through this (as FBGEMM's TBE does through its placeholder).
         self._placeholder = torch.zeros(0, requires_grad=True)
@@ -112,11 +116,12 @@ class FusedCompose:
 
     def serves(self, inputs: Inputs) -> bool:
         """Whether the kernel computes this batch: not when its per-id weights need a gradient (the kernel
-        gives none; the reference path does), nor, where no output is composed per id, for bags of more than
-        ``MAX_POOLED_IDS_PER_BAG`` ids on average: FBGEMM's pooled lookups then cost less than the kernel."""
+        gives none; the reference path does), nor, where no output is composed per id and not all are two-part
+        concats, for bags of more than ``MAX_POOLED_IDS_PER_BAG`` ids on average: FBGEMM's pooled lookups then
+        cost less than the kernel."""
         if inputs.weights is not None and inputs.weights.requires_grad:
             return False
-        if self._per_id:
+        if self._any_length:
             return True
         ids = sum(inputs.jts[key].values().numel() for key, _ in self._slot_inputs)
         return ids <= MAX_POOLED_IDS_PER_BAG * inputs.stride * len(self._slot_inputs)

@@ -15,19 +15,6 @@ struct Listed {
   float coef;          // its weight times MEAN's 1 / length
 };
 
-// The per-id combine of a slot: a pooled mult of one-id bags is their product.
-int64_t combine_of(const Layout& L, int64_t s) {
-  if (L.op[s] != kPooledMult) {
-    return L.op[s];
-  }
-  for (int64_t b = 0; b < L.batch; ++b) {
-    if (L.offsets[s][b + 1] - L.offsets[s][b] > 1) {
-      return kPooledMult;
-    }
-  }
-  return kMult;
-}
-
 // Each primary row once: its gradient and (from its pre-update values, for mult) its ids' secondary gradients,
 // then its update. Its ids are listed[begin[u], begin[u + 1]). Ahead (distances measured): ids' output
 // gradients, then rows and their optimizer state.
@@ -72,7 +59,7 @@ std::vector<int64_t> fold_primaries(const Layout& L, const std::vector<int64_t>&
   std::vector<int64_t> primaries;
   for (int64_t s : group) {
     const int64_t p = L.first[s];
-    if (L.count[s] != 2 || combine_of(L, s) == kPooledMult) {
+    if (L.count[s] != 2 || L.per_id[s] == kPooledMult) {
       return {};
     }
     const int64_t primary = L.rows[L.table[p + 1]] > L.rows[L.table[p]] ? p + 1 : p;
@@ -84,7 +71,7 @@ std::vector<int64_t> fold_primaries(const Layout& L, const std::vector<int64_t>&
     if (!primaries.empty()) {
       const int64_t s0 = group[0], t0 = L.table[primaries[0]];
       const int64_t u0 = L.table[primaries[0] == L.first[s0] ? L.first[s0] + 1 : L.first[s0]];
-      if (combine_of(L, s) != combine_of(L, s0) || L.dims[tp] != L.dims[t0] || L.dims[ts] != L.dims[u0]) {
+      if (L.per_id[s] != L.per_id[s0] || L.dims[tp] != L.dims[t0] || L.dims[ts] != L.dims[u0]) {
         return {};
       }
     }
@@ -98,7 +85,7 @@ std::vector<int64_t> fold_primaries(const Layout& L, const std::vector<int64_t>&
 void folded_backward(const Layout& L, const std::vector<int64_t>& group, const std::vector<int64_t>& primaries,
                      const float* g, const std::vector<int32_t*>& row_slots, const std::vector<int64_t>& reads,
                      const std::vector<TableOptimizer>& opts, int64_t max_dim) {
-  const int64_t T = static_cast<int64_t>(L.tab.size()), op = combine_of(L, group[0]);
+  const int64_t T = static_cast<int64_t>(L.tab.size()), op = L.per_id[group[0]];
   auto secondary_of = [&](size_t k) {
     return primaries[k] == L.first[group[k]] ? primaries[k] + 1 : L.first[group[k]];
   };

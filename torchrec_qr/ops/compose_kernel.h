@@ -35,6 +35,7 @@ struct Layout {
   int64_t num_parts = 0;
   std::vector<int64_t> op, mean, first, count, slot_col, n;  // per slot
   std::vector<int64_t> width;                                // per slot: output columns
+  std::vector<int64_t> per_id;  // per slot: its op, but kMult for a pooled mult of bags of at most one id
   std::vector<std::vector<int64_t>> offsets;                 // per slot, batch + 1
   std::vector<const float*> w;                               // per slot, null when unweighted
   std::vector<int64_t> table, col, slot_of;                  // per part
@@ -109,6 +110,20 @@ inline void mul_axpy_or_set(bool first, int64_t d, float a, const float* __restr
   } else {
     for (int64_t j = 0; j < d; ++j) {
       y[j] += a * x[j] * z[j];
+    }
+  }
+}
+
+// y = a (x + z) for a first term, y += a (x + z) after.
+inline void add_axpy_or_set(bool first, int64_t d, float a, const float* __restrict__ x, const float* __restrict__ z,
+                            float* __restrict__ y) {
+  if (first) {
+    for (int64_t j = 0; j < d; ++j) {
+      y[j] = a * (x[j] + z[j]);
+    }
+  } else {
+    for (int64_t j = 0; j < d; ++j) {
+      y[j] += a * (x[j] + z[j]);
     }
   }
 }

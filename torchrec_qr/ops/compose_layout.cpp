@@ -131,6 +131,11 @@ Layout make_layout(
       w = L.op[s] == kConcat ? w + L.dims[L.table[p]] : L.dims[L.table[p]];
     }
     L.width.push_back(w);
+    bool one_id_bags = true;
+    for (int64_t b = 0; b < batch && one_id_bags; ++b) {
+      one_id_bags = L.offsets[s][b + 1] - L.offsets[s][b] <= 1;
+    }
+    L.per_id.push_back(L.op[s] == kPooledMult && one_id_bags ? kMult : L.op[s]);
   }
   L.classes.resize(L.num_parts);
   at::parallel_for(0, L.num_parts, 1, [&](int64_t begin, int64_t end) {
