@@ -91,6 +91,10 @@ class FusedCompose:
             out_col = col if op == _CONCAT else out_col + dims[expand[0].local_table]
             self._slot_inputs.append(((s.table, s.feature), sources))
         self._slots, self._parts, self._width = slots, parts, out_col
+        # The backward reads the rows the forward computed: every part's rows given (divisor 1, modulus 0).
+        self._given_parts = [
+            1 if i % _PART_FIELDS == 2 else 0 if i % _PART_FIELDS == 3 else v for i, v in enumerate(parts)
+        ]
         # Whether the kernel serves bags of any length: the reference path would look up every id's rows
         # (per-id products, weighted MEAN bags), or every output is a two-part concat.
         self._any_length = any(s.per_id for s in composer.compose_slots) or all(
@@ -164,8 +168,9 @@ class FusedCompose:
         return self._storage[1], self._storage[2]
 
     def apply_update(self, grad: torch.Tensor, batch: int, *inputs: list[torch.Tensor]) -> None:
-        """The backward: every touched row's gradient, then the TBEs' optimizer applied in place."""
-        indices, lengths, weights = inputs
+        """The backward: every touched row's gradient, then the TBEs' optimizer applied in place. ``inputs``:
+        each part's rows as the forward returned them, the lengths and the weights."""
+        rows, lengths, weights = inputs
         tables, states = self.tables_and_states()
         if len(self._row_slots) != len(tables):
             # Each table's row -> gradient slot map (int32 per row, -1 between batches: 1/64 of an FP32 D=64
@@ -178,11 +183,11 @@ class FusedCompose:
             tables,
             states,
             self._row_slots,
-            indices,
+            rows,
             lengths,
             weights,
             self._slots,
-            self._parts,
+            self._given_parts,
             self._optimizers,
             lrs,
             eps,
@@ -201,11 +206,12 @@ class _FusedComposeFunction(torch.autograd.Function):
         lengths: list[torch.Tensor],
         weights: list[torch.Tensor],
     ) -> torch.Tensor:
-        ctx.kernel, ctx.batch, ctx.inputs = kernel, batch, (indices, lengths, weights)
         tables, _ = kernel.tables_and_states()
-        return torch.ops.torchrec_qr.compose_forward(
+        out, rows = torch.ops.torchrec_qr.compose_forward(
             tables, indices, lengths, weights, kernel._slots, kernel._parts, batch, kernel._width
         )
+        ctx.kernel, ctx.batch, ctx.inputs = kernel, batch, (rows, lengths, weights)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:

@@ -163,7 +163,7 @@ int64_t tmp_size(const Layout& L) {
 
 }  // namespace
 
-at::Tensor compose_forward(
+std::tuple<at::Tensor, std::vector<at::Tensor>> compose_forward(
     at::TensorList tables,
     at::TensorList indices,
     at::TensorList lengths,
@@ -200,7 +200,7 @@ at::Tensor compose_forward(
     _mm_sfence();  // the streaming stores are visible before the output is
 #endif
   });
-  return out;
+  return {out, L.rows_of_part};
 }
 
 }  // namespace torchrec_qr_ops

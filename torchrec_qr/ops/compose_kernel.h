@@ -40,7 +40,7 @@ struct Layout {
   std::vector<const float*> w;                               // per slot, null when unweighted
   std::vector<int64_t> table, col, slot_of;                  // per part
   std::vector<const int64_t*> idx;                           // per part: its rows
-  std::vector<std::vector<int64_t>> classes;                 // per part: rows computed from ids here
+  std::vector<at::Tensor> rows_of_part;                      // per part: its rows (given, or computed here)
   std::vector<float*> tab;                                   // per table
   std::vector<int64_t> rows, dims;                           // per table
 
@@ -136,9 +136,12 @@ inline void scale_by(int64_t d, float a, float* __restrict__ y) {
   }
 }
 
-at::Tensor compose_forward(at::TensorList tables, at::TensorList indices, at::TensorList lengths,
-                           at::TensorList weights, at::IntArrayRef slots, at::IntArrayRef parts, int64_t batch,
-                           int64_t out_width);
+// The output, and each part's rows: the backward takes them as given rows (divisor 1, modulus 0) instead of
+// computing the classes again.
+std::tuple<at::Tensor, std::vector<at::Tensor>> compose_forward(at::TensorList tables, at::TensorList indices,
+                                                                at::TensorList lengths, at::TensorList weights,
+                                                                at::IntArrayRef slots, at::IntArrayRef parts,
+                                                                int64_t batch, int64_t out_width);
 
 void compose_backward_update(const at::Tensor& grad, at::TensorList tables, at::TensorList states,
                              at::TensorList row_slots, at::TensorList indices, at::TensorList lengths,

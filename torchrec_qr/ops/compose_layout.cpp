@@ -137,20 +137,19 @@ Layout make_layout(
     }
     L.per_id.push_back(L.op[s] == kPooledMult && one_id_bags ? kMult : L.op[s]);
   }
-  L.classes.resize(L.num_parts);
+  L.rows_of_part.assign(indices.begin(), indices.end());
   at::parallel_for(0, L.num_parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t* f = parts.data() + p * kPartFields;
       if (f[2] != 1 || f[3] != 0) {
-        L.classes[p].resize(L.n[L.slot_of[p]]);
-        div_mod(L.idx[p], L.n[L.slot_of[p]], f[2], f[3], L.classes[p].data());
+        at::Tensor rows = at::empty({L.n[L.slot_of[p]]}, at::TensorOptions().dtype(at::kLong));
+        div_mod(L.idx[p], L.n[L.slot_of[p]], f[2], f[3], rows.data_ptr<int64_t>());
+        L.rows_of_part[p] = rows;
       }
     }
   });
   for (int64_t p = 0; p < L.num_parts; ++p) {
-    if (!L.classes[p].empty()) {
-      L.idx[p] = L.classes[p].data();
-    }
+    L.idx[p] = L.rows_of_part[p].data_ptr<int64_t>();
   }
   return L;
 }
@@ -186,7 +185,7 @@ void pool_parts(const Layout& L, int64_t s, int64_t b, float* tmp) {
 TORCH_LIBRARY(torchrec_qr, m) {
   m.def(
       "compose_forward(Tensor[] tables, Tensor[] indices, Tensor[] lengths, Tensor[] weights, int[] slots, "
-      "int[] parts, int batch, int out_width) -> Tensor");
+      "int[] parts, int batch, int out_width) -> (Tensor, Tensor[])");
   m.def(
       "compose_backward_update(Tensor grad, Tensor(a!)[] tables, Tensor(b!)[] states, Tensor(c!)[] row_slots, "
       "Tensor[] indices, "
