@@ -11,18 +11,23 @@ namespace torchrec_qr_ops {
 
 // The distinct rows of one table a batch touched, in first-touch order, found through the table's row -> index
 // map (a caller-owned int32 per row, -1 between batches: only touched entries are reset, so a batch costs its
-// reads, not the table's rows).
+// reads, not the table's rows). The entries are reset on every exit, a failed backward's too (destructor).
 struct RowIndex {
   std::vector<int64_t> rows;
   int32_t* index_of_row = nullptr;
 
+  RowIndex() = default;
+  RowIndex(const RowIndex&) = delete;
+  RowIndex& operator=(const RowIndex&) = delete;
+  ~RowIndex() {
+    release();
+  }
   void prefetch_entry(int64_t row) const {
     prefetch_row(reinterpret_cast<const float*>(index_of_row + row), 1);
   }
-  // The row's index (-1 when it has none yet: an entry left by a batch whose backward did not finish is stale).
+  // The row's index, -1 when it has none yet.
   int32_t find(int64_t row) const {
-    const int32_t at = index_of_row[row];
-    return at >= 0 && at < static_cast<int32_t>(rows.size()) && rows[at] == row ? at : -1;
+    return index_of_row[row];
   }
   int32_t find_or_add(int64_t row, bool& first) {
     int32_t at = find(row);
