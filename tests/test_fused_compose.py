@@ -108,7 +108,8 @@ def test_kernel_equals_fbgemm_path(
     "combine,composition,collisions,sub_dims,max_ids",
     [
         ("mult", "pooled", 10, None, 1),  # bags of at most one id: per-id products, folded
-        ("mult", "pooled", 10, None, 3),  # pooled products of longer bags: not folded
+        ("mult", "pooled", 10, None, 3),  # pooled products of longer bags: folded from the forward's pools
+        ("mult", "pooled", 50, None, 3),  # the second part larger: folded unweighted, not weighted
         ("mult", "per_id", 50, None, 4),  # the remainder sub-table (50 rows) is the larger part
         ("add", "per_id", 50, None, 4),
         ("concat", "per_id", 10, [12, 4], 4),  # parts of different widths

@@ -170,8 +170,9 @@ class FusedCompose:
 
     def apply_update(self, grad: torch.Tensor, batch: int, *inputs: list[torch.Tensor]) -> None:
         """The backward: every touched row's gradient, then the TBEs' optimizer applied in place. ``inputs``:
-        each part's rows as the forward returned them, the lengths and the weights."""
-        rows, lengths, weights = inputs
+        each part's rows as the forward returned them, the lengths, the weights and the forward's pooled parts
+        of pooled products."""
+        rows, lengths, weights, pooled = inputs
         tables, states = self.tables_and_states()
         if len(self._row_slots) != len(tables):
             # Each table's row -> gradient slot map (int32 per row, -1 between batches: 1/64 of an FP32 D=64
@@ -187,6 +188,7 @@ class FusedCompose:
             rows,
             lengths,
             weights,
+            pooled,
             self._slots,
             self._given_parts,
             self._optimizers,
@@ -208,10 +210,10 @@ class _FusedComposeFunction(torch.autograd.Function):
         weights: list[torch.Tensor],
     ) -> torch.Tensor:
         tables, _ = kernel.tables_and_states()
-        out, rows = torch.ops.torchrec_qr.compose_forward(
+        out, rows, pooled = torch.ops.torchrec_qr.compose_forward(
             tables, indices, lengths, weights, kernel._slots, kernel._parts, batch, kernel._width
         )
-        ctx.kernel, ctx.batch, ctx.inputs = kernel, batch, (rows, lengths, weights)
+        ctx.kernel, ctx.batch, ctx.inputs = kernel, batch, (rows, lengths, weights, pooled)
         return out
 
     @staticmethod

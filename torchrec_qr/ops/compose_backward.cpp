@@ -134,6 +134,7 @@ void compose_backward_update(
     at::TensorList indices,
     at::TensorList lengths,
     at::TensorList weights,
+    at::TensorList pooled,
     at::IntArrayRef slots,
     at::IntArrayRef parts,
     at::IntArrayRef optimizers,
@@ -142,7 +143,16 @@ void compose_backward_update(
     int64_t batch) {
   TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == batch,
               "compose backward: the output gradient must be a contiguous float32 [batch, width] matrix");
-  const Layout L = make_layout(tables, indices, lengths, weights, slots, parts, batch, grad.size(1));
+  Layout L = make_layout(tables, indices, lengths, weights, slots, parts, batch, grad.size(1));
+  TORCH_CHECK(static_cast<int64_t>(pooled.size()) == L.num_slots, "compose backward: one pooled tensor per slot");
+  for (int64_t s = 0; s < L.num_slots; ++s) {
+    if (pooled[s].numel() > 0) {
+      TORCH_CHECK(pooled[s].scalar_type() == at::kFloat && pooled[s].is_contiguous() && L.count[s] == 2 &&
+                      pooled[s].numel() == batch * 2 * L.width[s],
+                  "slot ", s, ": pooled parts must be the forward's contiguous float32 [batch, 2 x width]");
+      L.pooled[s] = pooled[s].data_ptr<float>();
+    }
+  }
   const int64_t T = static_cast<int64_t>(tables.size());
   TORCH_CHECK(static_cast<int64_t>(states.size()) == T && static_cast<int64_t>(row_slots.size()) == T &&
                   static_cast<int64_t>(optimizers.size()) == T &&

@@ -9,8 +9,10 @@ namespace {
 
 // One id of a folded slot with what its two gradients need; a table's ids are sorted by primary row.
 struct Listed {
-  const float* grad;   // its bag's output gradient (for concat: the primary part's columns)
-  const float* other;  // mult: its secondary row; concat: the secondary part's output-gradient columns
+  const float* grad;   // its bag's output gradient (concat: the primary part's columns; pooled mult: the
+                       // primary part's bag gradient)
+  const float* other;  // mult: its secondary row; concat: the secondary part's output-gradient columns;
+                       // pooled mult: the secondary part's bag gradient
   float* secondary;    // its secondary row's gradient
   float coef;          // its weight times MEAN's 1 / length
 };
@@ -42,6 +44,9 @@ void update_primaries(const Layout& L, int64_t t, int64_t secondary_dim, const R
       } else if constexpr (kOp == kAdd) {
         axpy_or_set(first, D, e.coef, e.grad, acc);
         axpy(D, e.coef, e.grad, e.secondary);
+      } else if constexpr (kOp == kPooledMult) {
+        axpy_or_set(first, D, e.coef, e.grad, acc);
+        axpy(D, 1.0f, e.other, e.secondary);
       } else {
         axpy_or_set(first, D, e.coef, e.grad, acc);
         axpy(secondary_dim, e.coef, e.other, e.secondary);
@@ -49,6 +54,24 @@ void update_primaries(const Layout& L, int64_t t, int64_t secondary_dim, const R
     }
     opt.update(rows[u], D, wr, acc);
   }
+}
+
+// A two-part pooled product's bag gradients, batch x [part 0's | part 1's]: the output gradient times the
+// other part's pooled vector (the forward's), times MEAN's 1 / length.
+std::unique_ptr<float[]> pooled_bag_grads(const Layout& L, int64_t s, const float* g) {
+  const int64_t D = L.width[s];
+  std::unique_ptr<float[]> out(new float[L.batch * 2 * D]);  // every element written below
+  for (int64_t b = 0; b < L.batch; ++b) {
+    const float scale = L.scale(s, b);
+    const float* gb = g + b * L.out_width + L.slot_col[s];
+    const float* pooled = L.pooled[s] + b * 2 * D;
+    float* o = out.get() + b * 2 * D;
+    for (int64_t j = 0; j < D; ++j) {
+      o[j] = scale * gb[j] * pooled[D + j];
+      o[D + j] = scale * gb[j] * pooled[j];
+    }
+  }
+  return out;
 }
 
 }  // namespace
@@ -59,10 +82,15 @@ std::vector<int64_t> fold_primaries(const Layout& L, const std::vector<int64_t>&
   std::vector<int64_t> primaries;
   for (int64_t s : group) {
     const int64_t p = L.first[s];
-    if (L.count[s] != 2 || L.per_id[s] == kPooledMult) {
+    if (L.count[s] != 2) {
       return {};
     }
     const int64_t primary = L.rows[L.table[p + 1]] > L.rows[L.table[p]] ? p + 1 : p;
+    // Pooled products fold from the forward's pooled parts; their per-id weights scale the first part only,
+    // which must then be the primary (one coefficient per id).
+    if (L.per_id[s] == kPooledMult && (L.pooled[s] == nullptr || (L.w[s] != nullptr && primary != p))) {
+      return {};
+    }
     const int64_t tp = L.table[primary], ts = L.table[primary == p ? p + 1 : p];
     if (tp == ts || role[tp] == kSecondary || role[ts] == kPrimary) {
       return {};
@@ -143,21 +171,31 @@ void folded_backward(const Layout& L, const std::vector<int64_t>& group, const s
     cursor[t].assign(begin[t].begin(), begin[t].end() - 1);
   }
   std::vector<Listed> listed(total);
+  std::vector<std::unique_ptr<float[]>> bag_grads(group.size());
   j = 0;
   for (size_t k = 0; k < group.size(); ++k) {
     const int64_t s = group[k], p = primaries[k], q = secondary_of(k);
     const int64_t tp = L.table[p], tq = L.table[q], Dq = L.dims[tq];
-    const int64_t grad_col = op == kConcat ? L.col[p] : L.slot_col[s];
+    int64_t grad_col = op == kConcat ? L.col[p] : L.slot_col[s], other_col = L.col[q], stride = L.out_width;
+    const float* grad = g;
+    if (op == kPooledMult) {
+      bag_grads[k] = pooled_bag_grads(L, s, g);
+      grad = bag_grads[k].get();
+      grad_col = p == L.first[s] ? 0 : Dq;
+      other_col = Dq - grad_col;
+      stride = 2 * Dq;
+    }
     for (int64_t b = 0; b < L.batch; ++b) {
-      const float scale = L.scale(s, b);
-      const float* gb = g + b * L.out_width;
+      // Pooled products: the MEAN scale is in the bag gradients; the per-id weights scale the primary part.
+      const float scale = op == kPooledMult ? 1.0f : L.scale(s, b);
+      const float* gb = grad + b * stride;
       for (int64_t i = L.offsets[s][b]; i < L.offsets[s][b + 1]; ++i, ++j) {
         bool first;
         float* secondary = grads[tq].slot(L.idx[q][i], Dq, first);
         if (first) {
           std::fill(secondary, secondary + Dq, 0.0f);
         }
-        const float* other = op == kMult ? L.row(q, i) : (op == kConcat ? gb + L.col[q] : nullptr);
+        const float* other = op == kMult ? L.row(q, i) : (op == kAdd ? nullptr : gb + other_col);
         listed[cursor[tp][row_of[j]]++] = {gb + grad_col, other, secondary, (L.w[s] ? L.w[s][i] : 1.0f) * scale};
       }
     }
@@ -169,6 +207,8 @@ void folded_backward(const Layout& L, const std::vector<int64_t>& group, const s
       update_primaries<kMult>(L, t, secondary_dim, index[t], begin[t], listed, opts[t], acc.data());
     } else if (op == kAdd) {
       update_primaries<kAdd>(L, t, secondary_dim, index[t], begin[t], listed, opts[t], acc.data());
+    } else if (op == kPooledMult) {
+      update_primaries<kPooledMult>(L, t, secondary_dim, index[t], begin[t], listed, opts[t], acc.data());
     } else {
       update_primaries<kConcat>(L, t, secondary_dim, index[t], begin[t], listed, opts[t], acc.data());
     }

@@ -104,11 +104,12 @@ void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* t
 // A table of at most this many bytes stays in cache between its reads.
 constexpr int64_t kCacheResident = 256 * 1024;
 
-// Bags [b0, b1) of a two-part slot combined per id (the common compositional table): the slot's constants
-// hoisted out of the bag loop and each bag accumulated straight into its output row (which the output
-// all-to-all or the next layer reads soon: plain stores keep it in cache).
+// Bags [b0, b1) of a two-part slot (the common compositional table) combined per id, or pooled per part and
+// multiplied (the pooled parts kept in `pooled`, batch x 2D, for the backward): the slot's constants hoisted
+// out of the bag loop and each bag accumulated straight into its output row (which the output all-to-all or
+// the next layer reads soon: plain stores keep it in cache).
 template <int64_t kOp>
-void forward_pair(const Layout& L, int64_t s, int64_t b0, int64_t b1, float* out) {
+void forward_pair(const Layout& L, int64_t s, int64_t b0, int64_t b1, float* out, float* pooled) {
   const int64_t p = L.first[s], q = p + 1, n = L.n[s];
   const int64_t Dp = L.dims[L.table[p]], Dq = L.dims[L.table[q]], width = L.width[s];
   const float* __restrict__ tp = L.tab[L.table[p]];
@@ -120,11 +121,18 @@ void forward_pair(const Layout& L, int64_t s, int64_t b0, int64_t b1, float* out
   // Rows of a table that stays in cache are not prefetched (measured: those prefetches cost, not save).
   const bool ahead_p = L.rows[L.table[p]] * Dp * 4 > kCacheResident;
   const bool ahead_q = L.rows[L.table[q]] * Dq * 4 > kCacheResident;
+  // Pooled parts are summed in L1 and streamed out once per bag (read back only in the backward).
+  std::vector<float> pool_buffer(kOp == kPooledMult ? 2 * Dp : 0);
+  float* __restrict__ pool = pool_buffer.data();
   for (int64_t b = b0; b < b1; ++b) {
     float* __restrict__ o = out + b * L.out_width + L.slot_col[s];
     const int64_t start = offsets[b], end = offsets[b + 1];
     if (start == end) {
       std::fill(o, o + width, 0.0f);
+      if constexpr (kOp == kPooledMult) {
+        std::fill(pool, pool + 2 * Dp, 0.0f);
+        store_row(pooled + b * 2 * Dp, pool, 2 * Dp);
+      }
       continue;
     }
     const float scale = L.mean[s] ? 1.0f / static_cast<float>(end - start) : 1.0f;
@@ -145,10 +153,19 @@ void forward_pair(const Layout& L, int64_t s, int64_t b0, int64_t b1, float* out
         mul_axpy_or_set(first, Dp, c, rp, rq, o);
       } else if constexpr (kOp == kAdd) {
         add_axpy_or_set(first, Dp, c, rp, rq, o);
+      } else if constexpr (kOp == kPooledMult) {
+        axpy_or_set(first, Dp, c, rp, pool);  // the per-id weights scale the first part
+        axpy_or_set(first, Dp, scale, rq, pool + Dp);
       } else {
         axpy_or_set(first, Dp, c, rp, o);
         axpy_or_set(first, Dq, c, rq, o + Dp);
       }
+    }
+    if constexpr (kOp == kPooledMult) {
+      for (int64_t j = 0; j < Dp; ++j) {
+        o[j] = pool[j] * pool[Dp + j];
+      }
+      store_row(pooled + b * 2 * Dp, pool, 2 * Dp);
     }
   }
 }
@@ -163,7 +180,7 @@ int64_t tmp_size(const Layout& L) {
 
 }  // namespace
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> compose_forward(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> compose_forward(
     at::TensorList tables,
     at::TensorList indices,
     at::TensorList lengths,
@@ -178,18 +195,27 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> compose_forward(
   at::Tensor out = at::empty({batch, out_width}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const int64_t size = tmp_size(L);
+  // Two-part pooled products keep each bag's pooled parts for the backward (compose_update.h).
+  std::vector<at::Tensor> pooled(L.num_slots);
+  for (int64_t s = 0; s < L.num_slots; ++s) {
+    const bool keep = L.per_id[s] == kPooledMult && L.count[s] == 2;
+    pooled[s] = at::empty({keep ? batch : 0, keep ? 2 * L.width[s] : 0}, at::TensorOptions().dtype(at::kFloat));
+  }
   at::parallel_for(0, L.num_slots * batch, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> tmp(size);
     for (int64_t sb = begin; sb < end;) {
       const int64_t s = sb / batch, b0 = sb % batch, b1 = std::min(batch, b0 + end - sb);
       sb += b1 - b0;
-      const int64_t op = L.count[s] == 2 ? L.per_id[s] : kPooledMult;
-      if (op == kMult) {
-        forward_pair<kMult>(L, s, b0, b1, o);
-      } else if (op == kAdd) {
-        forward_pair<kAdd>(L, s, b0, b1, o);
-      } else if (op == kConcat) {
-        forward_pair<kConcat>(L, s, b0, b1, o);
+      const int64_t op = L.per_id[s];
+      float* pool = pooled[s].numel() ? pooled[s].data_ptr<float>() : nullptr;
+      if (L.count[s] == 2 && op == kMult) {
+        forward_pair<kMult>(L, s, b0, b1, o, pool);
+      } else if (L.count[s] == 2 && op == kAdd) {
+        forward_pair<kAdd>(L, s, b0, b1, o, pool);
+      } else if (L.count[s] == 2 && op == kConcat) {
+        forward_pair<kConcat>(L, s, b0, b1, o, pool);
+      } else if (pool != nullptr) {
+        forward_pair<kPooledMult>(L, s, b0, b1, o, pool);
       } else {
         for (int64_t b = b0; b < b1; ++b) {
           forward_bag(L, s, b, o + b * out_width, tmp.data());
@@ -200,7 +226,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> compose_forward(
     _mm_sfence();  // the streaming stores are visible before the output is
 #endif
   });
-  return {out, L.rows_of_part};
+  return {out, L.rows_of_part, pooled};
 }
 
 }  // namespace torchrec_qr_ops

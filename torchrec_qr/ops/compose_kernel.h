@@ -38,6 +38,7 @@ struct Layout {
   std::vector<int64_t> per_id;  // per slot: its op, but kMult for a pooled mult of bags of at most one id
   std::vector<std::vector<int64_t>> offsets;                 // per slot, batch + 1
   std::vector<const float*> w;                               // per slot, null when unweighted
+  std::vector<const float*> pooled;  // per slot: each bag's pooled parts (backward, two-part pooled mult) or null
   std::vector<int64_t> table, col, slot_of;                  // per part
   std::vector<const int64_t*> idx;                           // per part: its rows
   std::vector<at::Tensor> rows_of_part;                      // per part: its rows (given, or computed here)
@@ -136,16 +137,16 @@ inline void scale_by(int64_t d, float a, float* __restrict__ y) {
   }
 }
 
-// The output, and each part's rows: the backward takes them as given rows (divisor 1, modulus 0) instead of
-// computing the classes again.
-std::tuple<at::Tensor, std::vector<at::Tensor>> compose_forward(at::TensorList tables, at::TensorList indices,
-                                                                at::TensorList lengths, at::TensorList weights,
-                                                                at::IntArrayRef slots, at::IntArrayRef parts,
-                                                                int64_t batch, int64_t out_width);
+// The output; each part's rows, which the backward takes as given rows (divisor 1, modulus 0) instead of
+// computing the classes again; and per slot, for two-part pooled products of longer bags, each bag's pooled
+// parts (batch x 2D; empty for other slots), from which the backward forms their bag gradients.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> compose_forward(
+    at::TensorList tables, at::TensorList indices, at::TensorList lengths, at::TensorList weights,
+    at::IntArrayRef slots, at::IntArrayRef parts, int64_t batch, int64_t out_width);
 
 void compose_backward_update(const at::Tensor& grad, at::TensorList tables, at::TensorList states,
                              at::TensorList row_slots, at::TensorList indices, at::TensorList lengths,
-                             at::TensorList weights, at::IntArrayRef slots, at::IntArrayRef parts,
+                             at::TensorList weights, at::TensorList pooled, at::IntArrayRef slots, at::IntArrayRef parts,
                              at::IntArrayRef optimizers, at::ArrayRef<double> learning_rates,
                              at::ArrayRef<double> eps, int64_t batch);
 

@@ -137,6 +137,7 @@ Layout make_layout(
     }
     L.per_id.push_back(L.op[s] == kPooledMult && one_id_bags ? kMult : L.op[s]);
   }
+  L.pooled.assign(L.num_slots, nullptr);
   L.rows_of_part.assign(indices.begin(), indices.end());
   at::parallel_for(0, L.num_parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
@@ -185,11 +186,12 @@ void pool_parts(const Layout& L, int64_t s, int64_t b, float* tmp) {
 TORCH_LIBRARY(torchrec_qr, m) {
   m.def(
       "compose_forward(Tensor[] tables, Tensor[] indices, Tensor[] lengths, Tensor[] weights, int[] slots, "
-      "int[] parts, int batch, int out_width) -> (Tensor, Tensor[])");
+      "int[] parts, int batch, int out_width) -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "compose_backward_update(Tensor grad, Tensor(a!)[] tables, Tensor(b!)[] states, Tensor(c!)[] row_slots, "
       "Tensor[] indices, "
-      "Tensor[] lengths, Tensor[] weights, int[] slots, int[] parts, int[] optimizers, float[] learning_rates, "
+      "Tensor[] lengths, Tensor[] weights, Tensor[] pooled, int[] slots, int[] parts, int[] optimizers, "
+      "float[] learning_rates, "
       "float[] eps, int batch) -> ()");
 }
 
