@@ -105,25 +105,35 @@ def test_kernel_equals_fbgemm_path(
 
 
 @pytest.mark.parametrize(
-    "combine,composition,collisions,sub_dims,max_ids",
+    "combine,composition,collisions,sub_dims,max_ids,dim",
     [
-        ("mult", "pooled", 10, None, 1),  # bags of at most one id: per-id products, folded
-        ("mult", "pooled", 10, None, 3),  # pooled products of longer bags: folded from the forward's pools
-        ("mult", "pooled", 50, None, 3),  # the second part larger: folded unweighted, not weighted
-        ("mult", "per_id", 50, None, 4),  # the remainder sub-table (50 rows) is the larger part
-        ("add", "per_id", 50, None, 4),
-        ("concat", "per_id", 10, [12, 4], 4),  # parts of different widths
+        ("mult", "per_id", 10, None, 4, 64),  # widths of 16 to 128: each bag's sum kept in registers
+        ("add", "per_id", 10, None, 4, 32),
+        ("mult", "per_id", 10, None, 4, 128),
+        ("mult", "pooled", 10, None, 1, 16),  # bags of at most one id: per-id products, folded
+        ("mult", "pooled", 10, None, 3, 16),  # pooled products of longer bags: folded from the forward's pools
+        ("mult", "pooled", 50, None, 3, 16),  # the second part larger: folded unweighted, not weighted
+        ("mult", "per_id", 50, None, 4, 16),  # the remainder sub-table (50 rows) is the larger part
+        ("add", "per_id", 50, None, 4, 16),
+        ("concat", "per_id", 10, [12, 4], 4, 16),  # parts of different widths
     ],
 )
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
 def test_two_part_tables_fold_exactly(
-    combine: str, composition: str, collisions: int, sub_dims, max_ids: int, pooling: PoolingType, monkeypatch
+    combine: str,
+    composition: str,
+    collisions: int,
+    sub_dims,
+    max_ids: int,
+    dim: int,
+    pooling: PoolingType,
+    monkeypatch,
 ) -> None:
     """Two-part tables take the folded backward (ids sorted by the larger part's row): it must match FBGEMM's
     path whichever part is larger, for every combine, and with a second table's features in the batch."""
     plain = [
-        EmbeddingBagConfig(name="t", num_embeddings=997, embedding_dim=16, feature_names=["a", "b"], pooling=pooling),
-        EmbeddingBagConfig(name="u", num_embeddings=300, embedding_dim=16, feature_names=["c"], pooling=pooling),
+        EmbeddingBagConfig(name="t", num_embeddings=997, embedding_dim=dim, feature_names=["a", "b"], pooling=pooling),
+        EmbeddingBagConfig(name="u", num_embeddings=300, embedding_dim=dim, feature_names=["c"], pooling=pooling),
     ]
     tables = compress(plain, QuotientRemainder(collisions=collisions), combine=combine, composition=composition)
     if sub_dims:

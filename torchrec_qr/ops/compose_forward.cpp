@@ -104,6 +104,46 @@ void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* t
 // A table of at most this many bytes stays in cache between its reads.
 constexpr int64_t kCacheResident = 256 * 1024;
 
+// 16 floats: a bag's sum of width kD lives in kD / 16 of these (registers) across its ids, not in the output
+// row (a store and reload per id).
+typedef float Floats16 __attribute__((vector_size(64)));
+
+inline Floats16 load16(const float* p) {
+  Floats16 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// One bag of a two-part per-id mult or add of width kD (a multiple of 16) into o.
+template <int64_t kOp, int64_t kD>
+inline void pair_bag_in_registers(int64_t start, int64_t end, int64_t n, float scale, const float* w,
+                                  const float* tp, const int64_t* ip, bool ahead_p, const float* tq,
+                                  const int64_t* iq, bool ahead_q, float* o) {
+  constexpr int64_t kV = kD / 16;
+  Floats16 acc[kV] = {};
+  for (int64_t i = start; i < end; ++i) {
+    if (i + 2 * kPrefetch < n) {
+      if (ahead_p) {
+        prefetch_row(tp + ip[i + 2 * kPrefetch] * kD, kD);
+      }
+      if (ahead_q) {
+        prefetch_row(tq + iq[i + 2 * kPrefetch] * kD, kD);
+      }
+    }
+    const float c = (w ? w[i] : 1.0f) * scale;
+    const float* rp = tp + ip[i] * kD;
+    const float* rq = tq + iq[i] * kD;
+    for (int64_t v = 0; v < kV; ++v) {
+      if constexpr (kOp == kMult) {
+        acc[v] += c * load16(rp + 16 * v) * load16(rq + 16 * v);
+      } else {
+        acc[v] += c * (load16(rp + 16 * v) + load16(rq + 16 * v));
+      }
+    }
+  }
+  __builtin_memcpy(o, acc, sizeof(acc));
+}
+
 // Bags [b0, b1) of a two-part slot (the common compositional table) combined per id, or pooled per part and
 // multiplied (the pooled parts kept in `pooled`, batch x 2D, for the backward): the slot's constants hoisted
 // out of the bag loop and each bag accumulated straight into its output row (which the output all-to-all or
@@ -136,6 +176,16 @@ void forward_pair(const Layout& L, int64_t s, int64_t b0, int64_t b1, float* out
       continue;
     }
     const float scale = L.mean[s] ? 1.0f / static_cast<float>(end - start) : 1.0f;
+    if constexpr (kOp == kMult || kOp == kAdd) {
+      if (Dp == 16 || Dp == 32 || Dp == 64 || Dp == 128) {
+        auto bag = Dp == 16   ? pair_bag_in_registers<kOp, 16>
+                   : Dp == 32 ? pair_bag_in_registers<kOp, 32>
+                   : Dp == 64 ? pair_bag_in_registers<kOp, 64>
+                              : pair_bag_in_registers<kOp, 128>;
+        bag(start, end, n, scale, w, tp, ip, ahead_p, tq, iq, ahead_q, o);
+        continue;
+      }
+    }
     for (int64_t i = start; i < end; ++i) {
       if (i + 2 * kPrefetch < n) {
         if (ahead_p) {
