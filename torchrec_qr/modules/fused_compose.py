@@ -41,9 +41,9 @@ _OPS = {"none": _CONCAT, "concat": _CONCAT, "add": _ADD, "mult": _MULT}
 _PART_FIELDS = 4  # table, output column, divisor, modulus
 # Kernel-pooled outputs other than two-part add / concat (pooled mult, three or more parts, plain tables) with
 # more ids per bag than this, on average, go through FBGEMM's pooled lookups: the kernel is faster at 1 id per
-# bag, slower from 2 (`benchmarks/bench_compose_kernel.py --ids-per-bag N --composition pooled`). Two-part add
-# and concat stay on the kernel at any bag length (8 ids: add 1.15x, concat 1.06x the plain step; FBGEMM's
-# pooled lookups 1.18x, 1.49x).
+# bag, slower at 8 (pooled mult 1.34x the plain step vs 1.22x; `benchmarks/bench_compose_kernel.py
+# --ids-per-bag N --composition pooled`). Two-part add and concat stay on the kernel at any bag length (8 ids:
+# 1.02x and 0.93x the plain step; FBGEMM's pooled lookups 1.18x and 1.47x).
 MAX_POOLED_IDS_PER_BAG = 1.5
 
 
