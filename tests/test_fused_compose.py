@@ -81,12 +81,24 @@ def _train_both(kernel_module, reference_module, weighted: bool, steps: int = 3,
         target = torch.randn(out_k.shape, generator=torch.Generator().manual_seed(100 + step))
         (out_k * target).sum().backward()
         (out_r * target).sum().backward()
-    for key, value in reference_module.state_dict().items():
-        torch.testing.assert_close(kernel_module.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    _assert_same_weights(kernel_module, reference_module)
     state_k, state_r = _optimizer_state(kernel_module), _optimizer_state(reference_module)
     assert state_k.keys() == state_r.keys()
     for key, value in state_r.items():
         torch.testing.assert_close(state_k[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _step_both(kernel_module, reference_module, kjt: KeyedJaggedTensor) -> None:
+    """Equal outputs, then one training step of each on the same loss."""
+    out_k, out_r = kernel_module(kjt).values(), reference_module(kjt).values()
+    torch.testing.assert_close(out_k, out_r, rtol=0, atol=1e-6)
+    out_k.pow(2).sum().backward()
+    out_r.pow(2).sum().backward()
+
+
+def _assert_same_weights(kernel_module, reference_module) -> None:
+    for key, value in reference_module.state_dict().items():
+        torch.testing.assert_close(kernel_module.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize(
@@ -154,7 +166,8 @@ def test_two_part_tables_fold_exactly(
 
 
 def test_tables_much_larger_than_the_batch(monkeypatch) -> None:
-    """A table far larger than a batch's reads sums them by sorting instead of a row map; both are exact."""
+    """Tables far larger than a batch's reads: a two-part one (ids sorted by row) and a plain one (a row map),
+    both exact, repeated rows included."""
     tables = compress(
         [EmbeddingBagConfig(name="huge", num_embeddings=400_000, embedding_dim=8, feature_names=["a"])],
         QuotientRemainder(collisions=2),
@@ -170,12 +183,8 @@ def test_tables_much_larger_than_the_batch(monkeypatch) -> None:
             torch.cat([torch.randint(0, 400_000, (7,), generator=g), torch.tensor([5, 5, 299_999, 5])]),
             torch.tensor([2, 0, 5, 1, 3, 0]),
         )
-        out_k, out_r = kernel(kjt).values(), ref(kjt).values()
-        torch.testing.assert_close(out_k, out_r, rtol=0, atol=1e-6)
-        out_k.pow(2).sum().backward()
-        out_r.pow(2).sum().backward()
-    for key, value in ref.state_dict().items():
-        torch.testing.assert_close(kernel.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        _step_both(kernel, ref, kjt)
+    _assert_same_weights(kernel, ref)
 
 
 def test_per_sample_weights_with_gradients_take_the_reference_path(monkeypatch) -> None:
@@ -237,12 +246,8 @@ def test_two_part_add_and_concat_serve_bags_of_any_length(combine: str, monkeypa
             keys, torch.arange(8 * len(keys)) * 5 % 7, torch.full((2 * len(keys),), 4, dtype=torch.int64)
         )
         assert module._fused_compose.serves(module._composer.inputs(kjt)) == kernel
-        out, expected = module(kjt).values(), ref(kjt).values()
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
-        out.pow(2).sum().backward()
-        expected.pow(2).sum().backward()
-        for key, value in ref.state_dict().items():
-            torch.testing.assert_close(module.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        _step_both(module, ref, kjt)
+        _assert_same_weights(module, ref)
 
 
 def test_learning_rate_changes_reach_the_kernel(monkeypatch) -> None:

@@ -104,6 +104,20 @@ void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* t
 // A table of at most this many bytes stays in cache between its reads.
 constexpr int64_t kCacheResident = 256 * 1024;
 
+// The rows of id i + 2 kPrefetch (of n) in the parts whose tables do not stay in cache (measured: prefetching
+// cache-resident rows costs, not saves).
+inline void prefetch_pair(int64_t i, int64_t n, const float* tp, const int64_t* ip, int64_t dp, bool ahead_p,
+                          const float* tq, const int64_t* iq, int64_t dq, bool ahead_q) {
+  if (i + 2 * kPrefetch < n) {
+    if (ahead_p) {
+      prefetch_row(tp + ip[i + 2 * kPrefetch] * dp, dp);
+    }
+    if (ahead_q) {
+      prefetch_row(tq + iq[i + 2 * kPrefetch] * dq, dq);
+    }
+  }
+}
+
 // 16 floats: a bag's sum of width kD lives in kD / 16 of these (registers) across its ids, not in the output
 // row (a store and reload per id).
 typedef float Floats16 __attribute__((vector_size(64)));
@@ -122,14 +136,7 @@ inline void pair_bag_in_registers(int64_t start, int64_t end, int64_t n, float s
   constexpr int64_t kV = kD / 16;
   Floats16 acc[kV] = {};
   for (int64_t i = start; i < end; ++i) {
-    if (i + 2 * kPrefetch < n) {
-      if (ahead_p) {
-        prefetch_row(tp + ip[i + 2 * kPrefetch] * kD, kD);
-      }
-      if (ahead_q) {
-        prefetch_row(tq + iq[i + 2 * kPrefetch] * kD, kD);
-      }
-    }
+    prefetch_pair(i, n, tp, ip, kD, ahead_p, tq, iq, kD, ahead_q);
     const float c = (w ? w[i] : 1.0f) * scale;
     const float* rp = tp + ip[i] * kD;
     const float* rq = tq + iq[i] * kD;
@@ -158,7 +165,6 @@ void forward_pair(const Layout& L, int64_t s, int64_t b0, int64_t b1, float* out
   const int64_t* iq = L.idx[q];
   const int64_t* offsets = L.offsets[s].data();
   const float* w = L.w[s];
-  // Rows of a table that stays in cache are not prefetched (measured: those prefetches cost, not save).
   const bool ahead_p = L.rows[L.table[p]] * Dp * 4 > kCacheResident;
   const bool ahead_q = L.rows[L.table[q]] * Dq * 4 > kCacheResident;
   // Pooled parts are summed in L1 and streamed out once per bag (read back only in the backward).
@@ -190,14 +196,7 @@ void forward_pair(const Layout& L, int64_t s, int64_t b0, int64_t b1, float* out
       }
     }
     for (int64_t i = start; i < end; ++i) {
-      if (i + 2 * kPrefetch < n) {
-        if (ahead_p) {
-          prefetch_row(tp + ip[i + 2 * kPrefetch] * Dp, Dp);
-        }
-        if (ahead_q) {
-          prefetch_row(tq + iq[i + 2 * kPrefetch] * Dq, Dq);
-        }
-      }
+      prefetch_pair(i, n, tp, ip, Dp, ahead_p, tq, iq, Dq, ahead_q);
       const float c = (w ? w[i] : 1.0f) * scale;
       const float* __restrict__ rp = tp + ip[i] * Dp;
       const float* __restrict__ rq = tq + iq[i] * Dq;
