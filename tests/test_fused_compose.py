@@ -228,14 +228,15 @@ def test_pooled_outputs_of_long_bags_take_fbgemm_pooled_lookups(monkeypatch) -> 
         torch.testing.assert_close(module.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("combine", ["add", "concat"])
-def test_two_part_add_and_concat_serve_bags_of_any_length(combine: str, monkeypatch) -> None:
-    """Two-part add and concat stay on the kernel for long bags (faster there than FBGEMM's pooled lookups),
-    exactly; a module that also holds another pooled output (a plain table) sends them to FBGEMM."""
+@pytest.mark.parametrize("combine,composition", [("add", "per_id"), ("concat", "per_id"), ("mult", "pooled")])
+def test_two_part_outputs_serve_bags_of_any_length(combine: str, composition: str, monkeypatch) -> None:
+    """Two-part add, concat and pooled mult stay on the kernel for long bags (faster there than FBGEMM's pooled
+    lookups), exactly; a module that also holds a one-part output (a plain table) sends them to FBGEMM."""
     two_part = compress(
-        [EmbeddingBagConfig(name="t", num_embeddings=997, embedding_dim=8, feature_names=["a", "b"])],
+        [EmbeddingBagConfig(name="t", num_embeddings=997, embedding_dim=16, feature_names=["a", "b"])],
         QuotientRemainder(collisions=10),
         combine=combine,
+        composition=composition,
     )
     plain = [EmbeddingBagConfig(name="p", num_embeddings=7, embedding_dim=4, feature_names=["c"])]
     for tables, keys, kernel in ((two_part, ["a", "b"], True), (two_part + plain, ["a", "b", "c"], False)):

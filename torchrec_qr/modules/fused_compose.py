@@ -39,11 +39,11 @@ _OPTIMIZERS = {EmbOptimType.EXACT_SGD: 0, EmbOptimType.EXACT_ROWWISE_ADAGRAD: 1,
 _CONCAT, _ADD, _MULT, _POOLED_MULT = 0, 1, 2, 3
 _OPS = {"none": _CONCAT, "concat": _CONCAT, "add": _ADD, "mult": _MULT}
 _PART_FIELDS = 4  # table, output column, divisor, modulus
-# Kernel-pooled outputs other than two-part add / concat (pooled mult, three or more parts, plain tables) with
-# more ids per bag than this, on average, go through FBGEMM's pooled lookups: the kernel is faster at 1 id per
-# bag, slower at 8 (pooled mult 1.34x the plain step vs 1.22x; `benchmarks/bench_compose_kernel.py
-# --ids-per-bag N --composition pooled`). Two-part add and concat stay on the kernel at any bag length (8 ids:
-# 1.02x and 0.93x the plain step; FBGEMM's pooled lookups 1.18x and 1.47x).
+# Kernel-pooled outputs of one part (plain tables) or of three or more parts with more ids per bag than this,
+# on average, go through FBGEMM's pooled lookups: the kernel's generic path is faster at 1 id per bag only.
+# Two-part outputs stay on the kernel at any bag length (`benchmarks/bench_compose_kernel.py --ids-per-bag N`;
+# 8 ids: add 1.02x, concat 0.93x, pooled mult 1.23x the plain step, FBGEMM's pooled lookups 1.18x, 1.47x,
+# 1.22x; 2 ids: pooled mult 1.27x vs 1.57x).
 MAX_POOLED_IDS_PER_BAG = 1.5
 
 
@@ -97,9 +97,9 @@ class FusedCompose:
             1 if i % _PART_FIELDS == 2 else 0 if i % _PART_FIELDS == 3 else v for i, v in enumerate(parts)
         ]
         # Whether the kernel serves bags of any length: the reference path would look up every id's rows
-        # (per-id products, weighted MEAN bags), or every output is a two-part add or concat.
+        # (per-id products, weighted MEAN bags), or every output has two parts.
         self._any_length = any(s.per_id for s in composer.compose_slots) or all(
-            s.combine in ("add", "concat") and not s.pool_first and len(s.blocks) == 2 for s in composer.compose_slots
+            len(s.blocks) == 2 for s in composer.compose_slots
         )
         self._optimizers = [_OPTIMIZERS[tbe.optimizer] for tbe in self._tbes for _ in tbe.embedding_specs]
         # Autograd reaches the backward through this (as FBGEMM's TBE does through its placeholder).
@@ -121,9 +121,9 @@ class FusedCompose:
 
     def serves(self, inputs: Inputs) -> bool:
         """Whether the kernel computes this batch: not when its per-id weights need a gradient (the kernel
-        gives none; the reference path does), nor, where no output is composed per id and not all are two-part
-        adds or concats, for bags of more than ``MAX_POOLED_IDS_PER_BAG`` ids on average: FBGEMM's pooled
-        lookups then cost less than the kernel."""
+        gives none; the reference path does), nor, where no output is composed per id and not all have two
+        parts, for bags of more than ``MAX_POOLED_IDS_PER_BAG`` ids on average: FBGEMM's pooled lookups then
+        cost less than the kernel."""
         if inputs.weights is not None and inputs.weights.requires_grad:
             return False
         if self._any_length:

@@ -128,13 +128,15 @@ inline Floats16 load16(const float* p) {
   return v;
 }
 
-// One bag of a two-part per-id mult or add of width kD (a multiple of 16) into o.
+// One bag of a two-part per-id mult or add, or pooled mult (its two pooled parts also written to `pool`), of
+// width kD (a multiple of 16) into o.
 template <int64_t kOp, int64_t kD>
 inline void pair_bag_in_registers(int64_t start, int64_t end, int64_t n, float scale, const float* w,
                                   const float* tp, const int64_t* ip, bool ahead_p, const float* tq,
-                                  const int64_t* iq, bool ahead_q, float* o) {
+                                  const int64_t* iq, bool ahead_q, float* o, float* pool) {
   constexpr int64_t kV = kD / 16;
   Floats16 acc[kV] = {};
+  Floats16 acc_q[kOp == kPooledMult ? kV : 1] = {};  // pooled mult: the second part's pool
   for (int64_t i = start; i < end; ++i) {
     prefetch_pair(i, n, tp, ip, kD, ahead_p, tq, iq, kD, ahead_q);
     const float c = (w ? w[i] : 1.0f) * scale;
@@ -143,9 +145,19 @@ inline void pair_bag_in_registers(int64_t start, int64_t end, int64_t n, float s
     for (int64_t v = 0; v < kV; ++v) {
       if constexpr (kOp == kMult) {
         acc[v] += c * load16(rp + 16 * v) * load16(rq + 16 * v);
-      } else {
+      } else if constexpr (kOp == kAdd) {
         acc[v] += c * (load16(rp + 16 * v) + load16(rq + 16 * v));
+      } else {
+        acc[v] += c * load16(rp + 16 * v);  // the per-id weights scale the first part
+        acc_q[v] += scale * load16(rq + 16 * v);
       }
+    }
+  }
+  if constexpr (kOp == kPooledMult) {
+    store_row(pool, reinterpret_cast<const float*>(acc), kD);
+    store_row(pool + kD, reinterpret_cast<const float*>(acc_q), kD);
+    for (int64_t v = 0; v < kV; ++v) {
+      acc[v] *= acc_q[v];
     }
   }
   store_row(o, reinterpret_cast<const float*>(acc), kD);
@@ -185,13 +197,14 @@ void forward_pair(const Layout& L, int64_t s, int64_t b0, int64_t b1, float* out
       continue;
     }
     const float scale = L.mean[s] ? 1.0f / static_cast<float>(end - start) : 1.0f;
-    if constexpr (kOp == kMult || kOp == kAdd) {
+    if constexpr (kOp != kConcat) {
       if (Dp == 16 || Dp == 32 || Dp == 64 || Dp == 128) {
         auto bag = Dp == 16   ? pair_bag_in_registers<kOp, 16>
                    : Dp == 32 ? pair_bag_in_registers<kOp, 32>
                    : Dp == 64 ? pair_bag_in_registers<kOp, 64>
                               : pair_bag_in_registers<kOp, 128>;
-        bag(start, end, n, scale, w, tp, ip, ahead_p, tq, iq, ahead_q, out_row);
+        bag(start, end, n, scale, w, tp, ip, ahead_p, tq, iq, ahead_q, out_row,
+            kOp == kPooledMult ? pooled + b * 2 * Dp : nullptr);
         continue;
       }
     }
