@@ -175,7 +175,7 @@ class FusedCompose:
         rows, lengths, weights, pooled = inputs
         tables, states = self.tables_and_states()
         if len(self._row_slots) != len(tables):
-            # Each table's row -> gradient slot map (int32 per row, -1 between batches: 1/64 of an FP32 D=64
+            # Each table's row -> index map (int32 per row, -1 between batches: 1/64 of an FP32 D=64
             # table), kept so a batch costs its reads, not its tables' rows.
             self._row_slots = [torch.full((t.shape[0],), -1, dtype=torch.int32) for t in tables]
         lrs = [tbe.get_learning_rate() for tbe in self._tbes for _ in tbe.embedding_specs]

@@ -31,7 +31,8 @@ inline void store_row(float* __restrict__ dst, const float* __restrict__ src, in
   std::copy(src, src + d, dst);
 }
 
-// Slot s of bag b into out_row (at the slot's columns); tmp holds the slot's width, then count x D floats.
+// Slot s of bag b into out_row (at the slot's columns), for slots of one or of three or more parts (two-part
+// slots take forward_pair); tmp holds the slot's width, then count x D floats.
 void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* tmp) {
   const int64_t start = L.offsets[s][b], end = L.offsets[s][b + 1];
   prefetch_ids(L, s, start + kPrefetch, end + kPrefetch);
@@ -69,19 +70,6 @@ void forward_bag(const Layout& L, int64_t s, int64_t b, float* out_row, float* t
       if (op == kAdd) {
         for (int64_t p = p0; p < p0 + k; ++p) {
           axpy_or_set(first && p == p0, D, c, L.row(p, i), acc);
-        }
-      } else if (k == 2) {
-        const float* __restrict__ r0 = L.row(p0, i);
-        const float* __restrict__ r1 = L.row(p0 + 1, i);
-        float* __restrict__ o = acc;
-        if (first) {
-          for (int64_t j = 0; j < D; ++j) {
-            o[j] = c * r0[j] * r1[j];
-          }
-        } else {
-          for (int64_t j = 0; j < D; ++j) {
-            o[j] += c * r0[j] * r1[j];
-          }
         }
       } else {
         const float* r0 = L.row(p0, i);

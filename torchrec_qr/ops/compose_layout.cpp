@@ -131,11 +131,11 @@ Layout make_layout(
       w = L.op[s] == kConcat ? w + L.dims[L.table[p]] : L.dims[L.table[p]];
     }
     L.width.push_back(w);
-    bool one_id_bags = true;
+    bool one_id_bags = L.op[s] == kPooledMult;  // only a pooled mult's bags matter here
     for (int64_t b = 0; b < batch && one_id_bags; ++b) {
       one_id_bags = L.offsets[s][b + 1] - L.offsets[s][b] <= 1;
     }
-    L.per_id.push_back(L.op[s] == kPooledMult && one_id_bags ? kMult : L.op[s]);
+    L.per_id.push_back(one_id_bags ? kMult : L.op[s]);
   }
   L.pooled.assign(L.num_slots, nullptr);
   L.rows_of_part.assign(indices.begin(), indices.end());
