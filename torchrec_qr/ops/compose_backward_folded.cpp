@@ -11,9 +11,8 @@ namespace {
 struct Listed {
   const float* grad;   // its bag's output gradient (concat: the primary part's columns; pooled mult: the
                        // primary part's bag gradient)
-  const float* other;  // mult: its secondary row; concat: the secondary part's output-gradient columns;
-                       // pooled mult: the secondary part's bag gradient
-  float* secondary;    // its secondary row's gradient
+  const float* other;  // mult: its secondary row; concat: the secondary part's output-gradient columns
+  float* secondary;    // its secondary row's gradient (pooled mult: already summed per bag)
   float coef;          // its weight times MEAN's 1 / length
 };
 
@@ -46,7 +45,6 @@ void update_primaries(const Layout& L, int64_t t, int64_t secondary_dim, const R
         axpy(D, e.coef, e.grad, e.secondary);
       } else if constexpr (kOp == kPooledMult) {
         axpy_or_set(first, D, e.coef, e.grad, acc);
-        axpy(D, 1.0f, e.other, e.secondary);
       } else {
         axpy_or_set(first, D, e.coef, e.grad, acc);
         axpy(secondary_dim, e.coef, e.other, e.secondary);
@@ -56,19 +54,35 @@ void update_primaries(const Layout& L, int64_t t, int64_t secondary_dim, const R
   }
 }
 
-// A two-part pooled product's bag gradients, batch x [part 0's | part 1's]: the output gradient times the
-// other part's pooled vector (the forward's), times MEAN's 1 / length.
-std::unique_ptr<float[]> pooled_bag_grads(const Layout& L, int64_t s, const float* g) {
-  const int64_t D = L.width[s];
-  std::unique_ptr<float[]> out(new float[L.batch * 2 * D]);  // every element written below
+// A two-part pooled product's bag gradients: the output gradient times the other part's pooled vector (the
+// forward's), times MEAN's 1 / length. The primary part's are returned (batch x D) for the pass over its rows;
+// the secondary part's are added at once to the gradient of each of the bag's secondary rows (the smaller
+// table's: cache-resident), so the pass over the primary rows reads one bag gradient per id, as a plain
+// table's backward does.
+std::unique_ptr<float[]> pooled_bag_grads(const Layout& L, int64_t s, int64_t primary, const float* g,
+                                          TableGrad& secondary_grads) {
+  const int64_t D = L.width[s], p0 = L.first[s], q = primary == p0 ? p0 + 1 : p0;
+  const int64_t primary_col = primary == p0 ? 0 : D, secondary_col = D - primary_col;
+  std::unique_ptr<float[]> out(new float[L.batch * D]);  // every element written below
+  std::vector<float> bag_secondary(D);
   for (int64_t b = 0; b < L.batch; ++b) {
+    if (b + kPrefetch < L.batch) {  // the output gradient's rows lie a page apart: no hardware prefetch
+      prefetch_row(g + (b + kPrefetch) * L.out_width + L.slot_col[s], D);
+      prefetch_row(L.pooled[s] + (b + kPrefetch) * 2 * D, 2 * D);
+    }
     const float scale = L.scale(s, b);
     const float* gb = g + b * L.out_width + L.slot_col[s];
     const float* pooled = L.pooled[s] + b * 2 * D;
-    float* o = out.get() + b * 2 * D;
+    float* o = out.get() + b * D;
+    // The primary's gradient is the other (secondary) part's pool times the output gradient, and vice versa.
     for (int64_t j = 0; j < D; ++j) {
-      o[j] = scale * gb[j] * pooled[D + j];
-      o[D + j] = scale * gb[j] * pooled[j];
+      o[j] = scale * gb[j] * pooled[secondary_col + j];
+      bag_secondary[j] = scale * gb[j] * pooled[primary_col + j];
+    }
+    for (int64_t i = L.offsets[s][b]; i < L.offsets[s][b + 1]; ++i) {
+      bool first;
+      float* secondary = secondary_grads.slot(L.idx[q][i], D, first);
+      axpy_or_set(first, D, 1.0f, bag_secondary.data(), secondary);
     }
   }
   return out;
@@ -176,19 +190,21 @@ void folded_backward(const Layout& L, const std::vector<int64_t>& group, const s
   for (size_t k = 0; k < group.size(); ++k) {
     const int64_t s = group[k], p = primaries[k], q = secondary_of(k);
     const int64_t tp = L.table[p], tq = L.table[q], Dq = L.dims[tq];
-    int64_t grad_col = op == kConcat ? L.col[p] : L.slot_col[s], other_col = L.col[q], stride = L.out_width;
-    const float* grad = g;
     if (op == kPooledMult) {
-      bag_grads[k] = pooled_bag_grads(L, s, g);
-      grad = bag_grads[k].get();
-      grad_col = p == L.first[s] ? 0 : Dq;
-      other_col = Dq - grad_col;
-      stride = 2 * Dq;
+      // The MEAN scale is in the bag gradients; the per-id weights scale the primary part.
+      bag_grads[k] = pooled_bag_grads(L, s, p, g, grads[tq]);
+      for (int64_t b = 0; b < L.batch; ++b) {
+        const float* gb = bag_grads[k].get() + b * Dq;
+        for (int64_t i = L.offsets[s][b]; i < L.offsets[s][b + 1]; ++i, ++j) {
+          listed[cursor[tp][row_of[j]]++] = {gb, nullptr, nullptr, L.w[s] ? L.w[s][i] : 1.0f};
+        }
+      }
+      continue;
     }
+    const int64_t grad_col = op == kConcat ? L.col[p] : L.slot_col[s], other_col = L.col[q];
     for (int64_t b = 0; b < L.batch; ++b) {
-      // Pooled products: the MEAN scale is in the bag gradients; the per-id weights scale the primary part.
-      const float scale = op == kPooledMult ? 1.0f : L.scale(s, b);
-      const float* gb = grad + b * stride;
+      const float scale = L.scale(s, b);
+      const float* gb = g + b * L.out_width;
       for (int64_t i = L.offsets[s][b]; i < L.offsets[s][b + 1]; ++i, ++j) {
         bool first;
         float* secondary = grads[tq].slot(L.idx[q][i], Dq, first);

@@ -106,23 +106,13 @@ inline void prefetch_pair(int64_t i, int64_t n, const float* tp, const int64_t* 
   }
 }
 
-// 16 floats: a bag's sum of width kD lives in kD / 16 of these (registers) across its ids, not in the output
-// row (a store and reload per id).
-typedef float Floats16 __attribute__((vector_size(64)));
-
-inline Floats16 load16(const float* p) {
-  Floats16 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // One bag of a two-part per-id mult or add, or pooled mult (its two pooled parts also written to `pool`), of
 // width kD (a multiple of 16) into o.
 template <int64_t kOp, int64_t kD>
 inline void pair_bag_in_registers(int64_t start, int64_t end, int64_t n, float scale, const float* w,
                                   const float* tp, const int64_t* ip, bool ahead_p, const float* tq,
                                   const int64_t* iq, bool ahead_q, float* o, float* pool) {
-  constexpr int64_t kV = kD / 16;
+  constexpr int64_t kV = kD / 16;  // a bag's sum lives in kV registers across its ids, not in the output row
   Floats16 acc[kV] = {};
   Floats16 acc_q[kOp == kPooledMult ? kV : 1] = {};  // pooled mult: the second part's pool
   for (int64_t i = start; i < end; ++i) {

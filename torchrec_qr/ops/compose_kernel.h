@@ -83,6 +83,24 @@ inline void prefetch_row(const float* row, int64_t d) {
 #endif
 }
 
+// 16 floats (registers): sums kept in these across a loop are not stored and reloaded per step.
+typedef float Floats16 __attribute__((vector_size(64)));
+typedef float Floats8 __attribute__((vector_size(32)));
+
+inline Floats16 load16(const float* p) {
+  Floats16 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float sum_of_lanes(Floats16 v) {
+  Floats8 lo, hi;
+  __builtin_memcpy(&lo, &v, sizeof(lo));
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const Floats8 s = lo + hi;
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
 inline void axpy(int64_t d, float a, const float* __restrict__ x, float* __restrict__ y) {
   for (int64_t j = 0; j < d; ++j) {
     y[j] += a * x[j];
