@@ -12,7 +12,7 @@ struct Listed {
   const float* grad;   // its bag's output gradient (concat: the primary part's columns; pooled mult: the
                        // primary part's bag gradient)
   const float* other;  // mult: its secondary row; concat: the secondary part's output-gradient columns
-  float* secondary;    // its secondary row's gradient (pooled mult: already summed per bag)
+  float* secondary;    // its secondary row's gradient (pooled mult: none, added per bag before this pass)
   float coef;          // its weight times MEAN's 1 / length
 };
 

@@ -128,14 +128,15 @@ struct TableOptimizer {
 // Applies table t's optimizer to every row in tg with its gradient.
 void apply_update(const Layout& L, int64_t t, const TableGrad& tg, const TableOptimizer& opt);
 
-// The primary part of each slot of a group whose slots all have two parts combined per id (concat, add, mult,
-// or pooled mult of one-id bags) and whose primary (larger) and secondary tables are disjoint; empty when the
-// group does not fold.
+// The primary part of each slot of a group whose slots all have two parts combined one way (per id: concat, add,
+// mult; or pooled mult, from the forward's pools) and whose primary (larger) and secondary tables are disjoint;
+// empty when the group does not fold.
 std::vector<int64_t> fold_primaries(const Layout& L, const std::vector<int64_t>& group);
 
 // The folded backward of such a group: the ids are sorted by primary row (a counting sort), then each primary
 // row is read once for its own gradient (from the secondary rows) and its ids' secondary gradients (from it),
-// and updated at once; the secondary tables are updated after. A plain table's backward reads each row once:
+// and updated at once (pooled mult: each bag's secondary gradient is added to its secondary rows in a pass over
+// the bags before); the secondary tables are updated after. A plain table's backward reads each row once:
 // so does this for the primary part, where the unfolded pass reads it twice (once more for the other part's
 // gradient) and sums gradients per row through a scattered buffer. row_slots: each table's row -> index map;
 // reads: each table's reads in this batch (a capacity hint).
