@@ -42,8 +42,8 @@ _PART_FIELDS = 4  # table, output column, divisor, modulus
 # Kernel-pooled outputs of one part (plain tables) or of three or more parts with more ids per bag than this,
 # on average, go through FBGEMM's pooled lookups: the kernel's generic path is faster at 1 id per bag only.
 # Two-part outputs stay on the kernel at any bag length (`benchmarks/bench_compose_kernel.py --ids-per-bag N`;
-# 8 ids: add 1.02x, concat 0.93x, pooled mult 1.23x the plain step, FBGEMM's pooled lookups 1.18x, 1.47x,
-# 1.22x; 2 ids: pooled mult 1.27x vs 1.57x).
+# 8 ids: add 0.97x, concat 0.91x, pooled mult 1.09x the plain step, FBGEMM's pooled lookups 1.18x, 1.47x,
+# 1.22x; 2 ids: pooled mult 1.08x vs 1.64x).
 MAX_POOLED_IDS_PER_BAG = 1.5
 
 

@@ -59,8 +59,8 @@ void update_primaries(const Layout& L, int64_t t, int64_t secondary_dim, const R
 // the secondary part's are added at once to the gradient of each of the bag's secondary rows (the smaller
 // table's: cache-resident), so the pass over the primary rows reads one bag gradient per id, as a plain
 // table's backward does.
-std::unique_ptr<float[]> pooled_bag_grads(const Layout& L, int64_t s, int64_t primary, const float* g,
-                                          TableGrad& secondary_grads) {
+std::unique_ptr<float[]> pair_pooled_grads(const Layout& L, int64_t s, int64_t primary, const float* g,
+                                           TableGrad& secondary_grads) {
   const int64_t D = L.width[s], p0 = L.first[s], q = primary == p0 ? p0 + 1 : p0;
   const int64_t primary_col = primary == p0 ? 0 : D, secondary_col = D - primary_col;
   std::unique_ptr<float[]> out(new float[L.batch * D]);  // every element written below
@@ -192,7 +192,7 @@ void folded_backward(const Layout& L, const std::vector<int64_t>& group, const s
     const int64_t tp = L.table[p], tq = L.table[q], Dq = L.dims[tq];
     if (op == kPooledMult) {
       // The MEAN scale is in the bag gradients; the per-id weights scale the primary part.
-      bag_grads[k] = pooled_bag_grads(L, s, p, g, grads[tq]);
+      bag_grads[k] = pair_pooled_grads(L, s, p, g, grads[tq]);
       for (int64_t b = 0; b < L.batch; ++b) {
         const float* gb = bag_grads[k].get() + b * Dq;
         for (int64_t i = L.offsets[s][b]; i < L.offsets[s][b + 1]; ++i, ++j) {
